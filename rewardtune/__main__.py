@@ -1,0 +1,3 @@
+from rewardtune.cli import main
+
+main()

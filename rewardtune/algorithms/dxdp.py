@@ -1,0 +1,252 @@
+"""DxDP: Diffusion by Dynamic Programming (DxMI paper, Sec. 4; Algorithms 1 and 2).
+
+The sampler is optimised for the control problem of Eq. (8),
+
+    min_phi E_pi[ E(x_T) + tau1 sum_t log pi(x_{t+1} | x_t) + tau2 sum_t ||x_{t+1} - x_t||^2 / (2 s_t^2) ],
+
+without back-propagation through time, by alternating
+- policy evaluation: temporal-difference regression of the value V(x_t, t) (Eq. (10), or Eq. (12) with a time cost);
+- policy improvement: one reparameterised transition from states of the sampled trajectory (Eq. (11));
+- adaptive velocity regularisation (AVR): s_t^2 <- alpha s_t^2 + (1 - alpha) E||x_{t+1} - x_t||^2 / D (Sec. 4.2).
+
+Conventions. Every term is a SUM over the D dimensions of a sample (log-probs, the entropy D log sigma_t and
+||.||^2), so tau multiplies per-sample quantities as in Eq. (8); the official image code averages over dimensions,
+which corresponds to tau_sum = tau_mean / D. Costs are minimised: V is a cost-to-go, V(., T) is the terminal cost
+-r(x_T) (for DxMI, the energy). Reductions over the batch are means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rewardtune.backbones.base import GaussianChainPolicy
+from rewardtune.nets.value import ValueFunction
+from rewardtune.optim import GradStep, all_mean
+from rewardtune.rewards.base import Reward
+from rewardtune.types import Trajectory
+
+
+@dataclass(frozen=True)
+class DxDPConfig:
+    """Hyperparameters of DxDP. Defaults follow the paper's 2D experiment (Algorithm 1, tau = 0.1)."""
+
+    tau_entropy: float = 0.1  # tau1: weight of the entropy running cost tau1 log pi(x_{t+1}|x_t)
+    tau_velocity: float = 0.1  # tau2: weight of the velocity running cost tau2 ||x_{t+1}-x_t||^2 / (2 s_t^2)
+    entropy_in_value: bool = True  # Eq. (10): the entropy cost enters the TD target (false: Algorithm 2)
+    velocity_in_value: bool = True  # Eq. (10): the velocity cost enters the TD target (false: Algorithm 2)
+    value_entropy: Literal["sample", "closed_form"] = "sample"  # TD target uses log pi of the sampled transition,
+    # or its conditional expectation -H = -(D log sigma_t + D/2 log 2 pi e) (same fixed point, less variance)
+    time_cost: Literal["none", "linear", "sigmoid"] = "none"  # R(t) added to the TD target (Eq. (12))
+    linear_time_cost: float = 0.05  # c of the linear time cost R(t) = c
+    sigmoid_time_cost_scale: float = 1.0  # scale of the sigmoid time cost
+    sigmoid_time_cost_center: float | None = None  # center of the sigmoid (None: T/2, as in the paper)
+    td_mode: Literal["sequential", "batched"] = "sequential"  # Algorithm 1 sweeps t = T-1..0 with one step each;
+    # "batched" takes one step on all t at once (T times cheaper, slower propagation)
+    avr: bool = True  # adapt s_t (AVR); false keeps s_t = sigma_t at initialisation
+    avr_alpha: float = 0.99  # AVR moving-average rate
+    sampler_lr: float = 1e-5  # Adam lr of the sampler network
+    sigma_lr: float = 1e-3  # Adam lr of log sigma_t (the paper uses 100x the sampler's)
+    sampler_grad_clip: float | None = None  # clip of the sampler gradient norm
+    policy_batch: int | None = None  # transitions per policy-improvement step, drawn uniformly from the B*T
+    # sampled ones (None: B)
+    value_warmup: int = 0  # iterations of energy/value updates before the first policy-improvement step
+    terminal: Literal["value", "reward"] = "value"  # what policy improvement differentiates at t+1 = T: the value
+    # V(., T) (which learns -r(x_T); works for non-differentiable rewards) or the reward itself (needs gradients)
+
+
+def time_cost(kind: str, t: torch.Tensor, num_steps: int, config: DxDPConfig) -> torch.Tensor:
+    """R(t) of Sec. 4.3: linear R(t) = c, or sigmoid R(t) = scale * (sig(-t + T/2) - sig(-t - 1 + T/2)).
+
+    The sigmoid costs telescope: sum_{t=0}^{T-1} R(t) = scale * (sig(T/2) - sig(-T/2)).
+    """
+    t = t.to(torch.float64)
+    if kind == "none":
+        return torch.zeros_like(t)
+    if kind == "linear":
+        return torch.full_like(t, config.linear_time_cost)
+    if kind == "sigmoid":
+        center = num_steps / 2 if config.sigmoid_time_cost_center is None else config.sigmoid_time_cost_center
+        return config.sigmoid_time_cost_scale * (torch.sigmoid(center - t) - torch.sigmoid(center - t - 1))
+    raise ValueError(f"unknown time cost {kind!r}: expected 'none', 'linear' or 'sigmoid'")
+
+
+def velocity_cost(x: torch.Tensor, x_next: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """||x_t - x_{t+1}||^2 / (2 s_t^2), summed over dimensions: [B]. `s2` is s_t^2 per sample [B]."""
+    return (x_next - x).flatten(1).pow(2).sum(1) / (2 * s2)
+
+
+def td_target(
+    v_next: torch.Tensor,
+    log_prob: torch.Tensor,
+    velocity: torch.Tensor,
+    time_cost_t: torch.Tensor,
+    config: DxDPConfig,
+) -> torch.Tensor:
+    """Eq. (10)/(12): sg[V(x_{t+1}, t+1)] + tau1 log pi(x_{t+1}|x_t) + tau2 vel + R(t) (switched terms dropped)."""
+    target = v_next.detach() + time_cost_t.to(v_next.dtype)
+    if config.entropy_in_value:
+        target = target + config.tau_entropy * log_prob
+    if config.velocity_in_value:
+        target = target + config.tau_velocity * velocity
+    return target.detach()
+
+
+def avr_update(s2: torch.Tensor, trajectory: Trajectory, alpha: float) -> torch.Tensor:
+    """AVR (Sec. 4.2): s_t^2 <- alpha s_t^2 + (1 - alpha) mean_batch ||x_{t+1} - x_t||^2 / D, averaged over ranks."""
+    states = trajectory.states
+    d = states[0, 0].numel()
+    sq = (states[1:] - states[:-1]).flatten(2).pow(2).sum(2).mean(1) / d  # [T]
+    return alpha * s2 + (1 - alpha) * all_mean(sq)
+
+
+class DxDP:
+    """The DxDP optimiser over (backbone, reward, value); `update` is one iteration of Algorithm 1/2 minus the EBM step.
+
+    The learning reward's own update (Algorithm 1, line 4) is done by the trainer before this is called.
+    """
+
+    needs_rollout = True
+
+    def __init__(
+        self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction, *, config: DxDPConfig
+    ) -> None:
+        if config.terminal == "reward" and not reward.differentiable:
+            raise ValueError("algorithm.terminal = 'reward' needs a differentiable reward; use terminal = 'value'")
+        self.backbone, self.reward, self.value, self.config = backbone, reward, value, config
+        self.sampler_optimizer = GradStep(
+            [(backbone.network_parameters(), config.sampler_lr), (backbone.sigma_parameters(), config.sigma_lr)],
+            grad_clip=config.sampler_grad_clip,
+        )
+        self.s2 = backbone.sigma().detach().pow(2).clone()  # AVR: s_t <- sigma_t (Algorithm 1, line 2)
+        self.iteration = 0
+        # With a shared network V(., T) *is* the energy, so the terminal value needs no regression of its own.
+        self.terminal_shared = bool(getattr(reward, "shares_value", lambda v: False)(value))
+
+    # ---- Eq. (10)/(12): policy evaluation ----------------------------------------------------------------------
+    def terminal_cost(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reward.cost(x).detach()
+
+    def evaluate_policy(self, trajectory: Trajectory) -> dict[str, float]:
+        states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
+        dev = states.device
+        losses = {}
+        if not self.terminal_shared:  # V(x_T, T) regresses on the terminal cost -r(x_T)
+            target = self.terminal_cost(states[-1])
+            loss = (self.value(states[-1], self._times(T, B, dev)) - target).pow(2).mean()
+            self.value.optimizer.step(loss)
+            losses["value/terminal_loss"] = loss.item()
+        if self.config.td_mode == "sequential":
+            td = [self._td_step(trajectory, t) for t in range(T - 1, -1, -1)]
+            losses["value/td_loss"] = sum(td) / T
+        else:
+            losses["value/td_loss"] = self._td_step(trajectory, None)
+        return losses
+
+    def _td_step(self, trajectory: Trajectory, t: int | None) -> float:
+        """One Adam step on the squared Bellman residual at time t (all times when t is None)."""
+        states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
+        steps = range(T) if t is None else [t]
+        x = torch.cat([states[u] for u in steps])
+        x_next = torch.cat([states[u + 1] for u in steps])
+        tt = torch.cat([self._times(u, B, x.device) for u in steps])
+        with torch.no_grad():
+            v_next = self.value(x_next, tt + 1)
+            log_prob = self._transition_log_prob(trajectory, steps, tt)
+            velocity = velocity_cost(x, x_next, self.s2[tt])
+            target = td_target(v_next, log_prob, velocity, time_cost(self.config.time_cost, tt, T, self.config), self.config)
+        loss = (self.value(x, tt) - target).pow(2).mean()
+        self.value.optimizer.step(loss)
+        return loss.item()
+
+    def _transition_log_prob(self, trajectory: Trajectory, steps, tt: torch.Tensor) -> torch.Tensor:
+        if self.config.value_entropy == "closed_form" or trajectory.log_probs is None:
+            return -self.backbone.entropy(tt)
+        return torch.cat([trajectory.log_probs[u] for u in steps])
+
+    # ---- Eq. (11): policy improvement --------------------------------------------------------------------------
+    def policy_loss(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """mean[ V(x_{t+1}(phi), t+1) - tau1 D log sigma_t + tau2 ||x_t - x_{t+1}(phi)||^2 / (2 s_t^2) ].
+
+        tau1 log pi(x_{t+1}|x_t) is replaced by its expectation -tau1 H = -tau1 (D log sigma_t + const), which has
+        the same gradient under the reparameterisation (Algorithm 2, line 10).
+        """
+        cfg, T = self.config, self.backbone.num_steps
+        x_next = self.backbone.step(x, t, noise)
+        next_value = self.value(x_next, t + 1)
+        if cfg.terminal == "reward":
+            last = t + 1 == T
+            next_value = torch.where(last, self.reward.cost(x_next), next_value)
+        entropy = self.backbone.event_dim * self.backbone.sigma()[t].log()
+        velocity = velocity_cost(x, x_next, self.s2[t])
+        return (next_value - cfg.tau_entropy * entropy + cfg.tau_velocity * velocity).mean()
+
+    def improve_policy(self, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
+        T, B = trajectory.num_steps, trajectory.batch_size
+        n = self.config.policy_batch or B
+        dev = trajectory.states.device
+        flat = torch.randint(0, T * B, (n,), generator=generator, device=dev)
+        t, index = flat // B, flat % B
+        x = trajectory.states[t, index]
+        noise = torch.randn(x.shape, generator=generator, device=dev)
+        loss = self.policy_loss(x, t, noise)
+        grad_norm = self.sampler_optimizer.step(loss)
+        return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm}
+
+    # ---- one iteration -------------------------------------------------------------------------------------------
+    def update(self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
+        metrics = self.evaluate_policy(trajectory)
+        if self.iteration >= self.config.value_warmup:
+            metrics.update(self.improve_policy(trajectory, generator))
+        if self.config.avr:
+            self.s2 = avr_update(self.s2, trajectory, self.config.avr_alpha)
+        self.iteration += 1
+        sigma = self.backbone.sigma().detach()
+        metrics.update({f"sigma/{t}": float(s) for t, s in enumerate(sigma)})
+        return metrics
+
+    # ---- value guidance --------------------------------------------------------------------------------------------
+    def guide(self, scale: float):
+        """Value guidance (Sec. 5.2): x_{t+1} <- x_{t+1} - scale * sigma_t * grad V(x_{t+1}, t+1); scale > 0 lowers V."""
+
+        def apply(x: torch.Tensor, t_next: int, sigma: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                v = self.value(x, self._times(t_next, x.shape[0], x.device)).sum()
+                (grad,) = torch.autograd.grad(v, x)
+            return (x - scale * sigma * grad).detach()
+
+        return apply
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _times(t: int, n: int, device) -> torch.Tensor:
+        return torch.full((n,), t, dtype=torch.long, device=device)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"value": self.value}
+
+    def optimizers(self) -> dict[str, GradStep]:
+        return {"sampler": self.sampler_optimizer, "value": self.value.optimizer}
+
+    def state_dict(self) -> dict:
+        return {"s2": self.s2.clone(), "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.s2 = state["s2"].to(self.s2.device)
+        self.iteration = int(state["iteration"])
+
+
+def build_dxdp(
+    backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction, /, *, config: DxDPConfig
+) -> DxDP:
+    """Algorithm `dxdp`."""
+    if value is None:
+        raise ValueError("algorithm 'dxdp' needs a [value] section")
+    if reward is None:
+        raise ValueError("algorithm 'dxdp' needs a [reward] section")
+    return DxDP(backbone, reward, value, config=config)
+
+

@@ -1,0 +1,124 @@
+"""Running recipes from Python: `run_recipe`, `load_run`. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from rewardtune import checkpoint as ckpt
+from rewardtune.build import Experiment, build_experiment, with_seed
+from rewardtune.errors import CheckpointError, RecipeError, RewardtuneError
+from rewardtune.recipe import Recipe, load_recipe, parse_recipe, recipe_to_toml
+from rewardtune.trainer import Reporter, Trainer
+
+RECIPE_FILE = "recipe.toml"
+
+
+def make_accelerator():
+    import torch
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def prepare_out_dir(out_dir: Path, recipe: Recipe, *, resume: bool, force: bool) -> None:
+    """Create the run directory and store the resolved recipe; refuse to mix runs of different recipes."""
+    saved = out_dir / RECIPE_FILE
+    if saved.exists():
+        previous = tomllib.loads(saved.read_text())
+        if previous != tomllib.loads(recipe_to_toml(recipe)):
+            if not force:
+                raise RecipeError(
+                    f"{out_dir} holds a run of a different recipe; use another --out, or --force to overwrite its recipe"
+                )
+        elif not resume and (out_dir / "checkpoints").exists() and not force:
+            raise RecipeError(f"{out_dir} already holds this run; pass --resume to continue it or --out for a new one")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".{RECIPE_FILE}.tmp"
+        tmp.write_text(recipe_to_toml(recipe))
+        tmp.replace(saved)
+    except OSError as err:
+        raise RewardtuneError(f"cannot write to {out_dir}: {err.strerror or err}") from None
+
+
+def run_recipe(
+    recipe: Recipe | str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    accelerator=None,
+) -> dict:
+    """Run a recipe into `out_dir`; returns eval.json's content. Pretraining recipes named by
+    `backbone.init_from` run first into `<out_dir>/pretrain` (reused when already finished)."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out_dir = Path(out_dir)
+    accelerator = accelerator or make_accelerator()
+    if accelerator.is_main_process:
+        prepare_out_dir(out_dir, recipe, resume=resume, force=force)
+    accelerator.wait_for_everyone()
+
+    def pretrain(path: Path, sub_dir: Path, seed: int) -> Path:
+        sub = with_seed(load_recipe(path), seed)
+        if finished(sub_dir, sub):
+            if reporter is not None:
+                reporter.message(f"reusing the finished pretraining run in {sub_dir}")
+            return sub_dir
+        if reporter is not None:
+            reporter.message(f"pretraining: {path.name} -> {sub_dir}")
+        run_recipe(sub, sub_dir, resume=True, force=True, reporter=reporter, accelerator=accelerator)
+        return sub_dir
+
+    experiment = build_experiment(recipe, out_dir, run_recipe=pretrain)
+    trainer = make_trainer(experiment, out_dir, reporter, accelerator)
+    return trainer.fit(resume=resume)
+
+
+def make_trainer(experiment: Experiment, out_dir: Path | None, reporter, accelerator) -> Trainer:
+    return Trainer(
+        backbone=experiment.backbone,
+        algorithm=experiment.algorithm,
+        reward=experiment.reward,
+        data=experiment.data,
+        evaluator=experiment.evaluator,
+        config=experiment.recipe.train,
+        eval_config=experiment.recipe.eval,
+        out_dir=out_dir,
+        reporter=reporter,
+        accelerator=accelerator,
+    )
+
+
+def finished(run_dir: Path, recipe: Recipe) -> bool:
+    """Whether `run_dir` holds a completed run of exactly this recipe."""
+    import json
+
+    try:
+        saved = tomllib.loads((run_dir / RECIPE_FILE).read_text())
+        result = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return saved == tomllib.loads(recipe_to_toml(recipe)) and result.get("step") == recipe.train.steps
+
+
+def load_run(run_dir: str | Path, *, accelerator=None, reporter=None) -> Trainer:
+    """A Trainer holding a finished or interrupted run's latest checkpoint (for eval and sample)."""
+    run_dir = Path(run_dir)
+    recipe_file = run_dir / RECIPE_FILE
+    if not recipe_file.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no {RECIPE_FILE})")
+    try:
+        raw = tomllib.loads(recipe_file.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{recipe_file}: malformed TOML: {err}") from None
+    raw.get("backbone", {}).pop("init_from", None)  # the checkpoint supersedes the starting weights
+    recipe = parse_recipe(raw, recipe_file)
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint yet")
+    trainer = make_trainer(build_experiment(recipe), run_dir, reporter, accelerator or make_accelerator())
+    trainer.load(latest)
+    return trainer

@@ -1,0 +1,135 @@
+"""`GaussianChainPolicy`: a T-step diffusion sampler seen as a Gaussian policy (DxMI paper, Eq. (1)).
+
+    x_0 ~ pi(x_0),   x_{t+1} = mean_phi(x_t, t) + sigma_t * eps,   eps ~ N(0, I),   t = 0..T-1,
+
+with mean_phi(x_t, t) = a_t x_t + mu_phi(x_t, t) supplied by a subclass and learnable log sigma_t owned here.
+Log-probabilities and entropies are SUMS over the D event dimensions (so the entropy is D log sigma_t + const and
+temperatures multiply per-sample, not per-dimension, quantities).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from rewardtune.types import Trajectory
+
+Guide = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+"""guide(x_{t+1}, t+1, sigma_t) -> adjusted x_{t+1}; used for value guidance at sampling time."""
+
+
+class StandardNormalPrior(nn.Module):
+    """pi(x_0) = N(0, I)."""
+
+    def sample(self, n: int, shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
+        return torch.randn((n, *shape), generator=generator, device=device)
+
+
+class GaussianChainPolicy(nn.Module):
+    """Base class of every backbone adapter.
+
+    Subclasses implement `mean(x, t)`. This class owns the noise levels, sampling, log-probs and entropies.
+
+    Args:
+        sample_shape: shape of one sample (the event shape), e.g. (2,) or (3, 32, 32).
+        initial_sigma: [T] noise levels to start from (clamped below by `sigma_floor`).
+        learn_sigma: whether log sigma_t is a trainable parameter.
+        fix_last_sigma: keep sigma_{T-1} at its initial value even when the others learn.
+        sigma_floor: lower bound on the initial sigma_t (a deterministic schedule step gets this much noise).
+        prior: the distribution of x_0 (standard normal by default).
+    """
+
+    def __init__(
+        self,
+        sample_shape: tuple[int, ...],
+        initial_sigma: torch.Tensor,
+        *,
+        learn_sigma: bool = True,
+        fix_last_sigma: bool = False,
+        sigma_floor: float = 1e-3,
+        prior: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        log_sigma = initial_sigma.to(torch.float64).clamp_min(sigma_floor).log().float()
+        self.fix_last_sigma = fix_last_sigma
+        self.log_sigma = nn.Parameter(log_sigma, requires_grad=learn_sigma)  # [T]
+        self.register_buffer("initial_log_sigma", log_sigma.clone())
+        self.prior = prior if prior is not None else StandardNormalPrior()
+
+    # ---- sizes -------------------------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return self.log_sigma.shape[0]
+
+    @property
+    def event_dim(self) -> int:
+        """D, the number of dimensions of one sample."""
+        return math.prod(self.sample_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.log_sigma.device
+
+    # ---- the policy --------------------------------------------------------------------------------------------
+    def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """mean_phi(x_t, t) = a_t x_t + mu_phi(x_t, t) for per-sample integer times t [B]."""
+        raise NotImplementedError
+
+    def sigma(self) -> torch.Tensor:
+        """sigma_t for t = 0..T-1: [T]. With `fix_last_sigma` the last entry carries no gradient."""
+        log_sigma = self.log_sigma
+        if self.fix_last_sigma:
+            log_sigma = torch.cat([log_sigma[:-1], self.initial_log_sigma[-1:]])
+        return log_sigma.exp()
+
+    def step(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Reparameterised transition x_{t+1} = mean(x_t, t) + sigma_t * noise (differentiable in phi)."""
+        sigma = self.sigma()[t].view(-1, *([1] * len(self.sample_shape)))
+        return self.mean(x, t) + sigma * noise
+
+    def log_prob(self, x_next: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log pi(x_{t+1} | x_t), summed over dimensions: [B]."""
+        sigma = self.sigma()[t]  # [B]
+        sq = (x_next - self.mean(x, t)).flatten(1).pow(2).sum(1)
+        d = self.event_dim
+        return -0.5 * sq / sigma**2 - d * sigma.log() - 0.5 * d * math.log(2 * math.pi)
+
+    def entropy(self, t: torch.Tensor) -> torch.Tensor:
+        """H(pi(. | x_t)) = D log sigma_t + D/2 log(2 pi e), independent of x_t: [len(t)]."""
+        d = self.event_dim
+        return d * self.sigma()[t].log() + 0.5 * d * math.log(2 * math.pi * math.e)
+
+    # ---- sampling ----------------------------------------------------------------------------------------------
+    def times(self, t: int, n: int) -> torch.Tensor:
+        return torch.full((n,), t, dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, guide: Guide | None = None) -> Trajectory:
+        """Roll out n chains without gradients. Returns the whole trajectory x_0..x_T."""
+        x = self.prior.sample(n, self.sample_shape, generator, self.device)
+        states, log_probs = [x], []
+        sigmas = self.sigma()
+        d = self.event_dim
+        for t in range(self.num_steps):
+            noise = torch.randn(x.shape, generator=generator, device=x.device)
+            x = self.step(x, self.times(t, n), noise)
+            # log N(x_{t+1}; mean, sigma^2 I) from the noise that produced it.
+            log_probs.append(-0.5 * noise.flatten(1).pow(2).sum(1) - d * sigmas[t].log() - 0.5 * d * math.log(2 * math.pi))
+            if guide is not None:
+                x = guide(x, t + 1, sigmas[t])
+            states.append(x)
+        return Trajectory(
+            states=torch.stack(states),
+            sigmas=sigmas.detach().clone(),
+            log_probs=None if guide is not None else torch.stack(log_probs),
+        )
+
+    def sigma_parameters(self) -> list[nn.Parameter]:
+        return [self.log_sigma] if self.log_sigma.requires_grad else []
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if name != "log_sigma"]

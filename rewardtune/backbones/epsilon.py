@@ -1,0 +1,69 @@
+"""`EpsilonChainPolicy`: a DDPM epsilon-prediction network run as a T-step Gaussian policy.
+
+The network eps_theta(x, k) is trained (or pretrained) with the standard DDPM loss on K = 1000 steps; the policy
+runs it on a T-step sub-schedule with DDIM(eta = 1) transitions (see `schedules.ddim_transition`):
+
+    x_{t+1} = a_t x_t + c_t eps_theta(x_t, k_t) + sigma_t z,
+
+so a_t x_t + c_t eps_theta is the policy mean of the DxMI paper's Eq. (1) with mu_phi = c_t eps_theta. The mean
+coefficient c_t always uses the schedule's sigma, not the learned one (as the official DxMI code does), so
+learning sigma_t changes only the injected noise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rewardtune.backbones.base import GaussianChainPolicy
+from rewardtune.backbones.schedules import ddpm_alphas_cumprod, strided_ddpm_schedule
+
+
+class EpsilonChainPolicy(GaussianChainPolicy):
+    """A T-step policy around an eps-prediction network `eps_net(x, k) -> eps` with DDPM timesteps k in [0, K).
+
+    Args:
+        eps_net: module mapping (x [B, *shape], k [B] float) to a tensor of x's shape (or [B, D]).
+        sample_shape: event shape.
+        num_steps: T, the number of sampler steps.
+        num_train_steps: K, the DDPM training horizon.
+        beta_start, beta_end: linear DDPM betas.
+        **policy_kwargs: passed to `GaussianChainPolicy` (learn_sigma, fix_last_sigma, sigma_floor, prior).
+    """
+
+    def __init__(
+        self,
+        eps_net: nn.Module,
+        sample_shape: tuple[int, ...],
+        *,
+        num_steps: int,
+        num_train_steps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        **policy_kwargs,
+    ) -> None:
+        alphas_cumprod = ddpm_alphas_cumprod(num_train_steps, beta_start, beta_end)
+        timesteps, coef = strided_ddpm_schedule(num_steps, alphas_cumprod)
+        super().__init__(sample_shape, coef.sigma, **policy_kwargs)
+        self.eps_net = eps_net
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float())  # [K], for DDPM training
+        self.register_buffer("timesteps", timesteps.float())  # [T], DDPM step k_t of sampler step t
+        self.register_buffer("coef_a", coef.a.float())  # [T]
+        self.register_buffer("coef_c", coef.c.float())  # [T]
+
+    @property
+    def num_train_steps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def predict_eps(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """eps_theta(x, k) reshaped to x's shape, for DDPM timesteps k [B]."""
+        return self.eps_net(x, k).view_as(x)
+
+    def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        view = (-1, *([1] * len(self.sample_shape)))
+        eps = self.predict_eps(x, self.timesteps[t])
+        return self.coef_a[t].view(view) * x + self.coef_c[t].view(view) * eps
+
+    def network_state(self) -> dict[str, torch.Tensor]:
+        """The weights that carry over between samplers of different T (the eps-network only)."""
+        return {f"eps_net.{k}": v for k, v in self.eps_net.state_dict().items()}

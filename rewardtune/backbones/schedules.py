@@ -1,0 +1,69 @@
+"""Noise schedules and few-step sub-schedules, computed in float64.
+
+- `ddpm_alphas_cumprod`: the DDPM linear-beta training schedule (Ho et al. 2020), alpha_bar_k for k = 0..K-1.
+- `strided_timesteps`: a plain strided ("trailing") sub-sequence of T DDPM steps that starts from pure noise (k = K-1).
+- `ddim_transition`: the coefficients of one DDIM (eta = 1, i.e. ancestral/posterior-variance) step between two noise
+  levels, written in the policy form x_{t+1} = a_t x_t + c_t eps(x_t) + sigma_t z of the DxMI paper's Eq. (1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def ddpm_alphas_cumprod(
+    num_train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> torch.Tensor:
+    """alpha_bar_k = prod_{i<=k} (1 - beta_i) with linear betas, float64 [K]."""
+    betas = torch.linspace(beta_start, beta_end, num_train_steps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def strided_timesteps(num_steps: int, num_train_steps: int = 1000) -> torch.Tensor:
+    """T DDPM timesteps from K-1 (pure noise) downwards with stride K/T ("trailing" spacing), int64 [T].
+
+    T = 5, K = 1000 gives [999, 799, 599, 399, 199]; T = K gives K-1 .. 0, the full ancestral DDPM sampler.
+    """
+    if not 1 <= num_steps <= num_train_steps:
+        raise ValueError(f"num_steps must be in [1, {num_train_steps}], got {num_steps}")
+    grid = torch.arange(num_train_steps, 0, -num_train_steps / num_steps, dtype=torch.float64)
+    return (grid.round() - 1).to(torch.int64)[:num_steps]
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """Per-step coefficients of x_{t+1} = a x_t + c eps_theta(x_t, k) + sigma z (float64 tensors [T])."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+    sigma: torch.Tensor
+
+
+def ddim_transition(alpha_bar_from: torch.Tensor, alpha_bar_to: torch.Tensor, eta: float = 1.0) -> StepCoefficients:
+    """DDIM step coefficients from noise level alpha_bar_from to the less noisy alpha_bar_to (Song et al. 2021, Eq. 12).
+
+    sigma = eta * sqrt((1 - ab_to) / (1 - ab_from) * (1 - ab_from / ab_to)); with eta = 1 this is the DDPM
+    posterior std. The mean sqrt(ab_to) x0_hat + sqrt(1 - ab_to - sigma^2) eps, with
+    x0_hat = (x - sqrt(1 - ab_from) eps) / sqrt(ab_from), gives a = sqrt(ab_to / ab_from) and
+    c = sqrt(1 - ab_to - sigma^2) - sqrt(1 - ab_from) * a.
+    """
+    ab_from = alpha_bar_from.to(torch.float64)
+    ab_to = alpha_bar_to.to(torch.float64)
+    if torch.any(ab_to < ab_from):
+        raise ValueError("ddim_transition goes from a noisier to a cleaner level: need alpha_bar_to >= alpha_bar_from")
+    sigma = eta * torch.sqrt((1 - ab_to) / (1 - ab_from) * (1 - ab_from / ab_to))
+    a = torch.sqrt(ab_to / ab_from)
+    c = torch.sqrt((1 - ab_to - sigma**2).clamp_min(0.0)) - torch.sqrt(1 - ab_from) * a
+    return StepCoefficients(a=a, c=c, sigma=sigma)
+
+
+def strided_ddpm_schedule(
+    num_steps: int, alphas_cumprod: torch.Tensor
+) -> tuple[torch.Tensor, StepCoefficients]:
+    """Timesteps [T] (float64) and coefficients of the T-step strided DDPM sampler ending at alpha_bar = 1."""
+    timesteps = strided_timesteps(num_steps, alphas_cumprod.shape[0])
+    ab_from = alphas_cumprod[timesteps]
+    ab_to = torch.cat([alphas_cumprod[timesteps[1:]], torch.ones(1, dtype=torch.float64)])
+    return timesteps.to(torch.float64), ddim_transition(ab_from, ab_to)

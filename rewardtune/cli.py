@@ -1,0 +1,183 @@
+"""The `rewardtune` command line: run, eval, sample, plugins.
+
+Every user error is a `RewardtuneError`: one line on stderr and exit code 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune few-step diffusion samplers for rewards (DxDP / DxMI).")
+err_console = Console(stderr=True)
+state = {"debug": False}
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    state["debug"] = debug or os.environ.get("REWARDTUNE_DEBUG") == "1"
+
+
+class RichReporter:
+    """A rich progress bar with live metrics (main process only)."""
+
+    SHOWN = ("energy/real", "energy/fake", "value/td_loss", "policy/loss", "ddpm/loss")
+
+    def __init__(self, enabled: bool = True) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=err_console, transient=False,
+        )
+        self.task = None
+
+    def start(self, total: int, done: int, description: str) -> None:
+        if self.enabled and total > done:
+            self.progress.start()
+            self.task = self.progress.add_task(description, total=total, completed=done, metrics="")
+
+    def advance(self, step: int, metrics: dict[str, float]) -> None:
+        if self.task is not None and (step % 10 == 0):
+            shown = " ".join(f"{k.split('/')[-1] if k != 'energy/real' else 'E+'}={metrics[k]:.3g}" for k in self.SHOWN if k in metrics)
+            self.progress.update(self.task, completed=step, metrics=shown)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            err_console.print(text)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.progress.tasks[0].total)
+            self.progress.stop()
+            self.progress = type(self.progress)(*self.progress.columns, console=err_console)
+            self.task = None
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="The recipe (.toml).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: runs/<run.name>).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Override train.steps.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Override train.seed.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: table.key=value.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow a run directory holding another recipe.")] = False,
+) -> None:
+    """Train a recipe and write eval.json, metrics.jsonl, plots and checkpoints to the run directory."""
+    from rewardtune.api import make_accelerator, run_recipe
+    from rewardtune.recipe import load_recipe
+
+    overrides = list(set_ or [])
+    if steps is not None:
+        overrides.append(f"train.steps={steps}")
+    if seed is not None:
+        overrides.append(f"train.seed={seed}")
+    parsed = load_recipe(recipe, overrides)
+    out_dir = out or Path("runs") / parsed.run.name
+    accelerator = make_accelerator()
+    reporter = RichReporter(enabled=accelerator.is_main_process)
+    result = run_recipe(parsed, out_dir, resume=resume, force=force, reporter=reporter, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print_result(result, out_dir)
+
+
+@app.command("eval")
+def eval_(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Evaluate a run's latest checkpoint and rewrite its eval.json."""
+    from rewardtune.api import load_run
+
+    trainer = load_run(run_dir)
+    metrics = trainer.evaluate(plot_name="samples.png")
+    trainer.write_eval(metrics)
+    print_result({"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics}, run_dir)
+
+
+@app.command()
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    n: Annotated[int, typer.Option("-n", help="Number of samples.", min=1)] = 1000,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.npz or .npy).")] = Path("samples.npz"),
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    guidance: Annotated[float, typer.Option("--guidance", help="Value guidance scale lambda (0: none).")] = 0.0,
+) -> None:
+    """Draw samples from a run's latest checkpoint."""
+    import numpy as np
+    import torch
+
+    from rewardtune.api import load_run
+    from rewardtune.errors import RewardtuneError
+
+    if output.suffix not in (".npz", ".npy"):
+        raise RewardtuneError(f"output {output} must end in .npz or .npy")
+    trainer = load_run(run_dir)
+    backbone = trainer.ema.module if trainer.ema is not None else trainer.backbone
+    guide = trainer.algorithm.guide(guidance) if guidance else None
+    gen = torch.Generator().manual_seed(seed)
+    samples = trainer.evaluator.draw(backbone, n, gen, guide).numpy()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(output, samples=samples) if output.suffix == ".npz" else np.save(output, samples)
+    except OSError as err:
+        raise RewardtuneError(f"cannot write {output}: {err.strerror or err}") from None
+    err_console.print(f"wrote {n} samples of shape {tuple(samples.shape[1:])} to {output}")
+
+
+@app.command()
+def plugins() -> None:
+    """List the backbones, values, rewards, data and algorithms (built-in and installed)."""
+    from rich.table import Table
+
+    from rewardtune.registry import REGISTRIES
+
+    table = Table("kind", "name", "source")
+    for kind, registry in REGISTRIES.items():
+        for name in registry.names():
+            table.add_row(kind, name, registry.source(name))
+    Console().print(table)
+
+
+def print_result(result: dict, out_dir: Path) -> None:
+    console = Console()
+    console.print(f"[bold]{out_dir}[/bold] step {result['step']}")
+    initial = result.get("initial_metrics") or {}
+    for key, value in result["metrics"].items():
+        start = f"  (start {initial[key]:.4f})" if key in initial else ""
+        console.print(f"  {key:28s} {value:.4f}{start}")
+    console.print(json.dumps(result), markup=False, highlight=False, soft_wrap=True, style=None) if os.environ.get("REWARDTUNE_JSON") else None
+
+
+def main() -> None:
+    from rewardtune.errors import RewardtuneError
+
+    try:
+        app(standalone_mode=False)
+    except RewardtuneError as err:
+        if state["debug"]:
+            raise
+        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as err:  # click's usage errors are handled below; anything else is a bug
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(130)
+        if state["debug"]:
+            raise
+        err_console.print(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", markup=False, soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,97 @@
+"""`GradStep`: one optimiser step on a loss, with gradient averaging across processes and norm clipping.
+
+Algorithms and learning rewards own their `GradStep`s. Across processes, gradients are averaged with a plain
+`torch.distributed.all_reduce` when a process group is initialised (the trainer initialises it through accelerate);
+together with identical initial weights this keeps parameters identical on every rank without wrapping modules in
+DDP, whose forward hook would not see the custom calls (`step`, `sample`, value at t) the algorithms make.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+class GradStep:
+    """Adam on one or more parameter groups, stepped by `step(loss)`.
+
+    Args:
+        groups: iterable of (parameters, learning rate) pairs; groups with no parameters are dropped.
+        grad_clip: clip the global gradient norm to this value (None: no clipping).
+        betas: Adam betas.
+    """
+
+    def __init__(
+        self,
+        groups: Iterable[tuple[Iterable[torch.nn.Parameter], float]],
+        *,
+        grad_clip: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
+        param_groups = []
+        for params, lr in groups:
+            params = [p for p in params if p.requires_grad]
+            if params:
+                param_groups.append({"params": params, "lr": float(lr), "base_lr": float(lr)})
+        if not param_groups:
+            raise ValueError("GradStep needs at least one trainable parameter")
+        self.optimizer = torch.optim.Adam(param_groups, betas=betas)
+        self.grad_clip = grad_clip
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Scale every group's learning rate relative to its base value (for schedules)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * scale
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Back-propagate `loss`, average gradients over processes, clip, and step. Returns the gradient norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=self.parameters)  # leave other modules' .grad alone
+        params = self.parameters
+        average_gradients(params)
+        if self.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        self.optimizer.step()
+        return float(norm)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce (mean) the gradients of `params` in one flat bucket; a no-op in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    # Every rank runs the same graph, so the set of parameters with a gradient is the same on every rank.
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in with_grad:
+        n = p.grad.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over processes (identity in a single process); used for statistics that must agree on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()

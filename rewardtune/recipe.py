@@ -1,0 +1,277 @@
+"""Recipes: TOML -> validated, typed configuration.
+
+A recipe has one table per object. Plugin tables (`[data]`, `[backbone]`, `[value]`, `[reward]`, `[algorithm]`)
+name their factory with `kind`; every other key must be an option of that factory, with the factory's type. Fixed
+tables (`[run]`, `[train]`, `[eval]`) map onto dataclasses. Unknown tables and keys are errors with a "did you mean";
+`--set table.key=value` overrides go through the same checks. `resolve` returns the full recipe with every default
+filled in, which is what a run directory stores as recipe.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rewardtune.errors import RecipeError
+from rewardtune.registry import CONTEXT_NAMES, REGISTRIES
+from rewardtune.trainer import EvalConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The [run] section."""
+
+    name: str = "run"  # the run's name (default output directory: runs/<name>)
+    description: str = ""  # free text, kept in the resolved recipe
+
+
+PLUGIN_SECTIONS = ("data", "backbone", "value", "reward", "algorithm")
+REQUIRED_SECTIONS = ("data", "backbone", "algorithm")
+FIXED_SECTIONS: dict[str, type] = {"run": RunConfig, "train": TrainConfig, "eval": EvalConfig}
+EXTRA_KEYS = {"backbone": {"init_from": str}}  # keys a plugin table takes besides its factory's options
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    kind: str
+    options: dict[str, Any]  # validated factory options (the `config` dataclass instance under "config")
+    extra: dict[str, Any] = field(default_factory=dict)  # EXTRA_KEYS values
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path | None
+    run: RunConfig
+    train: TrainConfig
+    eval: EvalConfig
+    plugins: dict[str, PluginSpec]
+    resolved: dict[str, Any]  # the full recipe with defaults, TOML-serialisable
+
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path is not None else Path.cwd()
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{path}: malformed TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file") from None
+    for item in overrides or []:
+        apply_override(raw, item)
+    return parse_recipe(raw, path)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply `table.key=value` (value in TOML syntax; a bare word is taken as a string)."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise RecipeError(f"--set {item!r}: expected table.key=value, e.g. train.steps=100")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    table, name = parts
+    if table not in (*FIXED_SECTIONS, *PLUGIN_SECTIONS):
+        raise RecipeError(f"--set {item!r}: unknown table [{table}]{suggest(table, [*FIXED_SECTIONS, *PLUGIN_SECTIONS])}")
+    section = raw.setdefault(table, {})
+    if not isinstance(section, dict):
+        raise RecipeError(f"--set {item!r}: [{table}] is not a table")
+    section[name] = value
+
+
+def parse_recipe(raw: dict, path: Path | None = None) -> Recipe:
+    where = str(path) if path is not None else "recipe"
+    known = [*FIXED_SECTIONS, *PLUGIN_SECTIONS]
+    for name, value in raw.items():
+        if name not in known:
+            raise RecipeError(f"{where}: unknown table [{name}]{suggest(name, known)}")
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: [{name}] must be a table, got {type(value).__name__}")
+    for name in REQUIRED_SECTIONS:
+        if name not in raw:
+            raise RecipeError(f"{where}: missing table [{name}]")
+    fixed = {name: build_dataclass(cls, raw.get(name, {}), f"{where}: [{name}]") for name, cls in FIXED_SECTIONS.items()}
+    plugins = {name: parse_plugin(name, raw[name], where) for name in PLUGIN_SECTIONS if name in raw}
+    resolved = {name: dataclass_to_dict(obj) for name, obj in fixed.items()}
+    for name, spec in plugins.items():
+        options = dict(spec.options)
+        if "config" in options and dataclasses.is_dataclass(options["config"]):
+            options = dataclass_to_dict(options.pop("config"))
+        resolved[name] = {"kind": spec.kind, **spec.extra, **drop_none(options)}
+    return Recipe(path, fixed["run"], fixed["train"], fixed["eval"], plugins, resolved)
+
+
+def parse_plugin(section: str, table: dict, where: str) -> PluginSpec:
+    if "kind" not in table:
+        raise RecipeError(f"{where}: [{section}] needs a 'kind' (one of: {', '.join(REGISTRIES[section].names())})")
+    kind = table["kind"]
+    if not isinstance(kind, str):
+        raise RecipeError(f"{where}: [{section}] kind must be a string, got {kind!r}")
+    factory = REGISTRIES[section].get(kind)
+    params = factory_options(factory)
+    extras_spec = EXTRA_KEYS.get(section, {})
+    options, extra = {}, {}
+    for key, value in table.items():
+        if key == "kind":
+            continue
+        if key in extras_spec:
+            extra[key] = check_type(value, extras_spec[key], f"{where}: [{section}] {key}")
+            continue
+        if key not in params:
+            allowed = [*params, *extras_spec]
+            raise RecipeError(f"{where}: [{section}] unknown key {key!r} for kind {kind!r}{suggest(key, allowed)}")
+        options[key] = check_type(value, params[key][0], f"{where}: [{section}] {key}")
+        validate_range(key, options[key], f"{where}: [{section}]")
+    config_class = getattr(factory, "_config_class", None)
+    if config_class is not None:
+        options = {"config": construct(config_class, options, f"{where}: [{section}]")}
+    else:
+        options = {**{k: d for k, (_, d) in params.items() if d is not inspect.Parameter.empty}, **options}
+        missing = [k for k, (_, d) in params.items() if d is inspect.Parameter.empty and k not in options]
+        if missing:
+            raise RecipeError(f"{where}: [{section}] kind {kind!r} needs {', '.join(missing)}")
+    return PluginSpec(kind, options, extra)
+
+
+def factory_options(factory) -> dict[str, tuple[Any, Any]]:
+    """{option: (type, default)} of a factory: its keyword-only parameters, or the fields of its `config` dataclass."""
+    try:
+        sig = inspect.signature(factory)
+        hints = typing.get_type_hints(factory)
+    except (TypeError, ValueError, NameError) as err:
+        raise RecipeError(f"cannot read the options of {factory!r}: {err}") from None
+    kw = [p for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    if len(kw) == 1 and kw[0].name == "config" and dataclasses.is_dataclass(hints.get("config")):
+        cls = hints["config"]
+        factory._config_class = cls  # remembered for parse_plugin
+        field_hints = typing.get_type_hints(cls)
+        return {f.name: (field_hints[f.name], f.default) for f in dataclasses.fields(cls)}
+    for p in sig.parameters.values():
+        if p.kind is p.POSITIONAL_ONLY and p.name not in CONTEXT_NAMES:
+            raise RecipeError(f"factory {factory!r} has an unknown context parameter {p.name!r}")
+    return {p.name: (hints.get(p.name, Any), p.default) for p in kw}
+
+
+# ---- types --------------------------------------------------------------------------------------------------------
+def check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Return `value` converted to `annotation` (int -> float, list -> tuple) or raise RecipeError."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for option in non_none:
+            try:
+                return check_type(value, option, where)
+            except RecipeError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else RecipeError(f"{where}: {value!r} is not a {describe(annotation)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise RecipeError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}{suggest(str(value), [str(a) for a in args])}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (tuple, list):
+        if isinstance(value, list):
+            inner = args[0] if args else Any
+            items = [check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    else:
+        return value
+    raise RecipeError(f"{where}: expected {describe(annotation)}, got {value!r} ({type(value).__name__})")
+
+
+def describe(annotation: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    return str(annotation).replace("typing.", "")
+
+
+def build_dataclass(cls: type, table: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise RecipeError(f"{where} unknown key {key!r}{suggest(key, sorted(fields))}")
+        values[key] = check_type(value, hints[key], f"{where} {key}")
+    return construct(cls, values, where)
+
+
+def construct(cls: type, values: dict, where: str):
+    try:
+        obj = cls(**values)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{where}: {err}") from None
+    validate_ranges(obj, where)
+    return obj
+
+
+POSITIVE = {"batch_size", "num_samples", "repeats", "log_every", "checkpoint_every", "keep_checkpoints", "num_steps",
+            "hidden", "depth", "num_train_steps", "policy_batch"}
+NON_NEGATIVE = {"steps", "eval_every", "value_warmup", "gamma", "time_dim"}
+UNIT_INTERVAL = {"avr_alpha", "ema_decay", "lr_final_fraction"}
+
+
+def validate_ranges(obj, where: str) -> None:
+    """Sizes and counts must be positive; rates in [0, 1]; learning rates and temperatures non-negative."""
+    for f in dataclasses.fields(obj):
+        validate_range(f.name, getattr(obj, f.name), where)
+
+
+def validate_range(name: str, value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if name in POSITIVE and value <= 0:
+        raise RecipeError(f"{where} {name} must be positive, got {value}")
+    if (name in NON_NEGATIVE or name.endswith("lr") or name.startswith("tau")) and value < 0:
+        raise RecipeError(f"{where} {name} must be >= 0, got {value}")
+    if name in UNIT_INTERVAL and not 0 <= value <= 1:
+        raise RecipeError(f"{where} {name} must be in [0, 1], got {value}")
+
+
+def suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def dataclass_to_dict(obj) -> dict:
+    return drop_none(dataclasses.asdict(obj))
+
+
+def drop_none(d: dict) -> dict:
+    """TOML has no null: options left at None are omitted (they mean "default")."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if v is not None}
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(recipe.resolved)

@@ -1,0 +1,319 @@
+"""The Trainer: the one training loop of rewardtune, for every algorithm, on one process or many (accelerate).
+
+One iteration: data batch -> `backbone.sample(B)` (no grad) -> learning reward `update(real, x_T)` (the EBM step of
+Algorithm 1, line 4) -> `algorithm.update(real, trajectory)` (value, policy improvement, AVR) -> EMA -> log / eval /
+checkpoint. The trainer is the only code that knows about devices, processes, checkpoints and progress reporting.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+import torch.distributed as dist
+
+from rewardtune import checkpoint as ckpt
+from rewardtune.errors import NonFiniteError
+from rewardtune.evaluation import round_metrics
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The [train] section of a recipe."""
+
+    steps: int = 1000  # training iterations (0: only evaluate the starting model)
+    batch_size: int = 128  # samples per process per iteration (the global batch is this times the process count)
+    seed: int = 0  # the one seed every random stream is derived from
+    log_every: int = 50  # write a metrics.jsonl line every this many iterations
+    eval_every: int = 0  # evaluate (and plot) every this many iterations (0: only at the start and the end)
+    checkpoint_every: int = 1000  # write a checkpoint every this many iterations (and always at the end)
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    ema_decay: float = 0.0  # EMA of the sampler's weights used for evaluation (0: evaluate the raw weights)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # learning-rate multiplier over training
+    lr_final_fraction: float = 0.0  # cosine schedule: final multiplier
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The [eval] section of a recipe."""
+
+    num_samples: int = 10000  # samples per evaluation
+    repeats: int = 5  # independent samplings averaged per evaluation
+    guidance_scale: float = 0.0  # value guidance lambda at evaluation (needs a value function)
+    plot: bool = True  # write a picture of the samples at every evaluation
+
+
+class Reporter(Protocol):
+    """Receives progress; the CLI implements it with a rich progress bar. Library code never prints."""
+
+    def start(self, total: int, done: int, description: str) -> None: ...
+    def advance(self, step: int, metrics: dict[str, float]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class SilentReporter:
+    def start(self, total: int, done: int, description: str) -> None:
+        pass
+
+    def advance(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, with the usual (1 + n) / (10 + n) warm-up."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(module).requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for p_ema, p in zip(self.module.parameters(), module.parameters()):
+            p_ema.lerp_(p, 1 - decay)
+        for b_ema, b in zip(self.module.buffers(), module.buffers()):
+            b_ema.copy_(b)
+
+
+def lr_multiplier(schedule: str, step: int, total: int, final_fraction: float) -> float:
+    if schedule == "constant" or total <= 0:
+        return 1.0
+    progress = min(step / total, 1.0)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Trains `backbone` with `algorithm` (and a learning `reward`) and evaluates it.
+
+    Args:
+        backbone: the policy.
+        algorithm: has `update(real, trajectory, generator)`, `needs_rollout`, `modules()`, `optimizers()`,
+            `state_dict()`/`load_state_dict()`, and optionally `guide(scale)`.
+        reward: the reward (None for pure pretraining); a learning reward is updated every iteration.
+        data: `sample(n, generator) -> Tensor`.
+        evaluator: `evaluate(backbone, reward, generator, guide) -> metrics` and `plot(...)`.
+        config, eval_config: the [train] and [eval] sections.
+        out_dir: the run directory (None: keep nothing on disk).
+        reporter: progress sink.
+        accelerator: an `accelerate.Accelerator` (created here when None).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone,
+        algorithm,
+        reward,
+        data,
+        evaluator,
+        config: TrainConfig,
+        eval_config: EvalConfig | None = None,
+        out_dir: Path | None = None,
+        reporter: Reporter | None = None,
+        accelerator=None,
+    ) -> None:
+        if accelerator is None:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator
+        self.backbone, self.algorithm, self.reward = backbone, algorithm, reward
+        self.data, self.evaluator = data, evaluator
+        self.config, self.eval_config = config, eval_config or EvalConfig()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.reporter = reporter or SilentReporter()
+        self.device = accelerator.device
+        self.rank = accelerator.process_index
+        for module in self.modules().values():
+            module.to(self.device)
+        broadcast_modules(self.modules())
+        self.ema = EMA(backbone, config.ema_decay) if config.ema_decay > 0 else None
+        self.step = 0
+        self.initial_metrics: dict[str, float] | None = None
+        # Per-rank streams: data draws on the CPU, rollouts and noise on the accelerator's device.
+        self.data_gen = torch.Generator().manual_seed(config.seed * 1000 + self.rank + 1)
+        self.train_gen = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.rank + 500)
+
+    # ---- what is saved -------------------------------------------------------------------------------------------
+    def modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"backbone": self.backbone, **self.algorithm.modules()}
+        if self.reward is not None:
+            modules["reward"] = self.reward
+        if getattr(self, "ema", None) is not None:
+            modules["ema"] = self.ema.module
+        return modules
+
+    def optimizers(self) -> dict:
+        opts = dict(self.algorithm.optimizers())
+        for i, opt in enumerate(self.reward.optimizers() if self.reward is not None else []):
+            if all(opt is not o for o in opts.values()):
+                opts[f"reward{i}"] = opt
+        return opts
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path | None:
+        return self.out_dir / "checkpoints" if self.out_dir is not None else None
+
+    def save(self) -> None:
+        """Every rank takes part (its RNG state); the main process commits. Barriers keep ranks in step."""
+        root = self.checkpoint_root
+        if root is None:
+            return
+        ckpt.write_rng(root, self.step, self.rank, {"data": self.data_gen.get_state(), "train": self.train_gen.get_state()})
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            state = {
+                "step": self.step,
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+                "algorithm": self.algorithm.state_dict(),
+                "ema_updates": self.ema.updates if self.ema is not None else 0,
+                "initial_metrics": json.dumps(self.initial_metrics),
+                "world_size": self.accelerator.num_processes,
+            }
+            ckpt.commit_checkpoint(root, self.step, self.modules(), state, keep=self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def load(self, path: Path) -> None:
+        weights, state, rng = ckpt.read_checkpoint(path, self.rank)
+        ckpt.load_modules(self.modules(), weights)
+        for name, opt in self.optimizers().items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.algorithm.load_state_dict(state["algorithm"])
+        if self.ema is not None:
+            self.ema.updates = int(state["ema_updates"])
+        self.step = int(state["step"])
+        self.initial_metrics = json.loads(state["initial_metrics"])
+        if rng is not None and int(state.get("world_size", 1)) == self.accelerator.num_processes:
+            self.data_gen.set_state(rng["data"])
+            self.train_gen.set_state(rng["train"])
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate(self, plot_name: str | None = None) -> dict[str, float]:
+        """Same seed on every rank, so every rank computes the same numbers (no collective needed)."""
+        backbone = self.ema.module if self.ema is not None else self.backbone
+        gen = torch.Generator().manual_seed(self.config.seed + 10_000_019)
+        guide = None
+        if self.eval_config.guidance_scale:
+            guide = self.algorithm.guide(self.eval_config.guidance_scale)
+        backbone.eval()
+        metrics = self.evaluator.evaluate(backbone, self.reward, gen, guide)
+        if self.is_main and plot_name and self.eval_config.plot and self.out_dir is not None:
+            self.evaluator.plot(backbone, self.reward, self.out_dir / plot_name, gen, title=f"step {self.step}")
+        backbone.train()
+        return round_metrics(metrics)
+
+    def write_eval(self, metrics: dict[str, float]) -> None:
+        if self.is_main and self.out_dir is not None:
+            ckpt.write_json_atomic(
+                self.out_dir / "eval.json",
+                {"step": self.step, "metrics": metrics, "initial_metrics": self.initial_metrics},
+            )
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        """Train to `config.steps` and return {"step", "metrics", "initial_metrics"} (also written to eval.json)."""
+        cfg = self.config
+        if self.out_dir is not None and self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume and self.checkpoint_root is not None:
+            latest = ckpt.latest_checkpoint(self.checkpoint_root)
+            if latest is not None:
+                self.load(latest)
+                self.reporter.message(f"resumed from {latest} (step {self.step})")
+        if self.initial_metrics is None:
+            self.initial_metrics = self.evaluate(plot_name="samples_step0.png")
+            self.reporter.message(f"initial: {format_metrics(self.initial_metrics)}")
+            self.save()
+        self.reporter.start(cfg.steps, self.step, "training")
+        log_file = self.out_dir / "metrics.jsonl" if self.out_dir is not None and self.is_main else None
+        started, done_at_start = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps:
+                metrics = self.train_step()
+                self.step += 1
+                if log_file is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    elapsed = time.perf_counter() - started
+                    record = {"step": self.step, "time_s": round(elapsed, 3), **round_metrics(metrics)}
+                    with log_file.open("a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                self.reporter.advance(self.step, metrics)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    result = self.evaluate(plot_name=f"samples_step{self.step}.png")
+                    self.log_eval(result, log_file, time.perf_counter() - started)
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save()
+        finally:
+            self.reporter.stop()
+        if self.step > done_at_start or not (self.out_dir and (self.out_dir / "eval.json").exists()):
+            self.save()
+        final = self.evaluate(plot_name="samples.png")
+        self.write_eval(final)
+        return {"step": self.step, "metrics": final, "initial_metrics": self.initial_metrics}
+
+    def log_eval(self, result: dict[str, float], log_file: Path | None, elapsed: float) -> None:
+        self.reporter.message(f"step {self.step}: {format_metrics(result)}")
+        if log_file is not None:
+            with log_file.open("a") as fh:
+                fh.write(json.dumps({"step": self.step, "time_s": round(elapsed, 3), "eval": result}) + "\n")
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.config
+        scale = lr_multiplier(cfg.lr_schedule, self.step, cfg.steps, cfg.lr_final_fraction)
+        for opt in self.optimizers().values():
+            opt.set_lr_scale(scale)
+        real = self.data.sample(cfg.batch_size, self.data_gen, device=self.device)
+        trajectory = None
+        metrics: dict[str, float] = {}
+        if self.algorithm.needs_rollout:
+            trajectory = self.backbone.sample(cfg.batch_size, self.train_gen)
+            if self.reward is not None and self.reward.learns:
+                metrics.update(self.reward.update(real, trajectory.final))
+        metrics.update(self.algorithm.update(real, trajectory, self.train_gen))
+        check_finite(metrics, self.step + 1)
+        if self.ema is not None:
+            self.ema.update(self.backbone)
+        return metrics
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name} became {value} at step {step}; the last checkpoint is kept")
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def broadcast_modules(modules: dict[str, torch.nn.Module]) -> None:
+    """Copy rank 0's parameters and buffers to every rank (no-op in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    seen = set()
+    for module in modules.values():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                dist.broadcast(tensor.data, src=0)
+
+

@@ -1,0 +1,164 @@
+"""The console script end to end: a short recipe runs, and bad input exits 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--set", "train.batch_size=32", "--set", "eval.num_samples=500", "--set", "eval.repeats=2",
+    "--set", "train.log_every=5", "--set", "train.checkpoint_every=10",
+]
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process (fast); returns (exit code, stdout, stderr)."""
+    from rewardtune.cli import main
+
+    old = sys.argv
+    sys.argv = ["rewardtune", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def rewardtune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the console script in a subprocess, as a user would."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "rewardtune", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def dxmi_run(tmp_path_factory) -> Path:
+    """A tiny DxMI run (pretraining included) through the console entry point."""
+    out = tmp_path_factory.mktemp("runs") / "dxmi"
+    result = rewardtune(
+        "run", "recipes/dxmi_8gaussians.toml", "--out", str(out), "--steps", "20",
+        "--set", "algorithm.value_warmup=5", "--set", "train.eval_every=10", *TINY,
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_run_writes_the_run_directory(dxmi_run: Path):
+    for name in ("recipe.toml", "metrics.jsonl", "eval.json", "samples.png", "samples_step0.png"):
+        assert (dxmi_run / name).is_file(), name
+    result = json.loads((dxmi_run / "eval.json").read_text())
+    assert result["step"] == 20
+    assert set(result["metrics"]) == {"sliced_wasserstein", "sliced_wasserstein_std", "energy_auc"}
+    assert set(result["initial_metrics"]) == set(result["metrics"])
+    assert all(isinstance(v, float) for v in result["metrics"].values())
+    lines = [json.loads(line) for line in (dxmi_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval" not in r] == [5, 10, 15, 20]
+    assert (dxmi_run / "pretrain" / "eval.json").is_file()
+    assert (dxmi_run / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+
+
+def test_eval_and_sample(dxmi_run: Path, tmp_path: Path):
+    import numpy as np
+
+    result = rewardtune("eval", str(dxmi_run))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((dxmi_run / "eval.json").read_text())["step"] == 20
+    out = tmp_path / "s.npz"
+    result = rewardtune("sample", str(dxmi_run), "-n", "64", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert np.load(out)["samples"].shape == (64, 2)
+
+
+def test_resume_continues_to_more_steps(dxmi_run: Path, tmp_path: Path):
+    result = rewardtune(
+        "run", "recipes/dxmi_8gaussians.toml", "--out", str(dxmi_run), "--steps", "20", "--resume",
+        "--set", "algorithm.value_warmup=5", "--set", "train.eval_every=10", *TINY,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stderr
+
+
+def test_plugins_lists_builtins():
+    result = rewardtune("plugins")
+    assert result.returncode == 0, result.stderr
+    for name in ("mlp", "energy", "dxdp", "ddpm", "time_mlp", "8gaussians"):
+        assert name in result.stdout
+
+
+BAD_RECIPE_CASES = {
+    "malformed TOML": ("[train\nsteps = 1", "malformed TOML"),
+    "unknown table": ("[trian]\nsteps = 1\n", "unknown table [trian] (did you mean 'train'?)"),
+    "unknown key": ("[train]\nstesp = 1\n", "unknown key 'stesp' (did you mean 'steps'?)"),
+    "wrong type": ("[train]\nsteps = \"many\"\n", "expected an integer"),
+    "negative size": ("[train]\nbatch_size = -4\n", "batch_size must be positive"),
+    "unknown plugin": ("[reward]\nkind = \"enrgy\"\n", "did you mean 'energy'"),
+    "unknown plugin option": ("[algorithm]\nkind = \"dxdp\"\ntau_entropyy = 1.0\n", "did you mean 'tau_entropy'"),
+    "bad literal": ("[algorithm]\nkind = \"dxdp\"\ntime_cost = \"cubic\"\n", "'cubic' is not one of"),
+    "bad dotted plugin": ("[reward]\nkind = \"no_such_pkg.mod:factory\"\n", "cannot import module 'no_such_pkg"),
+}
+
+
+def recipe_with(tmp_path: Path, patch: str) -> Path:
+    """The DxMI recipe with the tables of `patch` replacing its own; a patch that is not TOML is the whole file."""
+    import tomllib
+
+    import tomli_w
+
+    try:
+        raw = {**tomllib.loads((ROOT / "recipes" / "dxmi_8gaussians.toml").read_text()), **tomllib.loads(patch)}
+        text = tomli_w.dumps(raw)
+    except tomllib.TOMLDecodeError:
+        text = patch
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPE_CASES))
+def test_bad_recipe_exits_2_with_one_line(case: str, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    patch, expected = BAD_RECIPE_CASES[case]
+    code, _, err = cli(capsys, "run", str(recipe_with(tmp_path, patch)), "--out", str(tmp_path / "out"))
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing is created for a recipe that does not validate
+
+
+def test_console_script_reports_bad_input_without_traceback(tmp_path: Path):
+    result = rewardtune("run", str(recipe_with(tmp_path, "[train]\nstesp = 1\n")))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'bad.toml'}: [train] unknown key 'stesp' (did you mean 'steps'?)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "recipes/does_not_exist.toml"], "does not exist"),
+        (["run", "recipes/dxmi_8gaussians.toml", "--set", "train.nope=1"], "unknown key 'nope'"),
+        (["run", "recipes/dxmi_8gaussians.toml", "--set", "train.steps=abc"], "expected an integer"),
+        (["run", "recipes/dxmi_8gaussians.toml", "--set", "steps"], "expected table.key=value"),
+        (["eval", "/nonexistent/run"], "not a run directory"),
+        (["sample", "/nonexistent/run"], "not a run directory"),
+    ],
+)
+def test_bad_arguments_exit_2(args: list[str], expected: str, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, _, err = cli(capsys, *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
