@@ -32,6 +32,9 @@ class Experiment:
 
 def call_factory(section: str, spec: PluginSpec, context: dict) -> object:
     factory = REGISTRIES[section].get(spec.kind)
+    missing = [name for name in context_parameters(factory) if name not in context]
+    if missing:
+        raise RecipeError(f"[{section}] kind {spec.kind!r} asks for {missing[0]!r}, which is not built before [{section}]")
     args = [context[name] for name in context_parameters(factory)]
     try:
         return factory(*args, **spec.options)
@@ -44,9 +47,9 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
     torch.manual_seed(recipe.train.seed)  # identical initial weights on every process
     plugins = recipe.plugins
     data = call_factory("data", plugins["data"], {})
-    context: dict = {"sample_shape": tuple(data.sample_shape), "value": None, "reward": None}
+    context: dict = {"sample_shape": tuple(data.sample_shape)}
     backbone = call_factory("backbone", plugins["backbone"], context)
-    context.update(backbone=backbone, num_steps=backbone.num_steps)
+    context.update(backbone=backbone, num_steps=backbone.num_steps, value=None, reward=None)
     init_from = plugins["backbone"].extra.get("init_from")
     if init_from:
         load_initial_weights(backbone, resolve_init(init_from, recipe, out_dir, run_recipe))

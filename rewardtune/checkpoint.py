@@ -72,9 +72,12 @@ def commit_checkpoint(
     save_file(flatten_modules(modules), str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     final = root / checkpoint_name(step)
-    if final.exists():
-        shutil.rmtree(final)
+    old = root / f".old_{final.name}"
+    if final.exists():  # re-saving a step: keep the old copy until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     pointer = root / f".{LATEST}.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / LATEST)
@@ -96,6 +99,8 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not pointer.exists():
         return None
     path = root / pointer.read_text().strip()
+    if not path.is_dir() and (root / f".old_{path.name}").is_dir():  # a crash while re-saving that step
+        path = root / f".old_{path.name}"
     if not path.is_dir():
         raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
     return path

@@ -122,7 +122,7 @@ def sample(
     trainer = load_run(run_dir)
     backbone = trainer.ema.module if trainer.ema is not None else trainer.backbone
     guide = trainer.algorithm.guide(guidance) if guidance else None
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=backbone.device).manual_seed(seed)
     samples = trainer.evaluator.draw(backbone, n, gen, guide).numpy()
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -40,26 +40,29 @@ class ToyEvaluator:
     sample_batch: int = 10000
 
     def draw(self, backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None = None) -> torch.Tensor:
+        """n samples x_T on the CPU; `generator` lives on the backbone's device."""
         chunks = []
         for start in range(0, n, self.sample_batch):
             chunks.append(backbone.sample(min(self.sample_batch, n - start), generator, guide=guide).final.cpu())
         return torch.cat(chunks)
 
     def evaluate(
-        self, backbone: GaussianChainPolicy, reward: Reward | None, generator: torch.Generator, guide: Guide | None = None
+        self, backbone: GaussianChainPolicy, reward: Reward | None, seed: int, guide: Guide | None = None
     ) -> dict[str, float]:
+        """Metrics of `backbone` (and `reward`); every random draw derives from `seed`."""
+        cpu_gen, gen = generators(seed, backbone.device)
         sws = []
         for _ in range(self.repeats):
-            fake = self.draw(backbone, self.num_samples, generator, guide)
-            real = self.data.sample(self.num_samples, generator)
-            sws.append(sliced_wasserstein(fake, real, num_projections=self.num_projections, generator=generator))
+            fake = self.draw(backbone, self.num_samples, gen, guide)
+            real = self.data.sample(self.num_samples, cpu_gen)
+            sws.append(sliced_wasserstein(fake, real, num_projections=self.num_projections, generator=cpu_gen))
         sw = torch.tensor(sws, dtype=torch.float64)
         metrics = {
             "sliced_wasserstein": float(sw.mean()),
             "sliced_wasserstein_std": float(sw.std(unbiased=False)) if len(sws) > 1 else 0.0,
         }
         if reward is not None and getattr(reward, "learns", False):
-            metrics["energy_auc"] = self.auc(backbone, reward, generator)
+            metrics["energy_auc"] = self.auc(backbone, reward, cpu_gen)
         return metrics
 
     @torch.no_grad()
@@ -69,16 +72,15 @@ class ToyEvaluator:
         noise = uniform_box(self.num_samples, real[0].numel(), self.auc_half_width, generator).to(device)
         return energy_auc(reward.cost(real).cpu(), reward.cost(noise.view_as(real)).cpu())
 
-    def plot(
-        self, backbone: GaussianChainPolicy, reward: Reward | None, path: Path, generator, title: str = ""
-    ) -> None:
+    def plot(self, backbone: GaussianChainPolicy, reward: Reward | None, path: Path, seed: int, title: str = "") -> None:
         """Samples over the energy heat map (the paper's Figure 2); samples over data when there is no energy."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fake = self.draw(backbone, 2000, generator).numpy()
+        cpu_gen, gen = generators(seed, backbone.device)
+        fake = self.draw(backbone, 2000, gen).numpy()
         w = self.auc_half_width
         fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
         if reward is not None and getattr(reward, "learns", False):
@@ -89,7 +91,7 @@ class ToyEvaluator:
                 energy = reward.cost(pts).cpu().view(200, 200)
             ax.imshow(energy.numpy(), extent=(-w, w, -w, w), origin="lower", cmap="Reds", alpha=0.9)
         else:
-            real = self.data.sample(2000, generator).numpy()
+            real = self.data.sample(2000, cpu_gen).numpy()
             ax.scatter(real[:, 0], real[:, 1], s=2, c="tab:gray", alpha=0.4, label="data")
         ax.scatter(fake[:, 0], fake[:, 1], s=2, c="tab:blue", alpha=0.6, label="samples")
         ax.set_xlim(-w, w)
@@ -99,6 +101,11 @@ class ToyEvaluator:
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
+
+
+def generators(seed: int, device) -> tuple[torch.Generator, torch.Generator]:
+    """A CPU generator (data, projections) and one on `device` (sampling), both seeded from `seed`."""
+    return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed + 1)
 
 
 def round_metrics(metrics: dict[str, float], digits: int = 6) -> dict[str, float]:

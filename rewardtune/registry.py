@@ -1,8 +1,9 @@
 """Plugin registries: names -> factories, for backbones, values, rewards, data and algorithms.
 
-A name resolves, in order, to: a built-in (a lazy "module:attribute" path, so heavy dependencies load only when
-chosen), a factory registered with the `register` decorator, a `"package.module:factory"` string, or an installed
-entry point in the kind's group (`rewardtune.backbones`, `rewardtune.rewards`, ...), loaded on the first miss.
+A name resolves, in order, to: a factory registered with the `register` decorator, a built-in (a lazy
+"module:attribute" path, so heavy dependencies load only when chosen), a `"package.module:factory"` string, or an
+installed entry point in the kind's group (`rewardtune.backbones`, `rewardtune.rewards`, ...), loaded on the first
+miss. Registered names cannot reuse a built-in's; an entry point named like a built-in is shadowed by it.
 
 Factories take their build context as positional-only parameters named from `CONTEXT_NAMES` (for example
 `sample_shape` or `backbone`) and their recipe options as keyword-only parameters, or as one keyword-only `config`

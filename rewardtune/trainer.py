@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,14 +212,14 @@ class Trainer:
     def evaluate(self, plot_name: str | None = None) -> dict[str, float]:
         """Same seed on every rank, so every rank computes the same numbers (no collective needed)."""
         backbone = self.ema.module if self.ema is not None else self.backbone
-        gen = torch.Generator().manual_seed(self.config.seed + 10_000_019)
+        seed = self.config.seed + 10_000_019
         guide = None
         if self.eval_config.guidance_scale:
             guide = self.algorithm.guide(self.eval_config.guidance_scale)
         backbone.eval()
-        metrics = self.evaluator.evaluate(backbone, self.reward, gen, guide)
+        metrics = self.evaluator.evaluate(backbone, self.reward, seed, guide)
         if self.is_main and plot_name and self.eval_config.plot and self.out_dir is not None:
-            self.evaluator.plot(backbone, self.reward, self.out_dir / plot_name, gen, title=f"step {self.step}")
+            self.evaluator.plot(backbone, self.reward, self.out_dir / plot_name, seed, title=f"step {self.step}")
         backbone.train()
         return round_metrics(metrics)
 
@@ -241,6 +242,8 @@ class Trainer:
                 self.load(latest)
                 self.reporter.message(f"resumed from {latest} (step {self.step})")
         if self.initial_metrics is None:
+            if self.out_dir is not None and self.is_main:
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
             self.initial_metrics = self.evaluate(plot_name="samples_step0.png")
             self.reporter.message(f"initial: {format_metrics(self.initial_metrics)}")
             self.save()
@@ -266,7 +269,12 @@ class Trainer:
             self.reporter.stop()
         if self.step > done_at_start or not (self.out_dir and (self.out_dir / "eval.json").exists()):
             self.save()
-        final = self.evaluate(plot_name="samples.png")
+        if self.step == 0:  # nothing trained: the starting evaluation is the final one
+            final = dict(self.initial_metrics)
+            if self.is_main and self.out_dir is not None and (self.out_dir / "samples_step0.png").exists():
+                shutil.copyfile(self.out_dir / "samples_step0.png", self.out_dir / "samples.png")
+        else:
+            final = self.evaluate(plot_name="samples.png")
         self.write_eval(final)
         return {"step": self.step, "metrics": final, "initial_metrics": self.initial_metrics}
 

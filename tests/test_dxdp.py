@@ -259,26 +259,28 @@ def _run_dxdp(policy, value, cfg, n_iter, batch, seed):
 def test_policy_evaluation_converges_to_exact_value(td_mode, value_entropy):
     """With policy improvement switched off (warm-up longer than the run), TD learning (Eq. (10)) must recover the
     exact cost-to-go of the fixed policy, and E V(x_0, 0) must equal the policy's Eq. (8) objective."""
-    policy = LinearPolicy((D,), torch.tensor([0.8, 1.1]), torch.tensor([[0.3, -0.2], [0.5, 0.1]]), SIGMA0, learn_mean=True)
+    # a_t far from 1 so that the velocity cost visibly shapes alpha_t (it contributes tau (a - 1)^2 / (2 s^2))
+    policy = LinearPolicy((D,), torch.tensor([0.5, 1.5]), torch.tensor([[0.3, -0.2], [0.5, 0.1]]), SIGMA0, learn_mean=True)
     frozen = copy.deepcopy(policy)
     net = QuadraticValueNet(D, T + 1)
     cfg = DxDPConfig(
         tau_entropy=TAU, tau_velocity=TAU, avr=False, td_mode=td_mode, value_entropy=value_entropy, value_warmup=10**9
     )
-    n_iter = 1500
-    algo, metrics = _run_dxdp(policy, ValueFunction(net, lr=5e-2), cfg, n_iter, 256, seed=0)
+    algo, metrics = _run_dxdp(policy, ValueFunction(net, lr=5e-2), cfg, 1500, 512, seed=0)
     assert "policy/loss" not in metrics  # still warming up: no sampler step was taken
     for p, q in zip(policy.parameters(), frozen.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)  # untouched during warm-up
     al, be, ga = _exact_value_of(policy, algo.s2)
-    # Adam with the decayed lr leaves O(1e-3) jitter on coefficients of size O(1); 2e-2 absolute is ~20x that,
-    # while a wrong TD target (e.g. a dropped velocity or entropy term, or D log sigma vs log sigma) moves them by > 0.1.
-    torch.testing.assert_close(net.alpha.detach().double(), al, rtol=0, atol=2e-2)
-    torch.testing.assert_close(net.beta.detach().double(), be, rtol=0, atol=2e-2)  # as above
-    torch.testing.assert_close(net.gamma.detach().double(), ga, rtol=0, atol=5e-2)  # gamma accumulates all errors
-    j_from_value = float(net.alpha.detach()[0]) * D + float(net.gamma.detach()[0])  # E_{x0 ~ N(0, I)} V(x0, 0), beta term vanishes
-    # same jitter as gamma; J ~ 1.6 here, so 5e-2 is a 3% check of the whole cost-to-go at t = 0.
-    assert abs(j_from_value - lqg_objective(policy, TARGET, TAU, algo.s2)) < 5e-2
+    # Exact here: alpha = [0.441, 1.375, 0.5], gamma_0 = 2.03. Adam's stationary jitter leaves errors up to ~0.013
+    # (alpha), ~0.022 (beta), ~0.019 (gamma) over 5 seeds; tolerances are 3x that. A wrong TD target is far
+    # outside: dropping the velocity cost moves alpha_1 by 0.25 and alpha_0 by 0.16 (and gamma_0 by ~0.5); using
+    # log sigma instead of D log sigma (per-dimension entropy) moves gamma_0 by 0.46.
+    torch.testing.assert_close(net.alpha.detach().double(), al, rtol=0, atol=4e-2)
+    torch.testing.assert_close(net.beta.detach().double(), be, rtol=0, atol=6e-2)  # as above
+    torch.testing.assert_close(net.gamma.detach().double(), ga, rtol=0, atol=6e-2)  # as above
+    j_from_value = float(net.alpha.detach()[0]) * D + float(net.gamma.detach()[0])  # E_{x0~N(0,I)} V(x0, 0)
+    # alpha_0 and gamma_0 errors add up: observed <= 0.028 over 5 seeds; 8e-2 is still below the 0.16-0.5 shifts above.
+    assert abs(j_from_value - lqg_objective(policy, TARGET, TAU, algo.s2)) < 8e-2
 
 
 def test_value_warmup_and_update_metrics():
@@ -368,17 +370,17 @@ def test_dxdp_reaches_bptt_optimum_of_eq8():
     j_bptt = lqg_objective(bptt_policy, TARGET, TAU, s2)
     # Tolerance 2e-3 on the exact objective: the improvement from initialisation is 2.06; near the optimum J is
     # quadratic and a 5% error in one sigma_t already costs 5e-3 (0.01 for a 0.05 error in a_t or b_t), while a wrong
-    # fixed point (velocity weight off by 2x, entropy weight halved) costs 0.19-0.24. Observed gaps are ~1e-4.
+    # fixed point (velocity weight off by 2x, entropy weight halved) costs 0.19-0.24. Observed gaps are 2e-5 to 5e-5 (6 seeds).
     assert abs(j_dxdp - j_bptt) < 2e-3, (j_dxdp, j_bptt)
     assert j_dxdp - j_star < 2e-3, (j_dxdp, j_star)
     assert j_bptt - j_star < 2e-3, (j_bptt, j_star)
-    # The parameters themselves: the optimum is unique; 0.05 is well above the ~5e-3 jitter and well below the
-    # distance from initialisation (0.3-0.7 in every coordinate).
+    # The parameters themselves: the optimum is unique; 0.05 is well above the observed <= 6e-3 error (6 seeds) and
+    # well below the distance from initialisation (0.09-0.69 per coordinate).
     torch.testing.assert_close(dxdp_policy.a.detach().double(), a_star, rtol=0, atol=5e-2)
     torch.testing.assert_close(dxdp_policy.b.detach().double(), b_star, rtol=0, atol=5e-2)  # as above
     torch.testing.assert_close(dxdp_policy.sigma().detach().double(), sigma_star, rtol=0, atol=5e-2)  # as above
-    # The learned value matches the optimal cost-to-go at t = 0: E V(x0, 0) = J*.
-    assert abs(float(net.alpha.detach()[0]) * D + float(net.gamma.detach()[0]) - j_star) < 5e-2  # value jitter, as in the TD test
+    # The learned value matches the optimal cost-to-go at t = 0: E V(x0, 0) = J*; observed errors <= 4e-4 over 6 seeds.
+    assert abs(float(net.alpha.detach()[0]) * D + float(net.gamma.detach()[0]) - j_star) < 1e-2
 
     # --- Monte Carlo estimates of Eq. (8) with sampled log pi, common random numbers ------------------------------
     n = 200_000

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from rewardtune.backbones.epsilon import EpsilonChainPolicy
+from rewardtune.errors import RecipeError
 from rewardtune.optim import GradStep
 from rewardtune.types import Trajectory
 
@@ -53,7 +54,7 @@ class DDPMPretrain:
         pass
 
     def guide(self, scale: float):
-        raise ValueError("value guidance needs an algorithm with a value function (dxdp)")
+        raise RecipeError("value guidance needs an algorithm with a value function (dxdp), not 'ddpm'")
 
 
 def build_ddpm(backbone: EpsilonChainPolicy, /, *, lr: float = 1e-3, grad_clip: float | None = None) -> DDPMPretrain:

@@ -10,8 +10,9 @@ without back-propagation through time, by alternating
 - adaptive velocity regularisation (AVR): s_t^2 <- alpha s_t^2 + (1 - alpha) E||x_{t+1} - x_t||^2 / D (Sec. 4.2).
 
 Conventions. Every term is a SUM over the D dimensions of a sample (log-probs, the entropy D log sigma_t and
-||.||^2), so tau multiplies per-sample quantities as in Eq. (8); the official image code averages over dimensions,
-which corresponds to tau_sum = tau_mean / D. Costs are minimised: V is a cost-to-go, V(., T) is the terminal cost
+||.||^2), so tau multiplies per-sample quantities as in Eq. (8). The official DxMI code averages the running costs
+over dimensions instead, which is the same as tau_sum = tau_mean / D; `per_dimension = true` applies that conversion
+so recipes can quote the official temperatures (the effective temperatures are `DxDP.tau1`, `DxDP.tau2`). Costs are minimised: V is a cost-to-go, V(., T) is the terminal cost
 -r(x_T) (for DxMI, the energy). Reductions over the batch are means.
 """
 
@@ -35,6 +36,7 @@ class DxDPConfig:
 
     tau_entropy: float = 0.1  # tau1: weight of the entropy running cost tau1 log pi(x_{t+1}|x_t)
     tau_velocity: float = 0.1  # tau2: weight of the velocity running cost tau2 ||x_{t+1}-x_t||^2 / (2 s_t^2)
+    per_dimension: bool = False  # temperatures are per dimension (official code's convention): divide them by D
     entropy_in_value: bool = True  # Eq. (10): the entropy cost enters the TD target (false: Algorithm 2)
     velocity_in_value: bool = True  # Eq. (10): the velocity cost enters the TD target (false: Algorithm 2)
     value_entropy: Literal["sample", "closed_form"] = "sample"  # TD target uses log pi of the sampled transition,
@@ -84,13 +86,20 @@ def td_target(
     velocity: torch.Tensor,
     time_cost_t: torch.Tensor,
     config: DxDPConfig,
+    tau1: float | None = None,
+    tau2: float | None = None,
 ) -> torch.Tensor:
-    """Eq. (10)/(12): sg[V(x_{t+1}, t+1)] + tau1 log pi(x_{t+1}|x_t) + tau2 vel + R(t) (switched terms dropped)."""
+    """Eq. (10)/(12): sg[V(x_{t+1}, t+1)] + tau1 log pi(x_{t+1}|x_t) + tau2 vel + R(t) (switched terms dropped).
+
+    tau1/tau2 default to the config's temperatures (pass the effective ones when `per_dimension` is set).
+    """
+    tau1 = config.tau_entropy if tau1 is None else tau1
+    tau2 = config.tau_velocity if tau2 is None else tau2
     target = v_next.detach() + time_cost_t.to(v_next.dtype)
     if config.entropy_in_value:
-        target = target + config.tau_entropy * log_prob
+        target = target + tau1 * log_prob
     if config.velocity_in_value:
-        target = target + config.tau_velocity * velocity
+        target = target + tau2 * velocity
     return target.detach()
 
 
@@ -116,11 +125,13 @@ class DxDP:
         if config.terminal == "reward" and not reward.differentiable:
             raise ValueError("algorithm.terminal = 'reward' needs a differentiable reward; use terminal = 'value'")
         self.backbone, self.reward, self.value, self.config = backbone, reward, value, config
+        scale = 1.0 / backbone.event_dim if config.per_dimension else 1.0
+        self.tau1, self.tau2 = config.tau_entropy * scale, config.tau_velocity * scale  # effective temperatures
         self.sampler_optimizer = GradStep(
             [(backbone.network_parameters(), config.sampler_lr), (backbone.sigma_parameters(), config.sigma_lr)],
             grad_clip=config.sampler_grad_clip,
         )
-        self.s2 = backbone.sigma().detach().pow(2).clone()  # AVR: s_t <- sigma_t (Algorithm 1, line 2)
+        self.s2 = backbone.sigma().detach().pow(2).clone()  # [T], AVR: s_t <- sigma_t (Algorithm 1, line 2)
         self.iteration = 0
         # With a shared network V(., T) *is* the energy, so the terminal value needs no regression of its own.
         self.terminal_shared = bool(getattr(reward, "shares_value", lambda v: False)(value))
@@ -156,7 +167,8 @@ class DxDP:
             v_next = self.value(x_next, tt + 1)
             log_prob = self._transition_log_prob(trajectory, steps, tt)
             velocity = velocity_cost(x, x_next, self.s2[tt])
-            target = td_target(v_next, log_prob, velocity, time_cost(self.config.time_cost, tt, T, self.config), self.config)
+            cost_t = time_cost(self.config.time_cost, tt, T, self.config)
+            target = td_target(v_next, log_prob, velocity, cost_t, self.config, self.tau1, self.tau2)
         loss = (self.value(x, tt) - target).pow(2).mean()
         self.value.optimizer.step(loss)
         return loss.item()
@@ -181,7 +193,7 @@ class DxDP:
             next_value = torch.where(last, self.reward.cost(x_next), next_value)
         entropy = self.backbone.event_dim * self.backbone.sigma()[t].log()
         velocity = velocity_cost(x, x_next, self.s2[t])
-        return (next_value - cfg.tau_entropy * entropy + cfg.tau_velocity * velocity).mean()
+        return (next_value - self.tau1 * entropy + self.tau2 * velocity).mean()
 
     def improve_policy(self, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
         T, B = trajectory.num_steps, trajectory.batch_size
@@ -197,6 +209,7 @@ class DxDP:
 
     # ---- one iteration -------------------------------------------------------------------------------------------
     def update(self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
+        self.s2 = self.s2.to(trajectory.states.device)
         metrics = self.evaluate_policy(trajectory)
         if self.iteration >= self.config.value_warmup:
             metrics.update(self.improve_policy(trajectory, generator))

@@ -16,7 +16,11 @@ import torch
 from torch import nn
 
 from rewardtune.backbones.base import GaussianChainPolicy
-from rewardtune.backbones.schedules import ddpm_alphas_cumprod, strided_ddpm_schedule
+from typing import Literal
+
+from rewardtune.backbones.schedules import ddpm_alphas_cumprod, fastdpm_ddpm_schedule, strided_ddpm_schedule
+
+SCHEDULES = {"strided": strided_ddpm_schedule, "fastdpm": fastdpm_ddpm_schedule}
 
 
 class EpsilonChainPolicy(GaussianChainPolicy):
@@ -26,6 +30,8 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         eps_net: module mapping (x [B, *shape], k [B] float) to a tensor of x's shape (or [B, D]).
         sample_shape: event shape.
         num_steps: T, the number of sampler steps.
+        schedule: "strided" (T evenly spaced DDPM steps from pure noise) or "fastdpm" (FastDPM's quadratic VAR
+            schedule with fractional timesteps, as in DxMI's CIFAR-10 runs; starts below pure noise for small T).
         num_train_steps: K, the DDPM training horizon.
         beta_start, beta_end: linear DDPM betas.
         **policy_kwargs: passed to `GaussianChainPolicy` (learn_sigma, fix_last_sigma, sigma_floor, prior).
@@ -37,13 +43,16 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         sample_shape: tuple[int, ...],
         *,
         num_steps: int,
+        schedule: Literal["strided", "fastdpm"] = "strided",
         num_train_steps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         **policy_kwargs,
     ) -> None:
         alphas_cumprod = ddpm_alphas_cumprod(num_train_steps, beta_start, beta_end)
-        timesteps, coef = strided_ddpm_schedule(num_steps, alphas_cumprod)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}: expected one of {sorted(SCHEDULES)}")
+        timesteps, coef = SCHEDULES[schedule](num_steps, alphas_cumprod)
         super().__init__(sample_shape, coef.sigma, **policy_kwargs)
         self.eps_net = eps_net
         self.register_buffer("alphas_cumprod", alphas_cumprod.float())  # [K], for DDPM training

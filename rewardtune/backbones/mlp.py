@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from rewardtune.backbones.epsilon import EpsilonChainPolicy
 from rewardtune.nets.mlp import TimeMLP
 
@@ -11,6 +13,7 @@ def build_mlp_backbone(
     /,
     *,
     num_steps: int = 5,
+    schedule: Literal["strided", "fastdpm"] = "strided",
     hidden: int = 128,
     depth: int = 3,
     time_dim: int = 128,
@@ -21,7 +24,10 @@ def build_mlp_backbone(
     fix_last_sigma: bool = False,
     sigma_floor: float = 1e-3,
 ) -> EpsilonChainPolicy:
-    """A T-step policy around TimeMLP(x, k) with a 128-d sinusoidal embedding of the DDPM timestep k."""
+    """A T-step policy around TimeMLP(x, k) with a 128-d sinusoidal embedding of the DDPM timestep k.
+
+    `schedule` picks the T-step sub-schedule of the K-step DDPM ("strided" from pure noise, or "fastdpm").
+    """
     dim = 1
     for s in sample_shape:
         dim *= s
@@ -30,6 +36,7 @@ def build_mlp_backbone(
         net,
         sample_shape,
         num_steps=num_steps,
+        schedule=schedule,
         num_train_steps=num_train_steps,
         beta_start=beta_start,
         beta_end=beta_end,

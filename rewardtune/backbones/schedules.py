@@ -67,3 +67,53 @@ def strided_ddpm_schedule(
     ab_from = alphas_cumprod[timesteps]
     ab_to = torch.cat([alphas_cumprod[timesteps[1:]], torch.ones(1, dtype=torch.float64)])
     return timesteps.to(torch.float64), ddim_transition(ab_from, ab_to)
+
+
+def fastdpm_variance_schedule(num_steps: int, beta_0: float = 1e-4, target: float | None = None) -> torch.Tensor:
+    """FastDPM's quadratic "VAR" schedule (Kong & Ping 2021), as DxMI's CIFAR-10 DDPM runs use it: float64 [T].
+
+    eta_i = beta_0 (1 + i x)^2, i = 0..T-1, with x found by bisection on (0, 0.95 / (sqrt(beta_0) T)) so that
+    prod(1 - eta_i) reaches `target` (the K-step alpha_bar). For small T the bisection saturates at the upper
+    bound (T = 10: x = 9.5; T = 5: x = 19; T = 4: x = 23.75) and prod(1 - eta) stays far above the target: the
+    sampler then starts from N(0, I) as if at a DDPM step of a few hundred (T = 5: ~384).
+    """
+    if target is None:
+        target = float(ddpm_alphas_cumprod()[-1])
+    i = torch.arange(num_steps, dtype=torch.float64)
+
+    def product(x: float) -> float:
+        return float(torch.prod(1 - beta_0 * (1 + i * x) ** 2))
+
+    low, high = 0.0, 0.95 / (beta_0**0.5) / num_steps
+    for _ in range(200):  # bisection: product() decreases in x
+        mid = (low + high) / 2
+        if product(mid) > target:
+            low = mid
+        else:
+            high = mid
+        if high - low < 1e-12:
+            break
+    return beta_0 * (1 + i * high) ** 2
+
+
+def continuous_timestep(alpha_bar: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The fractional DDPM step k with alpha_bar(k) = alpha_bar, interpolating log alpha_bar linearly between steps."""
+    log_ab = alphas_cumprod.to(torch.float64).log()  # decreasing in k
+    target = alpha_bar.to(torch.float64).log()
+    k = torch.searchsorted(-log_ab, -target).clamp(1, log_ab.shape[0] - 1)  # log_ab[k-1] >= target > log_ab[k]
+    lo, hi = log_ab[k - 1], log_ab[k]
+    frac = (lo - target) / (lo - hi)
+    return (k - 1).to(torch.float64) + frac.clamp(0, 1)
+
+
+def fastdpm_ddpm_schedule(num_steps: int, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, StepCoefficients]:
+    """Timesteps [T] (fractional DDPM steps) and DDIM(eta = 1) coefficients of the FastDPM VAR sampler.
+
+    Sampler step t goes from level gamma_bar_{T-1-t} to gamma_bar_{T-2-t} (1 at the last step), where gamma_bar is
+    the cumulative product of (1 - eta) of `fastdpm_variance_schedule`.
+    """
+    eta = fastdpm_variance_schedule(num_steps, target=float(alphas_cumprod[-1]))
+    gamma_bar = torch.cumprod(1 - eta, dim=0)  # [T], data order: gamma_bar[0] is the least noisy
+    ab_from = gamma_bar.flip(0)  # sampler order
+    ab_to = torch.cat([gamma_bar[:-1].flip(0), torch.ones(1, dtype=torch.float64)])
+    return continuous_timestep(ab_from, alphas_cumprod), ddim_transition(ab_from, ab_to)

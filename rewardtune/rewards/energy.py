@@ -86,22 +86,27 @@ def build_energy_reward(
     *,
     share_with_value: bool = True,
     gamma: float = 1.0,
-    lr: float = 1e-3,
-    hidden: int = 128,
-    depth: int = 3,
+    lr: float | None = None,
+    hidden: int | None = None,
+    depth: int | None = None,
     grad_clip: float | None = None,
 ) -> EnergyReward:
     """The DxMI energy.
 
-    Shared (the paper's choice): E(x) = V(x, T), trained by the value's optimiser (so `lr`, `hidden`, `depth` and
-    `grad_clip` must stay at their defaults; the value section sets them). Otherwise a separate MLP E(x).
+    Shared (the paper's choice): E(x) = V(x, T), trained by the value's optimiser; the network and its learning
+    rate are the [value] section's, so `lr`, `hidden`, `depth` and `grad_clip` are refused here. Otherwise a
+    separate MLP E(x) (defaults: lr 1e-3, hidden 128, depth 3).
     """
     if share_with_value:
         if value is None:
-            raise ValueError("reward.share_with_value = true needs a [value] section")
+            raise ValueError("share_with_value = true needs a [value] section")
+        own = [k for k, v in {"lr": lr, "hidden": hidden, "depth": depth, "grad_clip": grad_clip}.items() if v is not None]
+        if own:
+            raise ValueError(f"{own[0]} belongs to the [value] section when share_with_value = true")
         return EnergyReward(ValueAtTime(value, num_steps), value.optimizer, gamma=gamma)
     dim = 1
     for s in sample_shape:
         dim *= s
-    energy = TimeMLP(dim, 1, hidden=hidden, depth=depth, time_dim=0)
-    return EnergyReward(energy, GradStep([(energy.parameters(), lr)], grad_clip=grad_clip), gamma=gamma)
+    energy = TimeMLP(dim, 1, hidden=hidden or 128, depth=depth or 3, time_dim=0)
+    optimizer = GradStep([(energy.parameters(), 1e-3 if lr is None else lr)], grad_clip=grad_clip)
+    return EnergyReward(energy, optimizer, gamma=gamma)
