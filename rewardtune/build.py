@@ -63,9 +63,18 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
 
 
 def make_evaluator(data, recipe: Recipe):
+    """Images (C, H, W) get the FID/precision/recall evaluator; vectors the sliced-Wasserstein one."""
+    cfg = recipe.eval
+    if len(data.sample_shape) == 3:
+        from rewardtune.image_evaluation import ImageEvaluator
+
+        return ImageEvaluator(
+            data, num_samples=cfg.num_samples, feature_extractor=cfg.feature_extractor,
+            reference_samples=cfg.reference_samples,
+        )
     from rewardtune.evaluation import ToyEvaluator
 
-    return ToyEvaluator(data, num_samples=recipe.eval.num_samples, repeats=recipe.eval.repeats)
+    return ToyEvaluator(data, num_samples=cfg.num_samples, repeats=cfg.repeats)
 
 
 def resolve_init(init_from: str, recipe: Recipe, out_dir: Path | None, run_recipe: Callable | None) -> Path:

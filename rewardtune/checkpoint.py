@@ -88,7 +88,7 @@ def commit_checkpoint(
 def prune(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (never the one `latest` names)."""
     latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())  # never includes best/
     for old in done[:-keep] if keep > 0 else []:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
@@ -133,3 +133,20 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def copy_as_best(root: Path, step: int, info: dict) -> Path:
+    """Copy checkpoint `step` to root/best (atomically replacing the previous best) with best.json beside it."""
+    source = root / checkpoint_name(step)
+    tmp = root / ".tmp_best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+    best = root / "best"
+    old = root / ".old_best"
+    if best.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(best, old)
+    os.replace(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+    return best

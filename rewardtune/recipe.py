@@ -197,6 +197,9 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+    elif annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
     elif origin in (tuple, list):
         if isinstance(value, list):
             inner = args[0] if args else Any

@@ -107,14 +107,31 @@ def context_parameters(factory: Callable) -> list[str]:
     return names
 
 
-BACKBONES = Registry("backbone", "rewardtune.backbones", {"mlp": "rewardtune.backbones.mlp:build_mlp_backbone"})
-VALUES = Registry("value", "rewardtune.values", {"time_mlp": "rewardtune.nets.value:build_time_mlp_value"})
+BACKBONES = Registry(
+    "backbone",
+    "rewardtune.backbones",
+    {"mlp": "rewardtune.backbones.mlp:build_mlp_backbone", "ddpm": "rewardtune.backbones.ddpm:build_ddpm_backbone"},
+)
+VALUES = Registry(
+    "value",
+    "rewardtune.values",
+    {"time_mlp": "rewardtune.nets.value:build_time_mlp_value", "resnet": "rewardtune.nets.resnet:build_resnet_value"},
+)
 REWARDS = Registry("reward", "rewardtune.rewards", {"energy": "rewardtune.rewards.energy:build_energy_reward"})
 ALGORITHMS = Registry(
     "algorithm",
     "rewardtune.algorithms",
     {"dxdp": "rewardtune.algorithms.dxdp:build_dxdp", "ddpm": "rewardtune.algorithms.ddpm:build_ddpm"},
 )
-DATA = Registry("data", "rewardtune.data", {"8gaussians": "rewardtune.data.toy:build_eight_gaussians"})
+DATA = Registry(
+    "data",
+    "rewardtune.data",
+    {
+        "8gaussians": "rewardtune.data.toy:build_eight_gaussians",
+        "digits": "rewardtune.data.images:build_digits",
+        "cifar10": "rewardtune.data.images:build_cifar10",
+        "image_folder": "rewardtune.data.images:build_image_folder",
+    },
+)
 
 REGISTRIES = {"backbone": BACKBONES, "value": VALUES, "reward": REWARDS, "algorithm": ALGORITHMS, "data": DATA}

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rewardtune import checkpoint as ckpt
-from rewardtune.errors import NonFiniteError
+from rewardtune.errors import NonFiniteError, RecipeError
 from rewardtune.evaluation import round_metrics
 
 
@@ -48,6 +48,10 @@ class EvalConfig:
     repeats: int = 5  # independent samplings averaged per evaluation
     guidance_scale: float = 0.0  # value guidance lambda at evaluation (needs a value function)
     plot: bool = True  # write a picture of the samples at every evaluation
+    feature_extractor: str = "inception"  # images: FID features ('inception', 'digits', "package.module:factory")
+    reference_samples: int = 0  # images: data images for the reference statistics (0: all)
+    keep_best: str = ""  # a metric name: keep the checkpoint with its best periodic value in checkpoints/best
+    best_mode: Literal["min", "max"] = "min"  # whether lower or higher `keep_best` is better
 
 
 class Reporter(Protocol):
@@ -146,6 +150,7 @@ class Trainer:
         self.ema = EMA(backbone, config.ema_decay) if config.ema_decay > 0 else None
         self.step = 0
         self.initial_metrics: dict[str, float] | None = None
+        self.best: dict | None = None  # {"step", "metric", "value"} of the checkpoint kept in checkpoints/best
         # Per-rank streams: data draws on the CPU, rollouts and noise on the accelerator's device.
         self.data_gen = torch.Generator().manual_seed(config.seed * 1000 + self.rank + 1)
         self.train_gen = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.rank + 500)
@@ -189,6 +194,7 @@ class Trainer:
                 "algorithm": self.algorithm.state_dict(),
                 "ema_updates": self.ema.updates if self.ema is not None else 0,
                 "initial_metrics": json.dumps(self.initial_metrics),
+                "best": json.dumps(self.best),
                 "world_size": self.accelerator.num_processes,
             }
             ckpt.commit_checkpoint(root, self.step, self.modules(), state, keep=self.config.keep_checkpoints)
@@ -204,6 +210,7 @@ class Trainer:
             self.ema.updates = int(state["ema_updates"])
         self.step = int(state["step"])
         self.initial_metrics = json.loads(state["initial_metrics"])
+        self.best = json.loads(state.get("best", "null"))
         if rng is not None and int(state.get("world_size", 1)) == self.accelerator.num_processes:
             self.data_gen.set_state(rng["data"])
             self.train_gen.set_state(rng["train"])
@@ -246,6 +253,9 @@ class Trainer:
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
             self.initial_metrics = self.evaluate(plot_name="samples_step0.png")
             self.reporter.message(f"initial: {format_metrics(self.initial_metrics)}")
+            name = self.eval_config.keep_best
+            if name and name not in self.initial_metrics:
+                raise RecipeError(f"eval.keep_best = {name!r} is not a metric of this run ({', '.join(self.initial_metrics)})")
             self.save()
         self.reporter.start(cfg.steps, self.step, "training")
         log_file = self.out_dir / "metrics.jsonl" if self.out_dir is not None and self.is_main else None
@@ -263,6 +273,7 @@ class Trainer:
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     result = self.evaluate(plot_name=f"samples_step{self.step}.png")
                     self.log_eval(result, log_file, time.perf_counter() - started)
+                    self.keep_if_best(result)
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
         finally:
@@ -277,6 +288,21 @@ class Trainer:
             final = self.evaluate(plot_name="samples.png")
         self.write_eval(final)
         return {"step": self.step, "metrics": final, "initial_metrics": self.initial_metrics}
+
+    def keep_if_best(self, result: dict[str, float]) -> None:
+        """Keep a copy of this step's checkpoint in checkpoints/best when `eval.keep_best` improved."""
+        name = self.eval_config.keep_best
+        if not name or self.checkpoint_root is None:
+            return
+        value = result[name]
+        better = self.best is None or (value < self.best["value"] if self.eval_config.best_mode == "min" else value > self.best["value"])
+        if not better:
+            return
+        self.best = {"step": self.step, "metric": name, "value": value}
+        self.save()
+        if self.is_main:
+            ckpt.copy_as_best(self.checkpoint_root, self.step, self.best)
+        self.accelerator.wait_for_everyone()
 
     def log_eval(self, result: dict[str, float], log_file: Path | None, elapsed: float) -> None:
         self.reporter.message(f"step {self.step}: {format_metrics(result)}")

@@ -1,0 +1,90 @@
+"""Backbone `ddpm`: a diffusers `UNet2DModel` eps-prediction network run as a T-step Gaussian policy.
+
+The UNet is loaded with `UNet2DModel.from_pretrained` (a hub id such as the default google/ddpm-cifar10-32, or a
+local folder written by `save_pretrained`), or built at random from a `unet` config table (for pretraining a small
+UNet, e.g. on the 8x8 digits). The policy runs it on a few-step sub-schedule of the 1000-step DDPM (FastDPM's VAR
+schedule, as DxMI's CIFAR-10 runs, or a plain strided one); see `EpsilonChainPolicy`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rewardtune.backbones.epsilon import EpsilonChainPolicy
+from rewardtune.errors import PluginError
+
+
+class UNetEps(nn.Module):
+    """eps(x, k) = unet(x, k).sample for a diffusers UNet2DModel (k: DDPM timesteps [B], possibly fractional)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, k).sample
+
+
+def load_unet(pretrained: str, subfolder: str | None = None) -> nn.Module:
+    """`UNet2DModel.from_pretrained` with a one-line error when the weights cannot be had (offline, bad path)."""
+    from diffusers import UNet2DModel
+
+    try:
+        return UNet2DModel.from_pretrained(pretrained, subfolder=subfolder)
+    except (OSError, ValueError, EnvironmentError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PluginError(
+            f"cannot load UNet2DModel {pretrained!r} ({first[:160]}); offline, point backbone.pretrained at a local "
+            "folder written by save_pretrained"
+        ) from None
+
+
+def build_ddpm_backbone(
+    sample_shape: tuple[int, ...],
+    /,
+    *,
+    pretrained: str = "google/ddpm-cifar10-32",
+    subfolder: str = "",
+    unet: dict | None = None,
+    num_steps: int = 10,
+    schedule: Literal["strided", "fastdpm"] = "fastdpm",
+    num_train_steps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    learn_sigma: bool = True,
+    fix_last_sigma: bool = True,
+    sigma_floor: float = 1e-3,
+) -> EpsilonChainPolicy:
+    """A pretrained (or, with `unet` and pretrained = "", randomly initialised) DDPM UNet as a T-step policy.
+
+    `unet` is a UNet2DModel config (its constructor arguments) for a random network; it excludes `pretrained`.
+    """
+    if unet is not None and pretrained:
+        raise ValueError("set either pretrained (load weights) or unet (random init, with pretrained = \"\"), not both")
+    if unet is None and not pretrained:
+        raise ValueError("pretrained = \"\" needs a unet config table for a randomly initialised network")
+    if unet is not None:
+        from diffusers import UNet2DModel
+
+        model = UNet2DModel(**unet)
+    else:
+        model = load_unet(pretrained, subfolder or None)
+    channels, size = model.config.in_channels, model.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    if tuple(sample_shape) != (channels, size, size):
+        raise ValueError(f"the UNet makes {channels}x{size}x{size} images but the data are {'x'.join(map(str, sample_shape))}")
+    return EpsilonChainPolicy(
+        UNetEps(model),
+        tuple(sample_shape),
+        num_steps=num_steps,
+        schedule=schedule,
+        num_train_steps=num_train_steps,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        learn_sigma=learn_sigma,
+        fix_last_sigma=fix_last_sigma,
+        sigma_floor=sigma_floor,
+    )

@@ -1,0 +1,89 @@
+"""Fréchet distance between feature distributions (FID when the features are Inception's), via clean-fid.
+
+`frechet_distance(real_features, fake_features)` fits Gaussians to two feature sets and calls clean-fid's
+`frechet_distance`. Feature extractors map images in [-1, 1], [B, C, H, W], to features [B, F]:
+- `InceptionFeatures`: clean-fid's Inception-v3 with its "clean" resize to 299x299 (the standard FID; its weights
+  are downloaded by clean-fid on first use, so offline it fails with a one-line error);
+- `digits_features`: the 64-d penultimate layer of the digits classifier (offline, for sklearn digits);
+- any module or `"package.module:factory"` returning such a module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from rewardtune.errors import PluginError
+
+
+def gaussian_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    x = features.double().cpu().numpy()
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between Gaussian fits of two feature sets."""
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+    mu1, sigma1 = gaussian_statistics(real)
+    mu2, sigma2 = gaussian_statistics(fake)
+    return float(cleanfid_frechet(mu1, sigma1, mu2, sigma2))
+
+
+class InceptionFeatures(nn.Module):
+    """clean-fid's Inception-v3 pool features (2048-d) of images in [-1, 1], with clean-fid's "clean" resize."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        from cleanfid.features import build_feature_extractor
+        from cleanfid.resize import build_resizer
+
+        try:
+            self.model = build_feature_extractor("clean", device=torch.device(device), use_dataparallel=False)
+        except Exception as err:
+            raise PluginError(
+                f"cannot build clean-fid's Inception ({type(err).__name__}: {str(err)[:120]}); offline, set "
+                "eval.feature_extractor to a local module (\"package.module:factory\") or 'digits'"
+            ) from None
+        self.resize = build_resizer("clean")
+        self.device_ = torch.device(device)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        uint8 = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        resized = np.stack([self.resize(img) for img in uint8])  # [B, 299, 299, 3] float 0..255
+        batch = torch.from_numpy(resized).permute(0, 3, 1, 2).to(self.device_)
+        return torch.as_tensor(self.model(batch)).float().cpu()
+
+
+class DigitsFeatures(nn.Module):
+    """Penultimate (64-d) features of the cached digits classifier (`nets.digits`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from rewardtune.nets.digits import load_digits_classifier
+
+        self.classifier = load_digits_classifier()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images.float().cpu())
+
+
+def build_feature_extractor(name: str, device: torch.device | str = "cpu") -> nn.Module:
+    """'inception', 'digits', or "package.module:factory" (a callable returning a module)."""
+    if name == "inception":
+        return InceptionFeatures(device)
+    if name == "digits":
+        return DigitsFeatures()
+    if ":" in name:
+        from rewardtune.registry import import_object
+
+        factory = import_object(name, f"feature extractor {name!r}")
+        module = factory()
+        if not callable(module):
+            raise PluginError(f"feature extractor {name!r} returned {type(module).__name__}, not a module")
+        return module
+    raise PluginError(f"unknown feature extractor {name!r}: use 'inception', 'digits' or \"package.module:factory\"")
