@@ -110,7 +110,8 @@ def context_parameters(factory: Callable) -> list[str]:
 BACKBONES = Registry(
     "backbone",
     "rewardtune.backbones",
-    {"mlp": "rewardtune.backbones.mlp:build_mlp_backbone", "ddpm": "rewardtune.backbones.ddpm:build_ddpm_backbone"},
+    {"mlp": "rewardtune.backbones.mlp:build_mlp_backbone", "ddpm": "rewardtune.backbones.ddpm:build_ddpm_backbone",
+     "edm": "rewardtune.backbones.edm:build_edm_backbone"},
 )
 VALUES = Registry(
     "value",

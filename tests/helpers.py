@@ -136,3 +136,21 @@ def lqg_optimum(
             ga - float(be.pow(2).sum()) / (2 * tau * P) - tau * dim / 2 * math.log(2 * math.pi / P),
         )
     return al * dim + ga, a, b, sigma
+
+
+class TinyFeatures(torch.nn.Module):
+    """A fixed random conv feature extractor for offline FID in tests (images in [-1, 1] -> [B, 16])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = torch.randn(16, 3, 3, 3, generator=gen)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        return torch.nn.functional.conv2d(x, self.weight, padding=1).relu().mean(dim=(2, 3))
+
+
+def tiny_features() -> TinyFeatures:
+    return TinyFeatures()

@@ -117,3 +117,27 @@ def fastdpm_ddpm_schedule(num_steps: int, alphas_cumprod: torch.Tensor) -> tuple
     ab_from = gamma_bar.flip(0)  # sampler order
     ab_to = torch.cat([gamma_bar[:-1].flip(0), torch.ones(1, dtype=torch.float64)])
     return continuous_timestep(ab_from, alphas_cumprod), ddim_transition(ab_from, ab_to)
+
+
+def karras_sigmas(
+    num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, stochastic_last: bool = False
+) -> torch.Tensor:
+    """The EDM noise levels of a T-step sampler (Karras et al. 2022, Eq. 5), float64 [T+1], ending at 0 or sigma_min.
+
+    sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..n-1. Without
+    `stochastic_last`, n = T and a final 0 is appended (the last step is deterministic); with it, n = T + 1 and the
+    grid ends at sigma_min (as DxMI's T = 4 ImageNet sampler).
+    """
+    n = num_steps + 1 if stochastic_last else num_steps
+    i = torch.arange(n, dtype=torch.float64)
+    inv = 1.0 / rho
+    sigmas = (sigma_max**inv + i / max(n - 1, 1) * (sigma_min**inv - sigma_max**inv)) ** rho
+    return sigmas if stochastic_last else torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def ancestral_split(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_up, sigma_down) [T] of ancestral steps sigma_i -> sigma_{i+1} (sigma_down^2 + sigma_up^2 = sigma_{i+1}^2)."""
+    s_from, s_to = sigmas[:-1], sigmas[1:]
+    sigma_up = torch.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
+    sigma_down = torch.sqrt(s_to**2 - sigma_up**2)
+    return sigma_up, sigma_down
