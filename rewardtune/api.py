@@ -104,8 +104,8 @@ def finished(run_dir: Path, recipe: Recipe) -> bool:
     return saved == tomllib.loads(recipe_to_toml(recipe)) and result.get("step") == recipe.train.steps
 
 
-def load_run(run_dir: str | Path, *, accelerator=None, reporter=None) -> Trainer:
-    """A Trainer holding a finished or interrupted run's latest checkpoint (for eval and sample)."""
+def load_run(run_dir: str | Path, *, accelerator=None, reporter=None, best: bool = False) -> Trainer:
+    """A Trainer holding a run's latest checkpoint, or its best one (`best`), for eval and sample."""
     run_dir = Path(run_dir)
     recipe_file = run_dir / RECIPE_FILE
     if not recipe_file.is_file():
@@ -117,6 +117,10 @@ def load_run(run_dir: str | Path, *, accelerator=None, reporter=None) -> Trainer
     raw.get("backbone", {}).pop("init_from", None)  # the checkpoint supersedes the starting weights
     recipe = parse_recipe(raw, recipe_file)
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if best:
+        latest = run_dir / "checkpoints" / "best"
+        if not latest.is_dir():
+            raise CheckpointError(f"{run_dir} has no best checkpoint (set eval.keep_best to keep one)")
     if latest is None:
         raise CheckpointError(f"{run_dir} has no checkpoint yet")
     trainer = make_trainer(build_experiment(recipe), run_dir, reporter, accelerator or make_accelerator())

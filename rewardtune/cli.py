@@ -92,11 +92,20 @@ def run(
 
 
 @app.command("eval")
-def eval_(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    best: Annotated[bool, typer.Option("--best", help="Evaluate checkpoints/best (written to eval_best.json).")] = False,
+) -> None:
     """Evaluate a run's latest checkpoint and rewrite its eval.json."""
+    from rewardtune import checkpoint as ckpt
     from rewardtune.api import load_run
 
-    trainer = load_run(run_dir)
+    trainer = load_run(run_dir, best=best)
+    if best:
+        metrics = trainer.evaluate(plot_name="samples_best.png")
+        ckpt.write_json_atomic(run_dir / "eval_best.json", {"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics})
+        print_result({"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics}, run_dir)
+        return
     metrics = trainer.evaluate(plot_name="samples.png")
     trainer.write_eval(metrics)
     print_result({"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics}, run_dir)
@@ -106,30 +115,28 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> 
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     n: Annotated[int, typer.Option("-n", help="Number of samples.", min=1)] = 1000,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.npz or .npy).")] = Path("samples.npz"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="A .npz/.npy file, a .png grid (images), or a folder for one PNG per image.")] = Path("samples.npz"),
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     guidance: Annotated[float, typer.Option("--guidance", help="Value guidance scale lambda (0: none).")] = 0.0,
+    best: Annotated[bool, typer.Option("--best", help="Use checkpoints/best instead of the latest checkpoint.")] = False,
 ) -> None:
-    """Draw samples from a run's latest checkpoint."""
-    import numpy as np
+    """Draw samples from a run's latest (or best) checkpoint."""
     import torch
 
     from rewardtune.api import load_run
     from rewardtune.errors import RewardtuneError
+    from rewardtune.sampling import write_samples
 
-    if output.suffix not in (".npz", ".npy"):
-        raise RewardtuneError(f"output {output} must end in .npz or .npy")
-    trainer = load_run(run_dir)
+    trainer = load_run(run_dir, best=best)
     backbone = trainer.ema.module if trainer.ema is not None else trainer.backbone
     guide = trainer.algorithm.guide(guidance) if guidance else None
     gen = torch.Generator(device=backbone.device).manual_seed(seed)
-    samples = trainer.evaluator.draw(backbone, n, gen, guide).numpy()
+    samples = trainer.evaluator.draw(backbone, n, gen, guide)
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(output, samples=samples) if output.suffix == ".npz" else np.save(output, samples)
+        written = write_samples(samples, output)
     except OSError as err:
         raise RewardtuneError(f"cannot write {output}: {err.strerror or err}") from None
-    err_console.print(f"wrote {n} samples of shape {tuple(samples.shape[1:])} to {output}")
+    err_console.print(f"wrote {n} samples of shape {tuple(samples.shape[1:])} to {written}")
 
 
 @app.command()

@@ -73,5 +73,8 @@ class ImageEvaluator:
 
         _, gen = generators(seed, backbone.device)
         images = self.draw(backbone, self.grid_size, gen)
+        scale = max(1, 32 // images.shape[-1])  # small images (8x8 digits) are enlarged so people can see them
+        if scale > 1:
+            images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
         nrow = int(self.grid_size**0.5)
-        save_image((images + 1) / 2, str(path), nrow=nrow, padding=1, pad_value=1.0)
+        save_image((images + 1) / 2, str(path), nrow=nrow, padding=2, pad_value=1.0)

@@ -49,6 +49,14 @@ def test_cifar10_recipe_runs_with_a_tiny_unet(recipe, tiny_cifar, tmp_path, caps
     assert (out / "samples.png").is_file() and (out / "samples_step2.png").is_file()
     best = json.loads((out / "checkpoints" / "best" / "best.json").read_text())
     assert best["metric"] == "frechet_distance" and best["step"] == 2
+    if recipe == "dxmi_cifar10.toml":  # sampling to a grid, a folder of PNGs and an array
+        for target in ("grid.png", "pngs", "arr.npz"):
+            code, _, err = cli(capsys, "sample", str(out), "-n", "6", "-o", str(tmp_path / target), "--best")
+            assert code == 0, err
+        assert len(list((tmp_path / "pngs").glob("*.png"))) == 6
+        import numpy as np
+
+        assert np.load(tmp_path / "arr.npz")["samples"].shape == (6, 3, 32, 32)
 
 
 def test_cifar10_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
