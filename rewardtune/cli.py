@@ -5,7 +5,6 @@ Every user error is a `RewardtuneError`: one line on stderr and exit code 2 (`--
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,26 +28,28 @@ def main_options(
 class RichReporter:
     """A rich progress bar with live metrics (main process only)."""
 
-    SHOWN = ("energy/real", "energy/fake", "value/td_loss", "policy/loss", "ddpm/loss")
+    SHOWN = {"energy/real": "E(data)", "energy/fake": "E(samples)", "value/td_loss": "td", "policy/loss": "policy",
+             "ddpm/loss": "loss"}
 
     def __init__(self, enabled: bool = True) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=err_console, transient=False,
-        )
+        self.progress = None
         self.task = None
 
     def start(self, total: int, done: int, description: str) -> None:
-        if self.enabled and total > done:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        if self.enabled and total > done:  # one bar per training stage (pretraining, then fine-tuning)
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=err_console,
+            )
             self.progress.start()
             self.task = self.progress.add_task(description, total=total, completed=done, metrics="")
 
     def advance(self, step: int, metrics: dict[str, float]) -> None:
         if self.task is not None and (step % 10 == 0):
-            shown = " ".join(f"{k.split('/')[-1] if k != 'energy/real' else 'E+'}={metrics[k]:.3g}" for k in self.SHOWN if k in metrics)
+            shown = " ".join(f"{self.SHOWN[k]}={metrics[k]:.3g}" for k in self.SHOWN if k in metrics)
             self.progress.update(self.task, completed=step, metrics=shown)
 
     def message(self, text: str) -> None:
@@ -56,11 +57,9 @@ class RichReporter:
             err_console.print(text)
 
     def stop(self) -> None:
-        if self.task is not None:
-            self.progress.update(self.task, completed=self.progress.tasks[0].total)
+        if self.progress is not None:
             self.progress.stop()
-            self.progress = type(self.progress)(*self.progress.columns, console=err_console)
-            self.task = None
+            self.progress, self.task = None, None
 
 
 @app.command()
@@ -160,7 +159,6 @@ def print_result(result: dict, out_dir: Path) -> None:
     for key, value in result["metrics"].items():
         start = f"  (start {initial[key]:.4f})" if key in initial else ""
         console.print(f"  {key:28s} {value:.4f}{start}")
-    console.print(json.dumps(result), markup=False, highlight=False, soft_wrap=True, style=None) if os.environ.get("REWARDTUNE_JSON") else None
 
 
 def main() -> None:

@@ -40,11 +40,7 @@ class ToyEvaluator:
     sample_batch: int = 10000
 
     def draw(self, backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None = None) -> torch.Tensor:
-        """n samples x_T on the CPU; `generator` lives on the backbone's device."""
-        chunks = []
-        for start in range(0, n, self.sample_batch):
-            chunks.append(backbone.sample(min(self.sample_batch, n - start), generator, guide=guide).final.cpu())
-        return torch.cat(chunks)
+        return draw_samples(backbone, n, generator, guide, self.sample_batch)
 
     def evaluate(
         self, backbone: GaussianChainPolicy, reward: Reward | None, seed: int, guide: Guide | None = None
@@ -101,6 +97,17 @@ class ToyEvaluator:
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
+
+
+def draw_samples(
+    backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None, batch: int, clamp: float | None = None
+) -> torch.Tensor:
+    """n samples x_T on the CPU, drawn `batch` chains at a time; `generator` lives on the backbone's device."""
+    chunks = []
+    for start in range(0, n, batch):
+        x = backbone.sample(min(batch, n - start), generator, guide=guide).final
+        chunks.append((x.clamp(-clamp, clamp) if clamp is not None else x).cpu())
+    return torch.cat(chunks)
 
 
 def generators(seed: int, device) -> tuple[torch.Generator, torch.Generator]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rewardtune.backbones.base import GaussianChainPolicy, Guide
-from rewardtune.evaluation import generators
+from rewardtune.evaluation import draw_samples, generators
 from rewardtune.metrics.fid import build_feature_extractor, frechet_distance
 from rewardtune.metrics.precision_recall import precision_recall
 from rewardtune.rewards.base import Reward
@@ -33,12 +33,8 @@ class ImageEvaluator:
     _reference: torch.Tensor | None = field(default=None, repr=False)
 
     def draw(self, backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None = None) -> torch.Tensor:
-        """n images x_T on the CPU, clamped to [-1, 1]; `generator` lives on the backbone's device."""
-        chunks = []
-        for start in range(0, n, self.sample_batch):
-            x = backbone.sample(min(self.sample_batch, n - start), generator, guide=guide).final
-            chunks.append(x.clamp(-1, 1).cpu())
-        return torch.cat(chunks)
+        """n images x_T on the CPU, clamped to [-1, 1]."""
+        return draw_samples(backbone, n, generator, guide, self.sample_batch, clamp=1.0)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         if self._extractor is None:
