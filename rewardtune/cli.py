@@ -152,6 +152,26 @@ def plugins() -> None:
     Console().print(table)
 
 
+@app.command()
+def report(
+    root: Annotated[Path, typer.Argument(help="A folder of run directories (runs named <recipe>_s<seed> are grouped).")],
+    curves: Annotated[Optional[Path], typer.Option("--curves", help="Also plot each metric against time to this PNG.")] = None,
+) -> None:
+    """Print markdown tables of a folder of runs (per run, and mean ± std over seeds)."""
+    from rewardtune.errors import RewardtuneError
+    from rewardtune.report import load_runs, markdown_tables, plot_curves
+
+    if not root.is_dir():
+        raise RewardtuneError(f"{root} is not a folder")
+    runs = load_runs(root)
+    if not runs:
+        raise RewardtuneError(f"no runs with an eval.json under {root}")
+    print(markdown_tables(runs))
+    if curves is not None:
+        plot_curves(runs, curves)
+        err_console.print(f"curves: {curves}")
+
+
 def print_result(result: dict, out_dir: Path) -> None:
     console = Console()
     console.print(f"[bold]{out_dir}[/bold] step {result['step']}")
@@ -162,10 +182,13 @@ def print_result(result: dict, out_dir: Path) -> None:
 
 
 def main() -> None:
-    from rewardtune.errors import RewardtuneError
+    from rewardtune.errors import Interrupted, RewardtuneError
 
     try:
         app(standalone_mode=False)
+    except Interrupted as err:
+        err_console.print(str(err), markup=False, highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
     except RewardtuneError as err:
         if state["debug"]:
             raise

@@ -23,3 +23,11 @@ class CheckpointError(RewardtuneError):
 
 class NonFiniteError(RewardtuneError):
     """A loss, reward or value became NaN or infinite during training."""
+
+
+class Interrupted(RewardtuneError):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; `exit_code` is 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

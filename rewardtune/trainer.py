@@ -11,6 +11,8 @@ import copy
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from rewardtune import checkpoint as ckpt
-from rewardtune.errors import NonFiniteError, RecipeError
+from rewardtune.errors import Interrupted, NonFiniteError, RecipeError
 from rewardtune.evaluation import round_metrics
 
 
@@ -151,6 +153,7 @@ class Trainer:
         self.step = 0
         self.initial_metrics: dict[str, float] | None = None
         self.best: dict | None = None  # {"step", "metric", "value"} of the checkpoint kept in checkpoints/best
+        self.stop_signal: int | None = None  # set by SIGINT/SIGTERM (or `request_stop`): checkpoint and stop
         # Per-rank streams: data draws on the CPU, rollouts and noise on the accelerator's device.
         self.data_gen = torch.Generator().manual_seed(config.seed * 1000 + self.rank + 1)
         self.train_gen = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.rank + 500)
@@ -260,8 +263,17 @@ class Trainer:
         self.reporter.start(cfg.steps, self.step, "training")
         log_file = self.out_dir / "metrics.jsonl" if self.out_dir is not None and self.is_main else None
         started, done_at_start = time.perf_counter(), self.step
+        previous_handlers = install_stop_handlers(self.request_stop)
         try:
             while self.step < cfg.steps:
+                if self.should_stop():
+                    self.save()
+                    code = 130 if self.stop_signal == signal.SIGINT else 143
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; a checkpoint was "
+                        "written: rerun with --resume to continue",
+                        code,
+                    )
                 metrics = self.train_step()
                 self.step += 1
                 if log_file is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
@@ -278,6 +290,7 @@ class Trainer:
                     self.save()
         finally:
             self.reporter.stop()
+            restore_handlers(previous_handlers)
         if self.step > done_at_start or not (self.out_dir and (self.out_dir / "eval.json").exists()):
             self.save()
         if self.step == 0:  # nothing trained: the starting evaluation is the final one
@@ -288,6 +301,18 @@ class Trainer:
             final = self.evaluate(plot_name="samples.png")
         self.write_eval(final)
         return {"step": self.step, "metrics": final, "initial_metrics": self.initial_metrics}
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the loop to checkpoint and stop after the current iteration (what SIGINT/SIGTERM do)."""
+        self.stop_signal = signum
+
+    def should_stop(self) -> bool:
+        """Whether any rank was asked to stop (agreed across ranks, so every rank checkpoints together)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.stop_signal = int(flag.item()) or None
+        return self.stop_signal is not None
 
     def keep_if_best(self, result: dict[str, float]) -> None:
         """Keep a copy of this step's checkpoint in checkpoints/best when `eval.keep_best` improved."""
@@ -327,6 +352,21 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.backbone)
         return metrics
+
+
+def install_stop_handlers(callback) -> dict | None:
+    """Route SIGINT and SIGTERM to `callback(signum)` (main thread only); returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda signum, frame: callback(signum))
+    return previous
+
+
+def restore_handlers(previous: dict | None) -> None:
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler)
 
 
 def check_finite(metrics: dict[str, float], step: int) -> None:

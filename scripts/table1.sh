@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the 8-Gaussians table (DxMI Table 1) into runs/table1/: every command as a user would type it, timed.
-# Usage: scripts/table1.sh [SEEDS...]   (default seeds: 0 1 2). Afterwards: python scripts/table1_report.py runs/table1
+# Usage: scripts/table1.sh [SEEDS...]   (default seeds: 0 1 2). Afterwards: rewardtune report runs/table1 --curves docs/img/table1_curves.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=("${@:-0 1 2}")

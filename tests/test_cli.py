@@ -162,3 +162,17 @@ def test_bad_arguments_exit_2(args: list[str], expected: str, capsys, monkeypatc
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], err
+
+
+def test_report_tables_a_folder_of_runs(dxmi_run: Path, tmp_path: Path, capsys):
+    import shutil
+
+    shutil.copytree(dxmi_run, tmp_path / "dxmi_s0", ignore=shutil.ignore_patterns("checkpoints", "pretrain"))
+    (tmp_path / "wall_times.txt").write_text("dxmi_s0 12.5\n")
+    code, out, err = cli(capsys, "report", str(tmp_path), "--curves", str(tmp_path / "c.png"))
+    assert code == 0, err
+    assert "| dxmi_s0 | 20 |" in out and "| 13 |" in out  # the row and its wall time (rounded)
+    assert "| dxmi | 1 |" in out  # the per-recipe summary
+    assert (tmp_path / "c.png").is_file()
+    code, _, err = cli(capsys, "report", str(tmp_path / "nothing"))
+    assert code == 2 and "is not a folder" in err
