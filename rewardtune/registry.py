@@ -13,12 +13,12 @@ parameter annotated with a dataclass whose fields are the options.
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from rewardtune.errors import PluginError, PluginNotFoundError
+from rewardtune.imports import import_object
 
 CONTEXT_NAMES = ("sample_shape", "num_steps", "backbone", "value", "reward")
 
@@ -80,22 +80,6 @@ class Registry:
         raise PluginNotFoundError(
             f"unknown {self.kind} {name!r}{hint} (known: {', '.join(known)}; or give \"package.module:factory\")"
         )
-
-
-def import_object(path: str, what: str) -> Callable:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise PluginNotFoundError(f"{what}: expected \"package.module:factory\", got {path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        raise PluginNotFoundError(f"{what}: cannot import module {module_name!r} ({err})") from None
-    except Exception as err:
-        raise PluginError(f"{what}: importing {module_name!r} failed: {type(err).__name__}: {err}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise PluginNotFoundError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
 
 
 def context_parameters(factory: Callable) -> list[str]:

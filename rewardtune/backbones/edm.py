@@ -107,7 +107,7 @@ def build_edm_backbone(
     if len(chosen) != 1:
         raise ValueError(f"set exactly one of pretrained, unet, network (got {', '.join(chosen) or 'none'})")
     if network:
-        from rewardtune.registry import import_object
+        from rewardtune.imports import import_object
 
         net = import_object(network, f"edm network {network!r}")()
     else:

@@ -79,7 +79,7 @@ def build_feature_extractor(name: str, device: torch.device | str = "cpu") -> nn
     if name == "digits":
         return DigitsFeatures()
     if ":" in name:
-        from rewardtune.registry import import_object
+        from rewardtune.imports import import_object
 
         factory = import_object(name, f"feature extractor {name!r}")
         module = factory()
