@@ -119,6 +119,8 @@ def load_run(run_dir: str | Path, *, accelerator=None, reporter=None, best: bool
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if best:
         latest = run_dir / "checkpoints" / "best"
+        if not latest.is_dir() and (run_dir / "checkpoints" / ".old_best").is_dir():  # a crash while replacing it
+            latest = run_dir / "checkpoints" / ".old_best"
         if not latest.is_dir():
             raise CheckpointError(f"{run_dir} has no best checkpoint (set eval.keep_best to keep one)")
     if latest is None:

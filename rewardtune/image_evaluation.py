@@ -36,17 +36,17 @@ class ImageEvaluator:
         """n images x_T on the CPU, clamped to [-1, 1]."""
         return draw_samples(backbone, n, generator, guide, self.sample_batch, clamp=1.0)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         if self._extractor is None:
-            self._extractor = build_feature_extractor(self.feature_extractor)
+            self._extractor = build_feature_extractor(self.feature_extractor, device)
         return torch.cat([self._extractor(images[i : i + 500]).float() for i in range(0, images.shape[0], 500)])
 
-    def reference(self) -> torch.Tensor:
+    def reference(self, device: torch.device | str = "cpu") -> torch.Tensor:
         if self._reference is None:
             images = self.data.images
             if self.reference_samples:
                 images = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[: self.reference_samples]]
-            self._reference = self.features(images)
+            self._reference = self.features(images, device)
         return self._reference
 
     def evaluate(
@@ -54,8 +54,8 @@ class ImageEvaluator:
     ) -> dict[str, float]:
         _, gen = generators(seed, backbone.device)
         fake = self.draw(backbone, self.num_samples, gen, guide)
-        fake_features = self.features(fake)
-        real_features = self.reference()
+        fake_features = self.features(fake, backbone.device)
+        real_features = self.reference(backbone.device)
         precision, recall = precision_recall(real_features[:10000], fake_features[:10000])
         metrics = {"frechet_distance": frechet_distance(real_features, fake_features), "precision": precision, "recall": recall}
         if reward is not None and not reward.learns:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from rewardtune.errors import RecipeError
 from rewardtune.registry import CONTEXT_NAMES, REGISTRIES
+from rewardtune.tables import PluginTable
 from rewardtune.trainer import EvalConfig, TrainConfig
 
 
@@ -108,42 +109,52 @@ def parse_recipe(raw: dict, path: Path | None = None) -> Recipe:
     plugins = {name: parse_plugin(name, raw[name], where) for name in PLUGIN_SECTIONS if name in raw}
     resolved = {name: dataclass_to_dict(obj) for name, obj in fixed.items()}
     for name, spec in plugins.items():
-        options = dict(spec.options)
-        if "config" in options and dataclasses.is_dataclass(options["config"]):
-            options = dataclass_to_dict(options.pop("config"))
-        resolved[name] = {"kind": spec.kind, **spec.extra, **drop_none(options)}
+        resolved[name] = resolved_table(spec.kind, spec.options, spec.extra)
     return Recipe(path, fixed["run"], fixed["train"], fixed["eval"], plugins, resolved)
 
 
-def parse_plugin(section: str, table: dict, where: str) -> PluginSpec:
+def resolved_table(kind: str, options: dict, extra: dict) -> dict:
+    """A plugin table as the resolved recipe writes it: kind, extra keys, then every option (defaults included)."""
+    options = dict(options)
+    if "config" in options and dataclasses.is_dataclass(options["config"]):
+        options = dataclass_to_dict(options.pop("config"))
+    return {"kind": kind, **drop_none(extra), **drop_none(options)}
+
+
+def parse_plugin(
+    section: str, table: dict, where: str, *, at: str | None = None, extras_spec: dict[str, type] | None = None
+) -> PluginSpec:
+    """Validate a plugin table of `section`. `at` (default "<where>: [<section>]") prefixes the errors, and
+    `extras_spec` (default EXTRA_KEYS[section]) names the keys taken besides the factory's options."""
+    at = f"{where}: [{section}]" if at is None else at
+    extras_spec = EXTRA_KEYS.get(section, {}) if extras_spec is None else extras_spec
     if "kind" not in table:
-        raise RecipeError(f"{where}: [{section}] needs a 'kind' (one of: {', '.join(REGISTRIES[section].names())})")
+        raise RecipeError(f"{at} needs a 'kind' (one of: {', '.join(REGISTRIES[section].names())})")
     kind = table["kind"]
     if not isinstance(kind, str):
-        raise RecipeError(f"{where}: [{section}] kind must be a string, got {kind!r}")
+        raise RecipeError(f"{at} kind must be a string, got {kind!r}")
     factory = REGISTRIES[section].get(kind)
     params = factory_options(factory)
-    extras_spec = EXTRA_KEYS.get(section, {})
     options, extra = {}, {}
     for key, value in table.items():
         if key == "kind":
             continue
         if key in extras_spec:
-            extra[key] = check_type(value, extras_spec[key], f"{where}: [{section}] {key}")
+            extra[key] = check_type(value, extras_spec[key], f"{at} {key}")
             continue
         if key not in params:
             allowed = [*params, *extras_spec]
-            raise RecipeError(f"{where}: [{section}] unknown key {key!r} for kind {kind!r}{suggest(key, allowed)}")
-        options[key] = check_type(value, params[key][0], f"{where}: [{section}] {key}")
-        validate_range(key, options[key], f"{where}: [{section}]")
+            raise RecipeError(f"{at} unknown key {key!r} for kind {kind!r}{suggest(key, allowed)}")
+        options[key] = check_type(value, params[key][0], f"{at} {key}")
+        validate_range(key, options[key], at)
     config_class = getattr(factory, "_config_class", None)
     if config_class is not None:
-        options = {"config": construct(config_class, options, f"{where}: [{section}]")}
+        options = {"config": construct(config_class, options, at)}
     else:
         options = {**{k: d for k, (_, d) in params.items() if d is not inspect.Parameter.empty}, **options}
         missing = [k for k, (_, d) in params.items() if d is inspect.Parameter.empty and k not in options]
         if missing:
-            raise RecipeError(f"{where}: [{section}] kind {kind!r} needs {', '.join(missing)}")
+            raise RecipeError(f"{at} kind {kind!r} needs {', '.join(missing)}")
     return PluginSpec(kind, options, extra)
 
 
@@ -197,6 +208,13 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+    elif isinstance(annotation, type) and issubclass(annotation, PluginTable):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, dict):  # a nested plugin table: validated like a top-level one
+            spec = parse_plugin(annotation.section, value, where, at=where, extras_spec=annotation.extra_keys)
+            factory = REGISTRIES[annotation.section].get(spec.kind)
+            return annotation(spec.kind, factory, spec.options, {**annotation.extra_defaults, **spec.extra})
     elif annotation is dict or origin is dict:
         if isinstance(value, dict):
             return value
@@ -214,6 +232,8 @@ def describe(annotation: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
     if annotation in names:
         return names[annotation]
+    if isinstance(annotation, type) and issubclass(annotation, PluginTable):
+        return f"a {annotation.section} table (with a 'kind')"
     return str(annotation).replace("typing.", "")
 
 
@@ -239,7 +259,7 @@ def construct(cls: type, values: dict, where: str):
 
 POSITIVE = {"batch_size", "num_samples", "repeats", "log_every", "checkpoint_every", "keep_checkpoints", "num_steps",
             "hidden", "depth", "num_train_steps", "policy_batch"}
-NON_NEGATIVE = {"steps", "eval_every", "value_warmup", "gamma", "time_dim"}
+NON_NEGATIVE = {"steps", "eval_every", "value_warmup", "gamma", "time_dim", "reference_samples"}
 UNIT_INTERVAL = {"avr_alpha", "ema_decay", "lr_final_fraction"}
 
 
@@ -271,7 +291,16 @@ def dataclass_to_dict(obj) -> dict:
 
 def drop_none(d: dict) -> dict:
     """TOML has no null: options left at None are omitted (they mean "default")."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if v is not None}
+    return {k: plain(v) for k, v in d.items() if v is not None}
+
+
+def plain(value: Any) -> Any:
+    """A TOML-serialisable form of an option: tuples become lists, nested plugin tables become tables."""
+    if isinstance(value, PluginTable):
+        return resolved_table(value.kind, value.options, value.extra)
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    return value
 
 
 def recipe_to_toml(recipe: Recipe) -> str:

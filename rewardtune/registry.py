@@ -7,7 +7,9 @@ miss. Registered names cannot reuse a built-in's; an entry point named like a bu
 
 Factories take their build context as positional-only parameters named from `CONTEXT_NAMES` (for example
 `sample_shape` or `backbone`) and their recipe options as keyword-only parameters, or as one keyword-only `config`
-parameter annotated with a dataclass whose fields are the options.
+parameter annotated with a dataclass whose fields are the options. An option annotated with a
+`tables.PluginTable` subclass (or a list of one) takes nested plugin tables, which the recipe validates like
+top-level ones (the terms of the `composite` reward).
 """
 
 from __future__ import annotations
@@ -102,7 +104,16 @@ VALUES = Registry(
     "rewardtune.values",
     {"time_mlp": "rewardtune.nets.value:build_time_mlp_value", "resnet": "rewardtune.nets.resnet:build_resnet_value"},
 )
-REWARDS = Registry("reward", "rewardtune.rewards", {"energy": "rewardtune.rewards.energy:build_energy_reward"})
+REWARDS = Registry(
+    "reward",
+    "rewardtune.rewards",
+    {
+        "energy": "rewardtune.rewards.energy:build_energy_reward",
+        "clip": "rewardtune.rewards.clip:build_clip_reward",
+        "aesthetic": "rewardtune.rewards.aesthetic:build_aesthetic_reward",
+        "composite": "rewardtune.rewards.composite:build_composite_reward",
+    },
+)
 ALGORITHMS = Registry(
     "algorithm",
     "rewardtune.algorithms",

@@ -153,6 +153,7 @@ class Trainer:
         self.step = 0
         self.initial_metrics: dict[str, float] | None = None
         self.best: dict | None = None  # {"step", "metric", "value"} of the checkpoint kept in checkpoints/best
+        self.saved_step: int | None = None  # the step of the last checkpoint written by this trainer
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM (or `request_stop`): checkpoint and stop
         # Per-rank streams: data draws on the CPU, rollouts and noise on the accelerator's device.
         self.data_gen = torch.Generator().manual_seed(config.seed * 1000 + self.rank + 1)
@@ -202,6 +203,7 @@ class Trainer:
             }
             ckpt.commit_checkpoint(root, self.step, self.modules(), state, keep=self.config.keep_checkpoints)
         self.accelerator.wait_for_everyone()
+        self.saved_step = self.step
 
     def load(self, path: Path) -> None:
         weights, state, rng = ckpt.read_checkpoint(path, self.rank)
@@ -286,12 +288,12 @@ class Trainer:
                     result = self.evaluate(plot_name=f"samples_step{self.step}.png")
                     self.log_eval(result, log_file, time.perf_counter() - started)
                     self.keep_if_best(result)
-                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps and self.saved_step != self.step:
                     self.save()
         finally:
             self.reporter.stop()
             restore_handlers(previous_handlers)
-        if self.step > done_at_start or not (self.out_dir and (self.out_dir / "eval.json").exists()):
+        if self.saved_step != self.step and (self.step > done_at_start or not (self.out_dir and (self.out_dir / "eval.json").exists())):
             self.save()
         if self.step == 0:  # nothing trained: the starting evaluation is the final one
             final = dict(self.initial_metrics)

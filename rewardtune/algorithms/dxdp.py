@@ -26,7 +26,7 @@ import torch
 from rewardtune.backbones.base import GaussianChainPolicy
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep, all_mean
-from rewardtune.rewards.base import Reward
+from rewardtune.rewards.base import Reward, check_reward_output, reward_name
 from rewardtune.types import Trajectory
 
 
@@ -138,7 +138,7 @@ class DxDP:
 
     # ---- Eq. (10)/(12): policy evaluation ----------------------------------------------------------------------
     def terminal_cost(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reward.cost(x).detach()
+        return check_reward_output(reward_name(self.reward), self.reward.cost(x), x.shape[0]).detach()
 
     def evaluate_policy(self, trajectory: Trajectory) -> dict[str, float]:
         states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size

@@ -112,7 +112,8 @@ def fastdpm_ddpm_schedule(num_steps: int, alphas_cumprod: torch.Tensor) -> tuple
     Sampler step t goes from level gamma_bar_{T-1-t} to gamma_bar_{T-2-t} (1 at the last step), where gamma_bar is
     the cumulative product of (1 - eta) of `fastdpm_variance_schedule`.
     """
-    eta = fastdpm_variance_schedule(num_steps, target=float(alphas_cumprod[-1]))
+    beta_0 = float(1 - alphas_cumprod[0])  # the schedule's first beta (1e-4 for DDPM's linear betas)
+    eta = fastdpm_variance_schedule(num_steps, beta_0=beta_0, target=float(alphas_cumprod[-1]))
     gamma_bar = torch.cumprod(1 - eta, dim=0)  # [T], data order: gamma_bar[0] is the least noisy
     ab_from = gamma_bar.flip(0)  # sampler order
     ab_to = torch.cat([gamma_bar[:-1].flip(0), torch.ones(1, dtype=torch.float64)])

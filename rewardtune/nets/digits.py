@@ -2,7 +2,7 @@
 
 It serves as an offline feature extractor for FID on digits (its 64-d penultimate layer) and as the classifier of
 the digits classifier reward. Training: the first 1,500 digits (the rest are held out), 400 Adam steps at seed 0,
-a few seconds on a CPU; held-out accuracy is about 97-98%. Weights are cached as safetensors under
+a few seconds on a CPU; held-out accuracy is about 96%. Weights are cached as safetensors under
 $REWARDTUNE_CACHE (default ~/.cache/rewardtune).
 """
 

@@ -4,6 +4,11 @@ A reward scores final samples x_T: `reward(x, context) -> Tensor[B]`, higher is 
 `differentiable` (policy improvement may back-propagate through them) and whether they `learns` (they are trained
 against the sampler, like DxMI's energy; such a reward implements `update(real, fake) -> metrics`).
 The cost seen by the control problem (the DxMI paper's terminal cost E(x_T), Eq. (8)) is `-reward`.
+
+`check_reward_output` enforces the contract where rewards are evaluated (DxDP's terminal cost, the terms of a
+composite): a Tensor of shape [B], floating point, finite. `keep_out_of_checkpoints` leaves a frozen network (CLIP,
+a classifier) out of the reward's `state_dict`: the factory rebuilds it from its source, so checkpoints stay small.
+docs/plugins.md is the tutorial.
 """
 
 from __future__ import annotations
@@ -13,10 +18,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from rewardtune.errors import PluginError
+
 
 class Reward(nn.Module):
-    """Base class for rewards. Subclasses implement `forward(x, context=None) -> Tensor[B]`."""
+    """Base class for rewards. Subclasses implement `forward(x, context=None) -> Tensor[B]`.
 
+    `name` is the plugin's name in error messages (the class name when empty).
+    """
+
+    name: ClassVar[str] = ""
     differentiable: ClassVar[bool] = True
     learns: ClassVar[bool] = False
 
@@ -31,3 +42,56 @@ class Reward(nn.Module):
     def optimizers(self) -> list:
         """The `GradStep`s this reward owns (for checkpoints and learning-rate schedules)."""
         return []
+
+
+def reward_name(reward: nn.Module) -> str:
+    """The name a reward goes by in error messages: its `name`, or its class name."""
+    return getattr(reward, "name", "") or type(reward).__name__
+
+
+def check_reward_output(name: str, rewards: object, batch_size: int) -> torch.Tensor:
+    """Return `rewards` if it is a finite floating-point Tensor of shape (batch_size,); else raise PluginError.
+
+    Args:
+        name: the reward's name, quoted in the error.
+        rewards: what the reward returned for a batch of `batch_size` samples.
+        batch_size: B.
+    """
+    if not isinstance(rewards, torch.Tensor):
+        raise PluginError(
+            f"reward {name!r} returned a {type(rewards).__name__} for a batch of {batch_size}; "
+            f"expected a Tensor of shape ({batch_size},)"
+        )
+    if tuple(rewards.shape) != (batch_size,):
+        raise PluginError(
+            f"reward {name!r} returned shape {tuple(rewards.shape)} for a batch of {batch_size}; expected ({batch_size},)"
+        )
+    if not rewards.dtype.is_floating_point:
+        raise PluginError(f"reward {name!r} returned dtype {rewards.dtype}; expected a floating-point Tensor")
+    finite = torch.isfinite(rewards)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise PluginError(f"reward {name!r} returned NaN/inf for {bad} of {batch_size} samples")
+    return rewards
+
+
+def keep_out_of_checkpoints(module: nn.Module, child: str) -> None:
+    """Leave the frozen submodule `module.<child>` out of `module.state_dict()`.
+
+    Loading (strictly) a state dict without those keys keeps the weights the module already holds, so a checkpoint
+    of a reward around a frozen network (CLIP, a classifier) stores only what changes, and resuming still works:
+    the factory rebuilds the frozen network from its source.
+    """
+    if not isinstance(getattr(module, child, None), nn.Module):
+        raise ValueError(f"{type(module).__name__} has no submodule {child!r}")
+
+    def drop(mod: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{child}.")]:
+            del state_dict[key]
+
+    def restore(mod: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        for key, value in getattr(mod, child).state_dict(prefix=f"{prefix}{child}.", keep_vars=True).items():
+            state_dict.setdefault(key, value.detach())
+
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_pre_hook(restore)

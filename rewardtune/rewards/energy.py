@@ -47,6 +47,7 @@ class EnergyReward(Reward):
         gamma: weight of the squared-energy regulariser.
     """
 
+    name: ClassVar[str] = "energy"
     learns: ClassVar[bool] = True
     differentiable: ClassVar[bool] = True
 
