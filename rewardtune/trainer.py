@@ -350,6 +350,7 @@ class Trainer:
             if self.reward is not None and self.reward.learns:
                 metrics.update(self.reward.update(real, trajectory.final))
         metrics.update(self.algorithm.update(real, trajectory, self.train_gen))
+        metrics.update(getattr(self.reward, "last_terms", None) or {})  # a composite reward's per-term means
         check_finite(metrics, self.step + 1)
         if self.ema is not None:
             self.ema.update(self.backbone)

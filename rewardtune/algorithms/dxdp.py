@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import copy
+
 import torch
 
 from rewardtune.backbones.base import GaussianChainPolicy
@@ -55,6 +57,8 @@ class DxDPConfig:
     policy_batch: int | None = None  # transitions per policy-improvement step, drawn uniformly from the B*T
     # sampled ones (None: B)
     value_warmup: int = 0  # iterations of energy/value updates before the first policy-improvement step
+    kl_weight: float = 0.0  # beta of the KL safeguard beta ||mean_phi(x_t, t) - mean_init(x_t, t)||^2 / (2 sigma_t^2)
+    # against a frozen copy of the starting backbone (in policy improvement only; 0: off)
     terminal: Literal["value", "reward"] = "value"  # what policy improvement differentiates at t+1 = T: the value
     # V(., T) (which learns -r(x_T); works for non-differentiable rewards) or the reward itself (needs gradients)
 
@@ -103,6 +107,14 @@ def td_target(
     return target.detach()
 
 
+def kl_to_reference(mean: torch.Tensor, reference_mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, sigma^2 I) || N(reference_mean, sigma^2 I)) = ||mean - reference_mean||^2 / (2 sigma^2): [B].
+
+    The KL safeguard against reward hacking: the tuned transition's divergence from the starting one at equal sigma.
+    """
+    return (mean - reference_mean.detach()).flatten(1).pow(2).sum(1) / (2 * sigma**2)
+
+
 def avr_update(s2: torch.Tensor, trajectory: Trajectory, alpha: float) -> torch.Tensor:
     """AVR (Sec. 4.2): s_t^2 <- alpha s_t^2 + (1 - alpha) mean_batch ||x_{t+1} - x_t||^2 / D, averaged over ranks."""
     states = trajectory.states
@@ -133,6 +145,8 @@ class DxDP:
         )
         self.s2 = backbone.sigma().detach().pow(2).clone()  # [T], AVR: s_t <- sigma_t (Algorithm 1, line 2)
         self.iteration = 0
+        # KL safeguard: the starting policy, frozen (rebuilt identically on resume from the same initial weights).
+        self.reference = copy.deepcopy(backbone).requires_grad_(False).eval() if config.kl_weight > 0 else None
         # With a shared network V(., T) *is* the energy, so the terminal value needs no regression of its own.
         self.terminal_shared = bool(getattr(reward, "shares_value", lambda v: False)(value))
 
@@ -186,14 +200,19 @@ class DxDP:
         the same gradient under the reparameterisation (Algorithm 2, line 10).
         """
         cfg, T = self.config, self.backbone.num_steps
-        x_next = self.backbone.step(x, t, noise)
+        sigma = self.backbone.sigma()[t]  # [N]
+        mean = self.backbone.mean(x, t)
+        x_next = mean + sigma.view(-1, *([1] * (x.dim() - 1))) * noise  # = backbone.step(x, t, noise)
         next_value = self.value(x_next, t + 1)
         if cfg.terminal == "reward":
             last = t + 1 == T
             next_value = torch.where(last, self.reward.cost(x_next), next_value)
-        entropy = self.backbone.event_dim * self.backbone.sigma()[t].log()
+        entropy = self.backbone.event_dim * sigma.log()
         velocity = velocity_cost(x, x_next, self.s2[t])
-        return (next_value - self.tau1 * entropy + self.tau2 * velocity).mean()
+        loss = next_value - self.tau1 * entropy + self.tau2 * velocity
+        if self.reference is not None:
+            loss = loss + cfg.kl_weight * kl_to_reference(mean, self.reference.mean(x, t), sigma.detach())
+        return loss.mean()
 
     def improve_policy(self, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
         T, B = trajectory.num_steps, trajectory.batch_size
@@ -210,6 +229,8 @@ class DxDP:
     # ---- one iteration -------------------------------------------------------------------------------------------
     def update(self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
         self.s2 = self.s2.to(trajectory.states.device)
+        if self.reference is not None:
+            self.reference.to(trajectory.states.device)
         metrics = self.evaluate_policy(trajectory)
         if self.iteration >= self.config.value_warmup:
             metrics.update(self.improve_policy(trajectory, generator))
