@@ -61,6 +61,7 @@ class ImageEvaluator:
         if reward is not None and not reward.learns:
             with torch.no_grad():
                 metrics["reward_mean"] = float(reward(fake[:2000].to(backbone.device)).mean())
+            metrics.update(reward.evaluation_metrics(fake.to(backbone.device)))  # e.g. target_class_fraction
         return metrics
 
     def plot(self, backbone: GaussianChainPolicy, reward: Reward | None, path: Path, seed: int, title: str = "") -> None:

@@ -35,6 +35,10 @@ class Reward(nn.Module):
         """The terminal cost -r(x): [B]."""
         return -self(x, context)
 
+    def evaluation_metrics(self, x: torch.Tensor) -> dict[str, float]:
+        """Extra metrics of samples `x` that evaluators report (e.g. a classifier's target-class fraction)."""
+        return {}
+
     def update(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
         """One training step of a learning reward (data `real` vs sampler output `fake`)."""
         raise NotImplementedError(f"{type(self).__name__} does not learn")

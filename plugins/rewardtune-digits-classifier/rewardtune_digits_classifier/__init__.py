@@ -39,6 +39,12 @@ class DigitsClassifierReward(Reward):
         log_probs = torch.log_softmax(self.classifier(x.float()), dim=1)  # [B, 10]
         return log_probs[:, self.target_class]
 
+    @torch.no_grad()
+    def evaluation_metrics(self, x: torch.Tensor) -> dict[str, float]:
+        """Extra evaluation metrics: the fraction of samples the classifier assigns to the target class."""
+        predicted = self.classifier(x.float()).argmax(dim=1)
+        return {"target_class_fraction": float((predicted == self.target_class).float().mean())}
+
 
 def build_digits_classifier_reward(sample_shape: tuple[int, ...], /, *, target_class: int) -> DigitsClassifierReward:
     """Reward `digits_classifier`: log-probability of `target_class` (0..9) under the cached digits classifier."""
