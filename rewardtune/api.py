@@ -23,6 +23,12 @@ def make_accelerator():
 
 def prepare_out_dir(out_dir: Path, recipe: Recipe, *, resume: bool, force: bool) -> None:
     """Create the run directory and store the resolved recipe; refuse to mix runs of different recipes."""
+    check_out_dir(out_dir, recipe, resume=resume, force=force)
+    write_recipe(out_dir, recipe)
+
+
+def check_out_dir(out_dir: Path, recipe: Recipe, *, resume: bool, force: bool) -> None:
+    """Refuse to mix runs of different recipes (unless `force`), then create the run directory."""
     saved = out_dir / RECIPE_FILE
     if saved.exists():
         previous = tomllib.loads(saved.read_text())
@@ -35,9 +41,16 @@ def prepare_out_dir(out_dir: Path, recipe: Recipe, *, resume: bool, force: bool)
             raise RecipeError(f"{out_dir} already holds this run; pass --resume to continue it or --out for a new one")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RewardtuneError(f"cannot write to {out_dir}: {err.strerror or err}") from None
+
+
+def write_recipe(out_dir: Path, recipe: Recipe) -> None:
+    """Store the resolved recipe as `<out_dir>/recipe.toml` (temporary file + rename)."""
+    try:
         tmp = out_dir / f".{RECIPE_FILE}.tmp"
         tmp.write_text(recipe_to_toml(recipe))
-        tmp.replace(saved)
+        tmp.replace(out_dir / RECIPE_FILE)
     except OSError as err:
         raise RewardtuneError(f"cannot write to {out_dir}: {err.strerror or err}") from None
 
@@ -58,7 +71,7 @@ def run_recipe(
     out_dir = Path(out_dir)
     accelerator = accelerator or make_accelerator()
     if accelerator.is_main_process:
-        prepare_out_dir(out_dir, recipe, resume=resume, force=force)
+        check_out_dir(out_dir, recipe, resume=resume, force=force)
     accelerator.wait_for_everyone()
 
     def pretrain(path: Path, sub_dir: Path, seed: int) -> Path:
@@ -74,7 +87,11 @@ def run_recipe(
 
     experiment = build_experiment(recipe, out_dir, run_recipe=pretrain)
     trainer = make_trainer(experiment, out_dir, reporter, accelerator)
-    return trainer.fit(resume=resume)
+    if resume:  # before recipe.toml is replaced: a checkpoint that does not fit leaves the run directory as it was
+        trainer.resume()
+    if accelerator.is_main_process:
+        write_recipe(out_dir, recipe)
+    return trainer.fit()
 
 
 def make_trainer(experiment: Experiment, out_dir: Path | None, reporter, accelerator) -> Trainer:

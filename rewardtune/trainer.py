@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from rewardtune import checkpoint as ckpt
-from rewardtune.errors import Interrupted, NonFiniteError, RecipeError
+from rewardtune.errors import Interrupted, NonFiniteError, PluginError, RecipeError
 from rewardtune.evaluation import round_metrics
 
 
@@ -248,11 +248,8 @@ class Trainer:
         cfg = self.config
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume and self.checkpoint_root is not None:
-            latest = ckpt.latest_checkpoint(self.checkpoint_root)
-            if latest is not None:
-                self.load(latest)
-                self.reporter.message(f"resumed from {latest} (step {self.step})")
+        if resume:
+            self.resume()
         if self.initial_metrics is None:
             if self.out_dir is not None and self.is_main:
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
@@ -304,6 +301,14 @@ class Trainer:
         self.write_eval(final)
         return {"step": self.step, "metrics": final, "initial_metrics": self.initial_metrics}
 
+    def resume(self) -> Path | None:
+        """Load the run directory's latest checkpoint, if there is one; returns its path."""
+        latest = ckpt.latest_checkpoint(self.checkpoint_root) if self.checkpoint_root is not None else None
+        if latest is not None:
+            self.load(latest)
+            self.reporter.message(f"resumed from {latest} (step {self.step})")
+        return latest
+
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Ask the loop to checkpoint and stop after the current iteration (what SIGINT/SIGTERM do)."""
         self.stop_signal = signum
@@ -313,7 +318,12 @@ class Trainer:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.stop_signal = int(flag.item()) or None
+            agreed = int(flag.item())
+            # A signal handled while this rank waited in the all-reduce is not in `agreed`: keep it for the next
+            # iteration instead of overwriting it, and decide from `agreed` alone, so that every rank agrees.
+            if agreed:
+                self.stop_signal = agreed
+            return agreed != 0
         return self.stop_signal is not None
 
     def keep_if_best(self, result: dict[str, float]) -> None:
@@ -345,11 +355,14 @@ class Trainer:
         real = self.data.sample(cfg.batch_size, self.data_gen, device=self.device)
         trajectory = None
         metrics: dict[str, float] = {}
-        if self.algorithm.needs_rollout:
-            trajectory = self.backbone.sample(cfg.batch_size, self.train_gen)
-            if self.reward is not None and self.reward.learns:
-                metrics.update(self.reward.update(real, trajectory.final))
-        metrics.update(self.algorithm.update(real, trajectory, self.train_gen))
+        try:
+            if self.algorithm.needs_rollout:
+                trajectory = self.backbone.sample(cfg.batch_size, self.train_gen)
+                if self.reward is not None and self.reward.learns:
+                    metrics.update(self.reward.update(real, trajectory.final))
+            metrics.update(self.algorithm.update(real, trajectory, self.train_gen))
+        except PluginError as err:  # a reward breaking its contract (shape, NaN/inf): say when
+            raise PluginError(f"{err} at step {self.step + 1}; the last checkpoint is kept") from None
         metrics.update(getattr(self.reward, "last_terms", None) or {})  # a composite reward's per-term means
         check_finite(metrics, self.step + 1)
         if self.ema is not None:

@@ -33,7 +33,10 @@ class Reward(nn.Module):
 
     def cost(self, x: torch.Tensor, context=None) -> torch.Tensor:
         """The terminal cost -r(x): [B]."""
-        return -self(x, context)
+        rewards = self(x, context)
+        if not isinstance(rewards, torch.Tensor):  # not negatable: let the contract check name the plugin
+            check_reward_output(reward_name(self), rewards, x.shape[0])
+        return -rewards
 
     def evaluation_metrics(self, x: torch.Tensor) -> dict[str, float]:
         """Extra metrics of samples `x` that evaluators report (e.g. a classifier's target-class fraction)."""
