@@ -40,6 +40,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of the sampler's weights used for evaluation (0: evaluate the raw weights)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # learning-rate multiplier over training
     lr_final_fraction: float = 0.0  # cosine schedule: final multiplier
+    cpu_threads: int = 0  # torch intra-op threads per process on a CPU (0: torch's default); tiny networks run
+    # fastest on 1, and 1 avoids oversubscription when several processes share the cores
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,8 @@ class Trainer:
         self.reporter = reporter or SilentReporter()
         self.device = accelerator.device
         self.rank = accelerator.process_index
+        if config.cpu_threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(config.cpu_threads)
         for module in self.modules().values():
             module.to(self.device)
         broadcast_modules(self.modules())

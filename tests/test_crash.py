@@ -21,7 +21,7 @@ from rewardtune import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny_8gaussians.toml"
-STEPS = 60
+STEPS = 400  # long enough that the kill below always lands mid-run, even on an idle machine
 # Every kind of saved state is in play: RNG streams, three Adam states (sampler, value, and the separate energy's),
 # DxDP's AVR s_t^2 and iteration count, the EMA and its update count, and the cosine learning-rate schedule.
 COMMAND = [
@@ -78,7 +78,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(tmp_path: Path):
     rng = random.Random()
-    threshold, delay = rng.choice([20, 30]), rng.uniform(0.0, 0.2)  # kill after checkpoint `threshold`, mid-interval
+    threshold, delay = rng.choice([20, 30]), rng.uniform(0.0, 0.05)  # kill after checkpoint `threshold`, mid-interval
     where = f"(killed after checkpoint {threshold} + {delay:.3f} s)"
     straight = start(tmp_path / "straight")  # runs alongside the killed one: the results do not depend on timing
     killed = start(tmp_path / "killed")
