@@ -24,32 +24,20 @@ TINY = ROOT / "recipes" / "tiny_8gaussians.toml"
 STEPS = 400  # long enough that the kill below always lands mid-run, even on an idle machine
 # Every kind of saved state is in play: RNG streams, three Adam states (sampler, value, and the separate energy's),
 # DxDP's AVR s_t^2 and iteration count, the EMA and its update count, and the cosine learning-rate schedule.
+SMALL_EVAL = ["eval.num_samples=200", "eval.repeats=1", "eval.plot=false"]
+
+
+def overrides(*items: str) -> list[str]:
+    """["--set", item, "--set", item, ...]"""
+    return [arg for item in items for arg in ("--set", item)]
+
+
 COMMAND = [
-    sys.executable,
-    "-m",
-    "rewardtune",
-    "run",
-    str(TINY),
-    "--set",
-    f"train.steps={STEPS}",
-    "--set",
-    "train.checkpoint_every=10",
-    "--set",
-    "eval.num_samples=200",
-    "--set",
-    "eval.repeats=1",
-    "--set",
-    "eval.plot=false",
-    "--set",
-    "reward.share_with_value=false",
-    "--set",
-    "reward.hidden=32",
-    "--set",
-    "reward.depth=2",
-    "--set",
-    "train.ema_decay=0.9",
-    "--set",
-    "train.lr_schedule=cosine",
+    sys.executable, "-m", "rewardtune", "run", str(TINY),
+    *overrides(
+        f"train.steps={STEPS}", "train.checkpoint_every=10", *SMALL_EVAL, "reward.share_with_value=false",
+        "reward.hidden=32", "reward.depth=2", "train.ema_decay=0.9", "train.lr_schedule=cosine",
+    ),
 ]
 
 
@@ -136,22 +124,7 @@ def test_non_finite_values_stop_the_run_and_keep_the_last_checkpoint(case: str, 
     monkeypatch.chdir(ROOT)
     sets, expected, kept = NON_FINITE[case]
     out = tmp_path / "run"
-    args = [
-        "run",
-        str(TINY),
-        "--out",
-        str(out),
-        "--set",
-        "train.steps=40",
-        "--set",
-        "eval.num_samples=200",
-        "--set",
-        "eval.repeats=1",
-        "--set",
-        "eval.plot=false",
-    ]
-    for item in sets:
-        args += ["--set", item]
+    args = ["run", str(TINY), "--out", str(out), *overrides("train.steps=40", *SMALL_EVAL, *sets)]
 
     code, _, err = cli(capsys, *args)
 
