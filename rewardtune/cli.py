@@ -85,7 +85,11 @@ def run(
     out_dir = out or Path("runs") / parsed.run.name
     accelerator = make_accelerator()
     reporter = RichReporter(enabled=accelerator.is_main_process)
-    result = run_recipe(parsed, out_dir, resume=resume, force=force, reporter=reporter, accelerator=accelerator)
+    try:
+        result = run_recipe(parsed, out_dir, resume=resume, force=force, reporter=reporter, accelerator=accelerator)
+        accelerator.wait_for_everyone()
+    finally:  # a process group left to the interpreter's exit can abort ("terminate called without an active exception")
+        accelerator.end_training()
     if accelerator.is_main_process:
         print_result(result, out_dir)
 

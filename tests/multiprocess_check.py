@@ -32,3 +32,5 @@ verdict = {
     "step": result["step"],
 }
 (out_dir / f"verdict_rank{accelerator.process_index}.json").write_text(json.dumps(verdict))
+accelerator.wait_for_everyone()
+accelerator.end_training()  # destroy the process group before the interpreter exits

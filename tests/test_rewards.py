@@ -456,7 +456,7 @@ def test_jpeg_discovered_through_its_entry_point():
     assert REWARDS.get("jpeg") is rewardtune_jpeg.build_jpeg_reward
     raw = {"data": {"kind": "digits"}, "backbone": {"kind": "mlp"}, "algorithm": {"kind": "dxdp"}}
     recipe = parse_recipe({**raw, "reward": {"kind": "jpeg", "quality": 50}})
-    assert recipe.resolved["reward"] == {"kind": "jpeg", "quality": 50}
+    assert recipe.resolved["reward"] == {"kind": "jpeg", "quality": 50, "upscale": 1, "scale": 1.0}
     with pytest.raises(RecipeError, match="unknown key 'qualty' for kind 'jpeg' .*did you mean 'quality'"):
         parse_recipe({**raw, "reward": {"kind": "jpeg", "qualty": 50}})
 
@@ -490,6 +490,25 @@ def test_jpeg_reward_prefers_flat_images():
     assert not reward.differentiable and not reward.learns
     with pytest.raises(ValueError, match="needs images"):
         jpeg.build_jpeg_reward((2,))
+
+
+def test_jpeg_upscale_makes_the_size_of_8x8_digits_depend_on_their_content():
+    """An 8 x 8 image is one JPEG block: its size is nearly all header. Enlarged 4 x by pixel repetition, the size of
+    real digits spreads over a range several times wider, and a blank image stays far below any digit."""
+    from rewardtune.data.images import load_digits_images
+
+    jpeg = load_plugin("rewardtune_jpeg", "rewardtune-jpeg")
+    digits = load_digits_images()[:200]
+    small = jpeg.build_jpeg_reward((1, 8, 8), quality=95).sizes_kb(digits)
+    large = jpeg.build_jpeg_reward((1, 8, 8), quality=95, upscale=4).sizes_kb(digits)
+    assert large.std() > 5 * small.std()
+    blank = jpeg.build_jpeg_reward((1, 8, 8), quality=95, upscale=4).sizes_kb(-torch.ones(1, 1, 8, 8))
+    assert blank.item() < large.min().item()
+    scaled = jpeg.build_jpeg_reward((1, 8, 8), quality=95, upscale=4, scale=10.0)
+    assert torch.allclose(scaled(digits[:4]), -10 * large[:4])
+    assert scaled.evaluation_metrics(digits) == {"jpeg_kb": pytest.approx(float(large.mean()))}
+    with pytest.raises(ValueError, match="upscale"):
+        jpeg.build_jpeg_reward((1, 8, 8), upscale=0)
 
 
 def test_digits_classifier_reward_scores_the_target_class():
