@@ -65,7 +65,8 @@ def run_recipe(
     accelerator=None,
 ) -> dict:
     """Run a recipe into `out_dir`; returns eval.json's content. Pretraining recipes named by
-    `backbone.init_from` run first into `<out_dir>/pretrain` (reused when already finished)."""
+    `backbone.init_from` run first into `<out_dir>/pretrain`, a teacher recipe named by `distill.teacher` into
+    `<out_dir>/teacher` (each reused when already finished)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out_dir = Path(out_dir)
@@ -132,6 +133,11 @@ def load_run(run_dir: str | Path, *, accelerator=None, reporter=None, best: bool
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{recipe_file}: malformed TOML: {err}") from None
     raw.get("backbone", {}).pop("init_from", None)  # the checkpoint supersedes the starting weights
+    teacher = raw.get("distill", {}).get("teacher", "")
+    if teacher.endswith(".toml"):  # a teacher recipe was run into <run>/teacher
+        raw["distill"]["teacher"] = str(run_dir / "teacher")
+    if "distill" in raw:
+        raw["distill"]["init_from_teacher"] = False  # the checkpoint holds the student's weights
     recipe = parse_recipe(raw, recipe_file)
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if best:

@@ -2,7 +2,11 @@
 
 `build_experiment` constructs everything a `Trainer` needs from a validated `Recipe`. A backbone's `init_from`
 names where its starting weights come from: a run directory (its latest checkpoint) or another recipe (.toml), which
-is run first into `<out_dir>/pretrain` (and reused when it already finished there).
+is run first into `<out_dir>/pretrain` (and reused when it already finished there). A [distill] table's `teacher`
+is resolved the same way (a recipe runs into `<out_dir>/teacher`) and loaded frozen (`load_teacher`).
+
+Paths: a recipe (.toml) is looked up next to the recipe that names it; a run directory relative to the working
+directory first, then next to the recipe.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from rewardtune import checkpoint as ckpt
 from rewardtune.errors import CheckpointError, RecipeError
 from rewardtune.recipe import PluginSpec, Recipe
 from rewardtune.registry import REGISTRIES, context_parameters
+from rewardtune.types import Teacher
 
 
 @dataclass
@@ -44,15 +49,22 @@ def call_factory(section: str, spec: PluginSpec, context: dict) -> object:
 
 def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Callable | None = None) -> Experiment:
     """Construct the objects of a recipe. `run_recipe(recipe_path, out_dir, seed)` runs a pretraining recipe."""
+    teacher = None
+    if recipe.distill is not None:  # first: building the teacher seeds torch with the teacher's seed
+        teacher_dir = resolve_run_path(recipe.distill.teacher, "distill.teacher", recipe, out_dir, run_recipe, "teacher")
+        teacher = load_teacher(teacher_dir)
     torch.manual_seed(recipe.train.seed)  # identical initial weights on every process
     plugins = recipe.plugins
     data = call_factory("data", plugins["data"], {})
-    context: dict = {"sample_shape": tuple(data.sample_shape)}
+    context: dict = {"sample_shape": tuple(data.sample_shape), "teacher": teacher}
     backbone = call_factory("backbone", plugins["backbone"], context)
     context.update(backbone=backbone, num_steps=backbone.num_steps, value=None, reward=None)
     init_from = plugins["backbone"].extra.get("init_from")
     if init_from:
-        load_initial_weights(backbone, resolve_init(init_from, recipe, out_dir, run_recipe))
+        path = resolve_run_path(init_from, "backbone.init_from", recipe, out_dir, run_recipe, "pretrain")
+        load_initial_weights(backbone, path)
+    elif teacher is not None and recipe.distill.init_from_teacher:
+        copy_teacher_network(teacher, backbone)
     if "value" in plugins:
         context["value"] = call_factory("value", plugins["value"], context)
     if "reward" in plugins:
@@ -77,18 +89,66 @@ def make_evaluator(data, recipe: Recipe):
     return ToyEvaluator(data, num_samples=cfg.num_samples, repeats=cfg.repeats)
 
 
-def resolve_init(init_from: str, recipe: Recipe, out_dir: Path | None, run_recipe: Callable | None) -> Path:
-    """The run directory whose latest checkpoint initialises the backbone."""
-    path = Path(init_from)
-    if not path.is_absolute():
-        path = recipe.base_dir() / path
+def resolve_run_path(
+    value: str, key: str, recipe: Recipe, out_dir: Path | None, run_recipe: Callable | None, sub_dir: str
+) -> Path:
+    """The run directory `value` names: a run directory, or a recipe (.toml) run first into `<out_dir>/<sub_dir>`."""
+    path = Path(value)
     if path.suffix == ".toml":
+        path = path if path.is_absolute() else recipe.base_dir() / path
         if run_recipe is None or out_dir is None:
-            raise RecipeError(f"backbone.init_from = {init_from!r} names a recipe; run it first and point at its run directory")
-        return run_recipe(path, out_dir / "pretrain", recipe.train.seed)
+            raise RecipeError(f"{key} = {value!r} names a recipe; run it first and point at its run directory")
+        return run_recipe(path, out_dir / sub_dir, recipe.train.seed)
+    if not path.is_absolute() and not path.exists() and (recipe.base_dir() / path).exists():
+        path = recipe.base_dir() / path
     if not path.exists():
-        raise CheckpointError(f"backbone.init_from: {path} does not exist")
+        raise CheckpointError(f"{key}: {path} does not exist")
     return path
+
+
+def load_teacher(run_dir: Path) -> Teacher:
+    """A finished run's backbone (its EMA weights when it kept an EMA) and reward, frozen, from its latest checkpoint."""
+    import tomllib
+
+    from rewardtune.recipe import parse_recipe
+
+    recipe_file = run_dir / "recipe.toml"
+    if not recipe_file.is_file():
+        raise CheckpointError(f"distill.teacher: {run_dir} is not a run directory (no recipe.toml)")
+    try:
+        raw = tomllib.loads(recipe_file.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{recipe_file}: malformed TOML: {err}") from None
+    raw.get("backbone", {}).pop("init_from", None)  # the checkpoint supersedes the starting weights
+    if "distill" in raw:
+        raise RecipeError(f"distill.teacher: {run_dir} is itself a distilled student; name a T-step teacher")
+    experiment = build_experiment(parse_recipe(raw, recipe_file))
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        raise CheckpointError(f"distill.teacher: no checkpoint in {run_dir}")
+    weights, _, _ = ckpt.read_checkpoint(latest)
+    modules = {"backbone": experiment.backbone, **experiment.algorithm.modules()}
+    if experiment.reward is not None:
+        modules["reward"] = experiment.reward
+    ckpt.load_modules(modules, weights)
+    ema = {k[len("ema.") :]: v for k, v in weights.items() if k.startswith("ema.")}
+    if ema:
+        ckpt.load_modules({"backbone": experiment.backbone}, {f"backbone.{k}": v for k, v in ema.items()})
+    for module in modules.values():
+        module.requires_grad_(False).eval()
+    return Teacher(backbone=experiment.backbone, reward=experiment.reward, run_dir=str(run_dir))
+
+
+def copy_teacher_network(teacher: Teacher, student) -> None:
+    """Start the student's network from the teacher's (not its sigma_t, which depend on T)."""
+    source, wanted = teacher.backbone.network_state(), student.network_state()
+    mismatch = [k for k in wanted if k not in source or source[k].shape != wanted[k].shape]
+    if mismatch or len(source) != len(wanted):
+        raise RecipeError(
+            f"[distill] init_from_teacher: the student's network differs from the teacher's {teacher.run_dir} "
+            f"(first difference: {(mismatch or sorted(set(source) - set(wanted)))[0]}); set init_from_teacher = false"
+        )
+    student.load_state_dict({k: v.clone() for k, v in source.items()}, strict=False)
 
 
 def load_initial_weights(backbone, run_dir: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -29,7 +29,7 @@ class RichReporter:
     """A rich progress bar with live metrics (main process only)."""
 
     SHOWN = {"energy/real": "E(data)", "energy/fake": "E(samples)", "value/td_loss": "td", "policy/loss": "policy",
-             "ddpm/loss": "loss"}
+             "ddpm/loss": "loss", "distill/mse": "mse"}
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -37,7 +37,14 @@ class RichReporter:
         self.task = None
 
     def start(self, total: int, done: int, description: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         if self.enabled and total > done:  # one bar per training stage (pretraining, then fine-tuning)
             self.progress = Progress(
@@ -65,22 +72,53 @@ class RichReporter:
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="The recipe (.toml).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: runs/<run.name>).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Override train.steps.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Override train.seed.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: table.key=value.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<run.name>).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Override train.steps.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override train.seed.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Allow a run directory holding another recipe.")] = False,
 ) -> None:
     """Train a recipe and write eval.json, metrics.jsonl, plots and checkpoints to the run directory."""
-    from rewardtune.api import make_accelerator, run_recipe
-    from rewardtune.recipe import load_recipe
-
     overrides = list(set_ or [])
     if steps is not None:
         overrides.append(f"train.steps={steps}")
     if seed is not None:
         overrides.append(f"train.seed={seed}")
+    run_with_overrides(recipe, out, overrides, resume=resume, force=force)
+
+
+@app.command()
+def distill(
+    recipe: Annotated[Path, typer.Argument(help="A distillation recipe (.toml with a [distill] table).")],
+    teacher: Annotated[Path | None, typer.Option("--teacher", help="The tuned T-step run to distil (overrides distill.teacher).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<run.name>).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Override train.steps.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override train.seed.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow a run directory holding another recipe.")] = False,
+) -> None:
+    """Distil a tuned sampler into a one-step student (`rewardtune run` on a [distill] recipe, with --teacher)."""
+    from rewardtune.errors import RecipeError
+    from rewardtune.recipe import load_recipe
+
+    overrides = list(set_ or [])
+    if teacher is not None:
+        overrides.append(f"distill.teacher={str(teacher.resolve())!r}")
+    if steps is not None:
+        overrides.append(f"train.steps={steps}")
+    if seed is not None:
+        overrides.append(f"train.seed={seed}")
+    if load_recipe(recipe, overrides).distill is None:
+        raise RecipeError(f"{recipe} has no [distill] table (naming the teacher); see docs/distillation.md")
+    run_with_overrides(recipe, out, overrides, resume=resume, force=force)
+
+
+def run_with_overrides(recipe: Path, out: Path | None, overrides: list[str], *, resume: bool, force: bool) -> None:
+    from rewardtune.api import make_accelerator, run_recipe
+    from rewardtune.recipe import load_recipe
+
     parsed = load_recipe(recipe, overrides)
     out_dir = out or Path("runs") / parsed.run.name
     accelerator = make_accelerator()
@@ -159,7 +197,7 @@ def plugins() -> None:
 @app.command()
 def report(
     root: Annotated[Path, typer.Argument(help="A folder of run directories (runs named <recipe>_s<seed> are grouped).")],
-    curves: Annotated[Optional[Path], typer.Option("--curves", help="Also plot each metric against time to this PNG.")] = None,
+    curves: Annotated[Path | None, typer.Option("--curves", help="Also plot each metric against time to this PNG.")] = None,
 ) -> None:
     """Print markdown tables of a folder of runs (per run, and mean ± std over seeds)."""
     from rewardtune.errors import RewardtuneError

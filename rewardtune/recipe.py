@@ -33,9 +33,18 @@ class RunConfig:
     description: str = ""  # free text, kept in the resolved recipe
 
 
+@dataclass(frozen=True)
+class DistillSection:
+    """The optional [distill] section: the teacher of a distillation recipe (docs/distillation.md)."""
+
+    teacher: str = ""  # the tuned T-step sampler: a run directory, or a recipe (.toml) run first into <out>/teacher
+    init_from_teacher: bool = True  # start the student's network from the teacher's (same architecture needed)
+
+
 PLUGIN_SECTIONS = ("data", "backbone", "value", "reward", "algorithm")
 REQUIRED_SECTIONS = ("data", "backbone", "algorithm")
 FIXED_SECTIONS: dict[str, type] = {"run": RunConfig, "train": TrainConfig, "eval": EvalConfig}
+OPTIONAL_SECTIONS: dict[str, type] = {"distill": DistillSection}  # in the resolved recipe only when given
 EXTRA_KEYS = {"backbone": {"init_from": str}}  # keys a plugin table takes besides its factory's options
 
 
@@ -54,6 +63,7 @@ class Recipe:
     eval: EvalConfig
     plugins: dict[str, PluginSpec]
     resolved: dict[str, Any]  # the full recipe with defaults, TOML-serialisable
+    distill: DistillSection | None = None
 
     def base_dir(self) -> Path:
         return self.path.parent if self.path is not None else Path.cwd()
@@ -86,8 +96,9 @@ def apply_override(raw: dict, item: str) -> None:
     except tomllib.TOMLDecodeError:
         value = text.strip()
     table, name = parts
-    if table not in (*FIXED_SECTIONS, *PLUGIN_SECTIONS):
-        raise RecipeError(f"--set {item!r}: unknown table [{table}]{suggest(table, [*FIXED_SECTIONS, *PLUGIN_SECTIONS])}")
+    known = [*FIXED_SECTIONS, *OPTIONAL_SECTIONS, *PLUGIN_SECTIONS]
+    if table not in known:
+        raise RecipeError(f"--set {item!r}: unknown table [{table}]{suggest(table, known)}")
     section = raw.setdefault(table, {})
     if not isinstance(section, dict):
         raise RecipeError(f"--set {item!r}: [{table}] is not a table")
@@ -96,7 +107,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def parse_recipe(raw: dict, path: Path | None = None) -> Recipe:
     where = str(path) if path is not None else "recipe"
-    known = [*FIXED_SECTIONS, *PLUGIN_SECTIONS]
+    known = [*FIXED_SECTIONS, *OPTIONAL_SECTIONS, *PLUGIN_SECTIONS]
     for name, value in raw.items():
         if name not in known:
             raise RecipeError(f"{where}: unknown table [{name}]{suggest(name, known)}")
@@ -106,11 +117,17 @@ def parse_recipe(raw: dict, path: Path | None = None) -> Recipe:
         if name not in raw:
             raise RecipeError(f"{where}: missing table [{name}]")
     fixed = {name: build_dataclass(cls, raw.get(name, {}), f"{where}: [{name}]") for name, cls in FIXED_SECTIONS.items()}
+    optional = {
+        name: build_dataclass(cls, raw[name], f"{where}: [{name}]") for name, cls in OPTIONAL_SECTIONS.items() if name in raw
+    }
+    distill = optional.get("distill")
+    if distill is not None and not distill.teacher:
+        raise RecipeError(f"{where}: [distill] needs a teacher (a run directory or a recipe .toml)")
     plugins = {name: parse_plugin(name, raw[name], where) for name in PLUGIN_SECTIONS if name in raw}
-    resolved = {name: dataclass_to_dict(obj) for name, obj in fixed.items()}
+    resolved = {name: dataclass_to_dict(obj) for name, obj in {**fixed, **optional}.items()}
     for name, spec in plugins.items():
         resolved[name] = resolved_table(spec.kind, spec.options, spec.extra)
-    return Recipe(path, fixed["run"], fixed["train"], fixed["eval"], plugins, resolved)
+    return Recipe(path, fixed["run"], fixed["train"], fixed["eval"], plugins, resolved, distill)
 
 
 def resolved_table(kind: str, options: dict, extra: dict) -> dict:

@@ -22,7 +22,7 @@ from importlib.metadata import entry_points
 from rewardtune.errors import PluginError, PluginNotFoundError
 from rewardtune.imports import import_object
 
-CONTEXT_NAMES = ("sample_shape", "num_steps", "backbone", "value", "reward")
+CONTEXT_NAMES = ("sample_shape", "num_steps", "backbone", "value", "reward", "teacher")  # teacher: [distill]
 
 
 class Registry:
@@ -112,12 +112,18 @@ REWARDS = Registry(
         "clip": "rewardtune.rewards.clip:build_clip_reward",
         "aesthetic": "rewardtune.rewards.aesthetic:build_aesthetic_reward",
         "composite": "rewardtune.rewards.composite:build_composite_reward",
+        "teacher": "rewardtune.rewards.teacher:build_teacher_reward",
     },
 )
 ALGORITHMS = Registry(
     "algorithm",
     "rewardtune.algorithms",
-    {"dxdp": "rewardtune.algorithms.dxdp:build_dxdp", "ddpm": "rewardtune.algorithms.ddpm:build_ddpm"},
+    {
+        "dxdp": "rewardtune.algorithms.dxdp:build_dxdp",
+        "ddpm": "rewardtune.algorithms.ddpm:build_ddpm",
+        "policy_gradient": "rewardtune.algorithms.policy_gradient:build_policy_gradient",
+        "distill": "rewardtune.algorithms.distill:build_distill",
+    },
 )
 DATA = Registry(
     "data",

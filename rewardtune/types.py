@@ -42,3 +42,18 @@ class Trajectory:
     def transitions(self, t: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pairs (x_t, x_{t+1}) for per-sample times `t` [N] and batch indices `index` [N]."""
         return self.states[t, index], self.states[t + 1, index]
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A trained sampler and the reward it was tuned for, frozen: the teacher of a [distill] recipe.
+
+    Attributes:
+        backbone: the T-step policy (its EMA weights when the run kept an EMA).
+        reward: the run's reward (for DxMI, the learned energy), or None for a pretraining-only run.
+        run_dir: where it was loaded from.
+    """
+
+    backbone: torch.nn.Module
+    reward: torch.nn.Module | None
+    run_dir: str

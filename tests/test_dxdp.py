@@ -11,9 +11,22 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    LinearPolicy,
+    QuadraticCost,
+    QuadraticValueNet,
+    lqg_objective,
+    lqg_optimum,
+)
 
-from helpers import LinearPolicy, QuadraticCost, QuadraticValueNet, lqg_objective, lqg_optimum
-from rewardtune.algorithms.dxdp import DxDP, DxDPConfig, avr_update, td_target, time_cost, velocity_cost
+from rewardtune.algorithms.dxdp import (
+    DxDP,
+    DxDPConfig,
+    avr_update,
+    td_target,
+    time_cost,
+    velocity_cost,
+)
 from rewardtune.nets.value import ValueFunction
 from rewardtune.types import Trajectory
 

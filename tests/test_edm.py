@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rewardtune.backbones.edm import EDMChainPolicy, build_edm_backbone, edm_preconditioning
+from rewardtune.backbones.edm import (
+    EDMChainPolicy,
+    build_edm_backbone,
+    edm_preconditioning,
+)
 from rewardtune.backbones.schedules import ancestral_split, karras_sigmas
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_cli import ROOT, cli
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from helpers import LinearPolicy, QuadraticCost
+
 from rewardtune.algorithms.dxdp import DxDP, DxDPConfig
 from rewardtune.nets.value import build_time_mlp_value
 

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import LinearPolicy
 from torch import nn
 from torch.distributions import Normal
 
@@ -20,7 +21,6 @@ from rewardtune.backbones.schedules import (
     strided_timesteps,
 )
 from rewardtune.types import Trajectory
-from helpers import LinearPolicy
 
 
 def make_policy(sample_shape=(3,), T=3, *, seed=0, learn_mean=False, **kw) -> LinearPolicy:

@@ -7,7 +7,6 @@ import importlib.util
 import json
 
 import pytest
-
 from test_cli import ROOT, cli
 from test_image_recipes import tiny_cifar  # noqa: F401  (fixture: a tiny UNet and an image folder)
 from test_rewards import tiny_clip_dir  # noqa: F401  (fixture: a tiny open_clip model folder)

@@ -18,10 +18,9 @@ so recipes can quote the official temperatures (the effective temperatures are `
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
-
-import copy
 
 import torch
 

@@ -108,9 +108,14 @@ class GaussianChainPolicy(nn.Module):
         return torch.full((n,), t, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, guide: Guide | None = None) -> Trajectory:
-        """Roll out n chains without gradients. Returns the whole trajectory x_0..x_T."""
-        x = self.prior.sample(n, self.sample_shape, generator, self.device)
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, guide: Guide | None = None, x0: torch.Tensor | None = None
+    ) -> Trajectory:
+        """Roll out n chains without gradients from prior draws (or from the given starts `x0`). Returns the whole
+        trajectory x_0..x_T."""
+        if x0 is not None and tuple(x0.shape) != (n, *self.sample_shape):
+            raise ValueError(f"x0 has shape {tuple(x0.shape)}, expected {(n, *self.sample_shape)}")
+        x = self.prior.sample(n, self.sample_shape, generator, self.device) if x0 is None else x0.to(self.device)
         states, log_probs = [x], []
         sigmas = self.sigma()
         d = self.event_dim
@@ -127,6 +132,15 @@ class GaussianChainPolicy(nn.Module):
             sigmas=sigmas.detach().clone(),
             log_probs=None if guide is not None else torch.stack(log_probs),
         )
+
+    @torch.no_grad()
+    def mean_path(self, x0: torch.Tensor) -> torch.Tensor:
+        """The chain run from `x0` with its noise switched off: x_{t+1} = mean(x_t, t); returns x_T (a deterministic
+        map of x_0, what one-step distillation regresses on)."""
+        x = x0.to(self.device)
+        for t in range(self.num_steps):
+            x = self.mean(x, self.times(t, x.shape[0]))
+        return x
 
     def sigma_parameters(self) -> list[nn.Parameter]:
         return [self.log_sigma] if self.log_sigma.requires_grad else []

@@ -34,7 +34,7 @@ def load_unet(pretrained: str, subfolder: str | None = None) -> nn.Module:
 
     try:
         return UNet2DModel.from_pretrained(pretrained, subfolder=subfolder)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PluginError(
             f"cannot load UNet2DModel {pretrained!r} ({first[:160]}); offline, point backbone.pretrained at a local "
@@ -57,6 +57,7 @@ def build_ddpm_backbone(
     learn_sigma: bool = True,
     fix_last_sigma: bool = True,
     sigma_floor: float = 1e-3,
+    prediction: Literal["epsilon", "sample"] = "epsilon",
 ) -> EpsilonChainPolicy:
     """A pretrained (or, with `unet` and pretrained = "", randomly initialised) DDPM UNet as a T-step policy.
 
@@ -87,4 +88,5 @@ def build_ddpm_backbone(
         learn_sigma=learn_sigma,
         fix_last_sigma=fix_last_sigma,
         sigma_floor=sigma_floor,
+        prediction=prediction,
     )

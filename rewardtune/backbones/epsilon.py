@@ -12,13 +12,17 @@ learning sigma_t changes only the injected noise.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
 from rewardtune.backbones.base import GaussianChainPolicy
-from typing import Literal
-
-from rewardtune.backbones.schedules import ddpm_alphas_cumprod, fastdpm_ddpm_schedule, strided_ddpm_schedule
+from rewardtune.backbones.schedules import (
+    ddpm_alphas_cumprod,
+    fastdpm_ddpm_schedule,
+    strided_ddpm_schedule,
+)
 
 SCHEDULES = {"strided": strided_ddpm_schedule, "fastdpm": fastdpm_ddpm_schedule}
 
@@ -34,6 +38,9 @@ class EpsilonChainPolicy(GaussianChainPolicy):
             schedule with fractional timesteps, as in DxMI's CIFAR-10 runs; starts below pure noise for small T).
         num_train_steps: K, the DDPM training horizon.
         beta_start, beta_end: linear DDPM betas.
+        prediction: what the network outputs: "epsilon" (the noise, as DDPM pretraining trains it) or "sample" (x_0
+            directly; eps = (x - sqrt(ab) x0) / sqrt(1 - ab)). A one-step student needs "sample": from pure noise
+            (ab = 4e-5) the mean x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) amplifies any eps error 157 times.
         **policy_kwargs: passed to `GaussianChainPolicy` (learn_sigma, fix_last_sigma, sigma_floor, prior).
     """
 
@@ -47,30 +54,42 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         num_train_steps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        prediction: Literal["epsilon", "sample"] = "epsilon",
         **policy_kwargs,
     ) -> None:
         alphas_cumprod = ddpm_alphas_cumprod(num_train_steps, beta_start, beta_end)
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}: expected one of {sorted(SCHEDULES)}")
+        if prediction not in ("epsilon", "sample"):
+            raise ValueError(f"unknown prediction {prediction!r}: expected 'epsilon' or 'sample'")
         timesteps, coef = SCHEDULES[schedule](num_steps, alphas_cumprod)
+        self.prediction = prediction
         super().__init__(sample_shape, coef.sigma, **policy_kwargs)
         self.eps_net = eps_net
         self.register_buffer("alphas_cumprod", alphas_cumprod.float())  # [K], for DDPM training
         self.register_buffer("timesteps", timesteps.float())  # [T], DDPM step k_t of sampler step t
         self.register_buffer("coef_a", coef.a.float())  # [T]
         self.register_buffer("coef_c", coef.c.float())  # [T]
+        # alpha_bar of x_t at sampler step t [T]; derived from the schedule, so not part of checkpoints
+        self.register_buffer("step_alphas_cumprod", coef.alpha_bar_from.float(), persistent=False)
 
     @property
     def num_train_steps(self) -> int:
         return self.alphas_cumprod.shape[0]
 
-    def predict_eps(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """eps_theta(x, k) reshaped to x's shape, for DDPM timesteps k [B]."""
-        return self.eps_net(x, k).view_as(x)
+    def predict_eps(self, x: torch.Tensor, k: torch.Tensor, alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_theta(x, k) reshaped to x's shape, for DDPM timesteps k [B] (alpha_bar [B] of k: "sample" networks)."""
+        out = self.eps_net(x, k).view_as(x)
+        if self.prediction == "epsilon":
+            return out
+        if alpha_bar is None:
+            alpha_bar = self.alphas_cumprod[k.long()]
+        ab = alpha_bar.view(-1, *([1] * len(self.sample_shape)))
+        return (x - ab.sqrt() * out) / (1 - ab).sqrt()
 
     def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         view = (-1, *([1] * len(self.sample_shape)))
-        eps = self.predict_eps(x, self.timesteps[t])
+        eps = self.predict_eps(x, self.timesteps[t], self.step_alphas_cumprod[t])
         return self.coef_a[t].view(view) * x + self.coef_c[t].view(view) * eps
 
     def network_state(self) -> dict[str, torch.Tensor]:

@@ -23,10 +23,12 @@ def build_mlp_backbone(
     learn_sigma: bool = True,
     fix_last_sigma: bool = False,
     sigma_floor: float = 1e-3,
+    prediction: Literal["epsilon", "sample"] = "epsilon",
 ) -> EpsilonChainPolicy:
     """A T-step policy around TimeMLP(x, k) with a 128-d sinusoidal embedding of the DDPM timestep k.
 
-    `schedule` picks the T-step sub-schedule of the K-step DDPM ("strided" from pure noise, or "fastdpm").
+    `schedule` picks the T-step sub-schedule of the K-step DDPM ("strided" from pure noise, or "fastdpm");
+    `prediction` what the network outputs ("epsilon", or "sample" for a one-step student).
     """
     dim = 1
     for s in sample_shape:
@@ -43,4 +45,5 @@ def build_mlp_backbone(
         learn_sigma=learn_sigma,
         fix_last_sigma=fix_last_sigma,
         sigma_floor=sigma_floor,
+        prediction=prediction,
     )

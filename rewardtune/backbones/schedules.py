@@ -39,6 +39,7 @@ class StepCoefficients:
     a: torch.Tensor
     c: torch.Tensor
     sigma: torch.Tensor
+    alpha_bar_from: torch.Tensor  # the noise level alpha_bar of x_t (what an x0-prediction converts eps with)
 
 
 def ddim_transition(alpha_bar_from: torch.Tensor, alpha_bar_to: torch.Tensor, eta: float = 1.0) -> StepCoefficients:
@@ -56,7 +57,7 @@ def ddim_transition(alpha_bar_from: torch.Tensor, alpha_bar_to: torch.Tensor, et
     sigma = eta * torch.sqrt((1 - ab_to) / (1 - ab_from) * (1 - ab_from / ab_to))
     a = torch.sqrt(ab_to / ab_from)
     c = torch.sqrt((1 - ab_to - sigma**2).clamp_min(0.0)) - torch.sqrt(1 - ab_from) * a
-    return StepCoefficients(a=a, c=c, sigma=sigma)
+    return StepCoefficients(a=a, c=c, sigma=sigma, alpha_bar_from=ab_from)
 
 
 def strided_ddpm_schedule(

@@ -1,0 +1,219 @@
+"""Algorithm `policy_gradient`: the baseline DxDP is measured against (DDPO, Black et al. 2023; SFT-PG, Fan & Lee
+2023; GCD, ../shared/papers/002).
+
+Every iteration the trainer samples B chains (no gradient, with their per-step log-probs log pi_old). The return of
+transition t of chain i is the soft reward-to-go
+
+    G_t = r(x_T) + beta_knn * h_knn(x_T) - sum_{u >= t} [tau1 log pi_old(x_{u+1} | x_u) + tau2 ||x_{u+1} - x_u||^2 / (2 s_u^2)],
+
+where h_knn is GCD's per-sample k-nearest-neighbour (Kozachenko-Leonenko) marginal-entropy term log rho_k(x_T)
+(optional). The running costs make the objective the same one DxDP optimises (Eq. (8): entropy and velocity costs,
+s_u adapted by AVR); without the velocity cost an energy that is still flat lets the entropy term inflate sigma_t
+without bound (measured: sigma_0 0.6 -> 81 in 3,000 iterations on 8 Gaussians). The advantage A_t = G_t - b(x_t, t) uses a learned value baseline b = V(x_t, t)
+(regressed on G_t; the batch mean of G_t per t without a [value] section) and is normalised over the batch.
+Policy improvement is PPO's clipped surrogate on the per-step Gaussian log-probs,
+
+    L = -mean min(rho A, clip(rho, 1 - eps, 1 + eps) A),     rho = pi(x_{t+1} | x_t) / pi_old(x_{t+1} | x_t),
+
+for `ppo_epochs` passes over the B*T transitions in `minibatches` shuffled minibatches. Unlike DxDP it needs no
+gradient of the reward or the value: only the score function grad log pi.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rewardtune.algorithms.dxdp import avr_update, velocity_cost
+from rewardtune.backbones.base import GaussianChainPolicy
+from rewardtune.errors import RecipeError
+from rewardtune.nets.value import ValueFunction
+from rewardtune.optim import GradStep, all_mean
+from rewardtune.rewards.base import Reward, check_reward_output, reward_name
+from rewardtune.types import Trajectory
+
+
+@dataclass(frozen=True)
+class PolicyGradientConfig:
+    """Hyperparameters of the PPO-clip policy gradient."""
+
+    tau_entropy: float = 0.1  # tau1 of the soft return -tau1 sum log pi (0: plain reward maximisation)
+    tau_velocity: float = 0.0  # tau2 of the velocity running cost tau2 ||x_{t+1} - x_t||^2 / (2 s_t^2)
+    per_dimension: bool = False  # tau1, tau2 are per dimension (divided by D), DxDP's convention
+    avr: bool = True  # adapt s_t as DxDP's AVR does (false: s_t = sigma_t at initialisation)
+    avr_alpha: float = 0.99  # AVR moving-average rate
+    value_warmup: int = 0  # iterations that fit only the baseline (and the learned reward) before policy steps
+    knn_entropy: float = 0.0  # beta_knn: weight of GCD's kNN marginal-entropy bonus log rho_k(x_T) (0: off)
+    knn_k: int = 5  # k of the nearest-neighbour distance rho_k (within each process's batch)
+    clip_range: float = 0.2  # eps of PPO's clipped ratio
+    ppo_epochs: int = 1  # passes over each batch's transitions
+    minibatches: int = 1  # minibatches per pass
+    normalize_advantages: bool = True  # standardise A over the batch (and processes)
+    sampler_lr: float = 1e-5  # Adam lr of the sampler network
+    sigma_lr: float = 1e-3  # Adam lr of log sigma_t
+    sampler_grad_clip: float | None = None  # clip of the sampler gradient norm
+
+
+def knn_log_distance(x: torch.Tensor, k: int) -> torch.Tensor:
+    """log rho_k(x_i): log of the distance from each sample to its k-th nearest other sample: [B]."""
+    flat = x.flatten(1).double()
+    if flat.shape[0] <= k:
+        raise ValueError(f"the kNN entropy bonus needs more than k = {k} samples per process, got {flat.shape[0]}")
+    dist = torch.cdist(flat, flat)
+    dist.fill_diagonal_(float("inf"))
+    rho = dist.kthvalue(k, dim=1).values
+    return rho.clamp_min(1e-12).log().to(x.dtype)
+
+
+def soft_returns(terminal_reward: torch.Tensor, running_costs: torch.Tensor) -> torch.Tensor:
+    """G_t = r_T - sum_{u >= t} c_u: [T, B] from r_T [B] and the running costs c [T, B]."""
+    to_go = running_costs.flip(0).cumsum(0).flip(0)  # sum over u >= t
+    return terminal_reward.unsqueeze(0) - to_go
+
+
+def running_costs(trajectory: Trajectory, s2: torch.Tensor, tau1: float, tau2: float) -> torch.Tensor:
+    """c_t = tau1 log pi(x_{t+1} | x_t) + tau2 ||x_{t+1} - x_t||^2 / (2 s_t^2) of the sampled transitions: [T, B]."""
+    states = trajectory.states
+    velocity = torch.stack([velocity_cost(states[t], states[t + 1], s2[t]) for t in range(trajectory.num_steps)])
+    return tau1 * trajectory.log_probs + tau2 * velocity
+
+
+def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: torch.Tensor, clip_range: float):
+    """PPO's clipped surrogate (to minimise) and diagnostics (clip fraction, approximate KL)."""
+    log_ratio = log_prob - old_log_prob
+    ratio = log_ratio.exp()
+    unclipped = ratio * advantage
+    clipped = ratio.clamp(1 - clip_range, 1 + clip_range) * advantage
+    loss = -torch.minimum(unclipped, clipped).mean()
+    with torch.no_grad():
+        clip_fraction = ((ratio - 1).abs() > clip_range).float().mean()
+        approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's k3 estimator of KL(old || new)
+    return loss, clip_fraction, approx_kl
+
+
+class PolicyGradient:
+    """PPO-clip on the sampler's per-step Gaussian log-probs, with a learned value baseline."""
+
+    needs_rollout = True
+
+    def __init__(
+        self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction | None, *, config: PolicyGradientConfig
+    ) -> None:
+        self.backbone, self.reward, self.value, self.config = backbone, reward, value, config
+        scale = 1.0 / backbone.event_dim if config.per_dimension else 1.0
+        self.tau1, self.tau2 = config.tau_entropy * scale, config.tau_velocity * scale  # effective temperatures
+        self.s2 = backbone.sigma().detach().pow(2).clone()  # [T], s_t of the velocity cost (AVR), as in DxDP
+        self.sampler_optimizer = GradStep(
+            [(backbone.network_parameters(), config.sampler_lr), (backbone.sigma_parameters(), config.sigma_lr)],
+            grad_clip=config.sampler_grad_clip,
+        )
+        # A value that is also the learned energy (V(., T) = E) keeps its terminal slot: the baseline uses t < T only.
+        self.iteration = 0
+
+    def terminal_reward(self, x: torch.Tensor) -> torch.Tensor:
+        """r(x_T) plus the optional kNN entropy bonus: [B]."""
+        with torch.no_grad():
+            r = -check_reward_output(reward_name(self.reward), self.reward.cost(x), x.shape[0]).detach()
+            if self.config.knn_entropy > 0:
+                r = r + self.config.knn_entropy * knn_log_distance(x, self.config.knn_k)
+        return r
+
+    def advantages(self, trajectory: Trajectory, returns: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """A_t = G_t - baseline(x_t, t), normalised; also fits the value baseline. [T, B]."""
+        T, B = trajectory.num_steps, trajectory.batch_size
+        metrics = {}
+        if self.value is not None:
+            x = trajectory.states[:-1].flatten(0, 1)  # [T*B, ...]
+            t = torch.arange(T, device=x.device).repeat_interleave(B)
+            with torch.no_grad():
+                baseline = self.value(x, t).view(T, B)
+            loss = (self.value(x, t) - returns.flatten()).pow(2).mean()
+            self.value.optimizer.step(loss)
+            metrics["value/loss"] = loss.item()
+        else:
+            baseline = all_mean(returns.mean(1, keepdim=True))
+        advantage = returns - baseline
+        if self.config.normalize_advantages:
+            mean = all_mean(advantage.mean())
+            std = all_mean((advantage - mean).pow(2).mean()).sqrt()
+            advantage = (advantage - mean) / (std + 1e-8)
+        return advantage, metrics
+
+    def improve_policy(self, trajectory: Trajectory, advantage: torch.Tensor, generator) -> dict[str, float]:
+        cfg = self.config
+        T, B = trajectory.num_steps, trajectory.batch_size
+        x = trajectory.states[:-1].flatten(0, 1)
+        x_next = trajectory.states[1:].flatten(0, 1)
+        t = torch.arange(T, device=x.device).repeat_interleave(B)
+        old = trajectory.log_probs.flatten()
+        adv = advantage.flatten()
+        n = T * B
+        size = max(1, n // cfg.minibatches)
+        losses, clips, kls = [], [], []
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n, generator=generator, device=x.device)
+            for start in range(0, size * cfg.minibatches, size):
+                idx = order[start : start + size]
+                log_prob = self.backbone.log_prob(x_next[idx], x[idx], t[idx])
+                loss, clip_fraction, approx_kl = ppo_clip_loss(log_prob, old[idx], adv[idx], cfg.clip_range)
+                self.sampler_optimizer.step(loss)
+                losses.append(loss.item())
+                clips.append(float(clip_fraction))
+                kls.append(float(approx_kl))
+        return {
+            "policy/loss": sum(losses) / len(losses),
+            "policy/clip_fraction": sum(clips) / len(clips),
+            "policy/approx_kl": sum(kls) / len(kls),
+        }
+
+    def update(self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
+        if trajectory.log_probs is None:
+            raise ValueError("policy_gradient needs the sampled log-probs (a trajectory drawn without guidance)")
+        self.s2 = self.s2.to(trajectory.states.device)
+        r = self.terminal_reward(trajectory.final)
+        returns = soft_returns(r, running_costs(trajectory, self.s2, self.tau1, self.tau2))
+        advantage, metrics = self.advantages(trajectory, returns)
+        if self.iteration >= self.config.value_warmup:
+            metrics.update(self.improve_policy(trajectory, advantage.detach(), generator))
+        if self.config.avr:
+            self.s2 = avr_update(self.s2, trajectory, self.config.avr_alpha)
+        metrics["reward/mean"] = float(all_mean(r.mean()))
+        self.iteration += 1
+        sigma = self.backbone.sigma().detach()
+        metrics.update({f"sigma/{t}": float(s) for t, s in enumerate(sigma)})
+        return metrics
+
+    def guide(self, scale: float):
+        raise RecipeError("value guidance needs a cost-to-go value function (dxdp); policy_gradient's is a baseline")
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"value": self.value} if self.value is not None else {}
+
+    def optimizers(self) -> dict[str, GradStep]:
+        opts = {"sampler": self.sampler_optimizer}
+        if self.value is not None:
+            opts["value"] = self.value.optimizer
+        return opts
+
+    def state_dict(self) -> dict:
+        return {"s2": self.s2.clone(), "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.s2 = state["s2"].to(self.s2.device)
+        self.iteration = int(state["iteration"])
+
+
+def build_policy_gradient(
+    backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction | None, /, *, config: PolicyGradientConfig
+) -> PolicyGradient:
+    """Algorithm `policy_gradient` (PPO-clip with a value baseline; [value] optional)."""
+    if reward is None:
+        raise ValueError("algorithm 'policy_gradient' needs a [reward] section")
+    if config.ppo_epochs < 1 or config.minibatches < 1:
+        raise ValueError("ppo_epochs and minibatches must be at least 1")
+    if not 0 < config.clip_range < 1:
+        raise ValueError(f"clip_range must be in (0, 1), got {config.clip_range}")
+    if config.knn_k < 1:
+        raise ValueError(f"knn_k must be at least 1, got {config.knn_k}")
+    return PolicyGradient(backbone, reward, value, config=config)
