@@ -1,0 +1,137 @@
+"""DxDP against the policy-gradient baseline on the same reward and the same number of sampled trajectories.
+
+Reads finished runs (eval.json, metrics.jsonl, recipe.toml) and writes a PNG of each task's metric against sampled
+trajectories and against training wall time (mean over seeds, min-max band), and prints a markdown table:
+the final metric, and the trajectories and seconds each method needed to reach a threshold (first evaluation at or
+past it, averaged over the seeds that reached it).
+
+    python scripts/bench_dxdp_vs_pg.py --plot docs/img/dxdp_vs_pg.png
+
+The runs it reads are made by (S = 0, 1, 2; docs/results.md has the exact commands):
+    rewardtune run recipes/dxmi_8gaussians.toml --seed S --out runs/table1/dxmi_sS
+    rewardtune run recipes/pg_8gaussians.toml --seed S --out runs/pg/pg_8gaussians_sS --set backbone.init_from=runs/table1/dxmi_sS/pretrain
+    rewardtune run recipes/classifier_digits.toml --seed S --out runs/rewards/clf_beta0_sS --set backbone.init_from=...
+    rewardtune run recipes/pg_classifier_digits.toml --seed S --out runs/pg/pg_classifier_digits_sS --set backbone.init_from=...
+Time is `time_s` of metrics.jsonl: seconds since the fine-tuning loop started (evaluations included, pretraining not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Task:
+    title: str
+    metric: str
+    lower_is_better: bool
+    threshold: float
+    dxdp: str  # run directory pattern with {seed}
+    pg: str
+
+
+TASKS = [
+    Task("8 Gaussians, DxMI (learned energy)", "sliced_wasserstein", True, 0.1, "runs/table1/dxmi_s{seed}", "runs/pg/pg_8gaussians_s{seed}"),
+    Task(
+        "digits, classifier reward (target 3)", "target_class_fraction", False, 0.5,
+        "runs/rewards/clf_beta0_s{seed}", "runs/pg/pg_classifier_digits_s{seed}",
+    ),
+]
+
+
+def curve(run_dir: Path, metric: str) -> list[tuple[int, float, float]]:
+    """[(trajectories, seconds, metric)] from the initial evaluation, the periodic ones and the final one."""
+    recipe = tomllib.loads((run_dir / "recipe.toml").read_text())
+    batch = int(recipe["train"]["batch_size"])
+    result = json.loads((run_dir / "eval.json").read_text())
+    points = [(0, 0.0, result["initial_metrics"][metric])]
+    last_time = 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        last_time = max(last_time, record["time_s"])
+        if "eval" in record:
+            points.append((record["step"] * batch, record["time_s"], record["eval"][metric]))
+    points.append((result["step"] * batch, last_time, result["metrics"][metric]))
+    return points
+
+
+def first_reaching(points, threshold: float, lower: bool) -> tuple[int, float] | None:
+    for n, seconds, value in points:
+        if (value <= threshold) if lower else (value >= threshold):
+            return n, seconds
+    return None
+
+
+def summarise(task: Task, method: str, curves: list[list]) -> str:
+    finals = [c[-1][2] for c in curves]
+    reached = [r for r in (first_reaching(c, task.threshold, task.lower_is_better) for c in curves) if r is not None]
+    mean = statistics.mean(finals)
+    std = statistics.stdev(finals) if len(finals) > 1 else 0.0
+    per_it = statistics.mean(c[-1][1] / max(c[-1][0], 1) for c in curves)  # seconds per trajectory
+    if reached:
+        n = statistics.mean(r[0] for r in reached)
+        s = statistics.mean(r[1] for r in reached)
+        hit = f"{len(reached)}/{len(curves)} seeds; {n:,.0f} trajectories, {s:,.0f} s"
+    else:
+        hit = f"0/{len(curves)} seeds"
+    hit = f"{task.metric} {'≤' if task.lower_is_better else '≥'} {task.threshold}: {hit}"
+    return f"| {task.title} | {method} | {mean:.3f} ± {std:.3f} | {hit} | {per_it * 1e3:.2f} ms |"
+
+
+def plot(tasks_curves, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(tasks_curves), 2, figsize=(10, 3.6 * len(tasks_curves)), squeeze=False)
+    for row, (task, by_method) in enumerate(tasks_curves):
+        for col, (index, label) in enumerate(((0, "sampled trajectories"), (1, "training wall time (s)"))):
+            ax = axes[row, col]
+            for method, curves in by_method.items():
+                if not curves:
+                    continue
+                xs = np.array([[p[index] for p in c] for c in curves], dtype=float)
+                ys = np.array([[p[2] for p in c] for c in curves], dtype=float)
+                x = xs.mean(0)
+                ax.plot(x, ys.mean(0), marker="o", ms=3, label=f"{method} ({len(curves)} seeds)")
+                ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
+            ax.axhline(task.threshold, color="grey", lw=0.8, ls="--")
+            ax.set_xlabel(label)
+            ax.set_ylabel(task.metric)
+            ax.set_title(task.title, fontsize=10)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--plot", type=Path, default=Path("docs/img/dxdp_vs_pg.png"))
+    args = parser.parse_args()
+    rows, tasks_curves = [], []
+    for task in TASKS:
+        by_method = {}
+        for method, pattern in (("DxDP", task.dxdp), ("policy gradient (PPO)", task.pg)):
+            dirs = [Path(pattern.format(seed=s)) for s in args.seeds]
+            by_method[method] = [curve(d, task.metric) for d in dirs if (d / "eval.json").is_file()]
+            if by_method[method]:
+                rows.append(summarise(task, method, by_method[method]))
+        tasks_curves.append((task, by_method))
+    print("| task | method | final metric (mean ± std) | first evaluation past the threshold | wall time per trajectory |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    plot(tasks_curves, args.plot)
+    print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
