@@ -6,12 +6,18 @@ import tomllib
 from pathlib import Path
 
 from rewardtune import checkpoint as ckpt
-from rewardtune.build import Experiment, build_experiment, with_seed
+from rewardtune.build import (
+    RUN_RECIPE,
+    Experiment,
+    build_experiment,
+    read_run_recipe,
+    with_seed,
+)
 from rewardtune.errors import CheckpointError, RecipeError, RewardtuneError
 from rewardtune.recipe import Recipe, load_recipe, parse_recipe, recipe_to_toml
 from rewardtune.trainer import Reporter, Trainer
 
-RECIPE_FILE = "recipe.toml"
+RECIPE_FILE = RUN_RECIPE
 
 
 def make_accelerator():
@@ -125,20 +131,13 @@ def finished(run_dir: Path, recipe: Recipe) -> bool:
 def load_run(run_dir: str | Path, *, accelerator=None, reporter=None, best: bool = False) -> Trainer:
     """A Trainer holding a run's latest checkpoint, or its best one (`best`), for eval and sample."""
     run_dir = Path(run_dir)
-    recipe_file = run_dir / RECIPE_FILE
-    if not recipe_file.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no {RECIPE_FILE})")
-    try:
-        raw = tomllib.loads(recipe_file.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise RecipeError(f"{recipe_file}: malformed TOML: {err}") from None
-    raw.get("backbone", {}).pop("init_from", None)  # the checkpoint supersedes the starting weights
+    raw = read_run_recipe(run_dir)
     teacher = raw.get("distill", {}).get("teacher", "")
     if teacher.endswith(".toml"):  # a teacher recipe was run into <run>/teacher
         raw["distill"]["teacher"] = str(run_dir / "teacher")
     if "distill" in raw:
         raw["distill"]["init_from_teacher"] = False  # the checkpoint holds the student's weights
-    recipe = parse_recipe(raw, recipe_file)
+    recipe = parse_recipe(raw, run_dir / RECIPE_FILE)
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if best:
         latest = run_dir / "checkpoints" / "best"

@@ -23,6 +23,8 @@ from rewardtune.recipe import PluginSpec, Recipe
 from rewardtune.registry import REGISTRIES, context_parameters
 from rewardtune.types import Teacher
 
+RUN_RECIPE = "recipe.toml"  # the resolved recipe a run directory keeps
+
 
 @dataclass
 class Experiment:
@@ -106,23 +108,29 @@ def resolve_run_path(
     return path
 
 
-def load_teacher(run_dir: Path) -> Teacher:
-    """A finished run's backbone (its EMA weights when it kept an EMA) and reward, frozen, from its latest checkpoint."""
+def read_run_recipe(run_dir: Path, what: str = "") -> dict:
+    """The raw recipe stored in a run directory, without `backbone.init_from` (the checkpoint supersedes it)."""
     import tomllib
 
-    from rewardtune.recipe import parse_recipe
-
-    recipe_file = run_dir / "recipe.toml"
+    recipe_file = run_dir / RUN_RECIPE
     if not recipe_file.is_file():
-        raise CheckpointError(f"distill.teacher: {run_dir} is not a run directory (no recipe.toml)")
+        raise CheckpointError(f"{what}{run_dir} is not a run directory (no {RUN_RECIPE})")
     try:
         raw = tomllib.loads(recipe_file.read_text())
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{recipe_file}: malformed TOML: {err}") from None
-    raw.get("backbone", {}).pop("init_from", None)  # the checkpoint supersedes the starting weights
+    raw.get("backbone", {}).pop("init_from", None)
+    return raw
+
+
+def load_teacher(run_dir: Path) -> Teacher:
+    """A finished run's backbone (its EMA weights when it kept an EMA) and reward, frozen, from its latest checkpoint."""
+    from rewardtune.recipe import parse_recipe
+
+    raw = read_run_recipe(run_dir, "distill.teacher: ")
     if "distill" in raw:
         raise RecipeError(f"distill.teacher: {run_dir} is itself a distilled student; name a T-step teacher")
-    experiment = build_experiment(parse_recipe(raw, recipe_file))
+    experiment = build_experiment(parse_recipe(raw, run_dir / RUN_RECIPE))
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if latest is None:
         raise CheckpointError(f"distill.teacher: no checkpoint in {run_dir}")

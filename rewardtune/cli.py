@@ -69,47 +69,55 @@ class RichReporter:
             self.progress, self.task = None, None
 
 
-@app.command()
-def run(
-    recipe: Annotated[Path, typer.Argument(help="The recipe (.toml).")],
-    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<run.name>).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Override train.steps.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Override train.seed.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest checkpoint.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Allow a run directory holding another recipe.")] = False,
-) -> None:
-    """Train a recipe and write eval.json, metrics.jsonl, plots and checkpoints to the run directory."""
+OutOption = Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<run.name>).")]
+StepsOption = Annotated[int | None, typer.Option("--steps", help="Override train.steps.")]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Override train.seed.")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value.")]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest checkpoint.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Allow a run directory holding another recipe.")]
+
+
+def recipe_overrides(set_: list[str] | None, steps: int | None, seed: int | None) -> list[str]:
     overrides = list(set_ or [])
     if steps is not None:
         overrides.append(f"train.steps={steps}")
     if seed is not None:
         overrides.append(f"train.seed={seed}")
-    run_with_overrides(recipe, out, overrides, resume=resume, force=force)
+    return overrides
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="The recipe (.toml).")],
+    out: OutOption = None,
+    steps: StepsOption = None,
+    seed: SeedOption = None,
+    set_: SetOption = None,
+    resume: ResumeOption = False,
+    force: ForceOption = False,
+) -> None:
+    """Train a recipe and write eval.json, metrics.jsonl, plots and checkpoints to the run directory."""
+    run_with_overrides(recipe, out, recipe_overrides(set_, steps, seed), resume=resume, force=force)
 
 
 @app.command()
 def distill(
     recipe: Annotated[Path, typer.Argument(help="A distillation recipe (.toml with a [distill] table).")],
     teacher: Annotated[Path | None, typer.Option("--teacher", help="The tuned T-step run to distil (overrides distill.teacher).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<run.name>).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Override train.steps.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Override train.seed.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest checkpoint.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Allow a run directory holding another recipe.")] = False,
+    out: OutOption = None,
+    steps: StepsOption = None,
+    seed: SeedOption = None,
+    set_: SetOption = None,
+    resume: ResumeOption = False,
+    force: ForceOption = False,
 ) -> None:
     """Distil a tuned sampler into a one-step student (`rewardtune run` on a [distill] recipe, with --teacher)."""
     from rewardtune.errors import RecipeError
     from rewardtune.recipe import load_recipe
 
-    overrides = list(set_ or [])
+    overrides = recipe_overrides(set_, steps, seed)
     if teacher is not None:
         overrides.append(f"distill.teacher={str(teacher.resolve())!r}")
-    if steps is not None:
-        overrides.append(f"train.steps={steps}")
-    if seed is not None:
-        overrides.append(f"train.seed={seed}")
     if load_recipe(recipe, overrides).distill is None:
         raise RecipeError(f"{recipe} has no [distill] table (naming the teacher); see docs/distillation.md")
     run_with_overrides(recipe, out, overrides, resume=resume, force=force)
