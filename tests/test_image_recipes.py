@@ -66,3 +66,28 @@ def test_cifar10_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "CIFAR-10 is not in" in lines[0], err
+
+
+def test_distill_cifar10_recipe_runs_with_a_tiny_teacher(tiny_cifar, tmp_path, capsys, monkeypatch):
+    """The CIFAR-10 distillation recipe's own code path: a tiny DxMI teacher run, then the one-step student started
+    from the teacher's UNet (init_from_teacher), through regression and DxDP at T = 1."""
+    monkeypatch.chdir(ROOT)
+    unet, images = tiny_cifar
+    small = [
+        "--set", f"backbone.pretrained={unet}", "--set", "data.kind=image_folder", "--set", f"data.path={images}",
+        "--set", "value.channels=8", "--set", "train.batch_size=4", "--set", "train.eval_every=2",
+        "--set", "train.checkpoint_every=2", "--set", "eval.num_samples=16", "--set", "eval.feature_extractor=helpers:tiny_features",
+    ]
+    teacher = tmp_path / "teacher"
+    code, _, err = cli(capsys, "run", "recipes/dxmi_cifar10.toml", "--out", str(teacher), "--steps", "2", *small)
+    assert code == 0, err
+    out = tmp_path / "student"
+    code, _, err = cli(
+        capsys, "distill", "recipes/distill_cifar10.toml", "--teacher", str(teacher), "--out", str(out), "--steps", "4",
+        "--set", "algorithm.regression_steps=2", "--set", "train.log_every=1", *small,
+    )
+    assert code == 0, err
+    result = json.loads((out / "eval.json").read_text())
+    assert result["step"] == 4 and set(result["metrics"]) == {"frechet_distance", "precision", "recall"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("distill/mse" in r for r in records) and any("policy/loss" in r for r in records)
