@@ -36,7 +36,7 @@ class Task:
 
 
 TASKS = [
-    Task("8 Gaussians, DxMI (learned energy)", "sliced_wasserstein", True, 0.1, "runs/table1/dxmi_s{seed}", "runs/pg/pg_8gaussians_s{seed}"),
+    Task("8 Gaussians, DxMI (learned energy)", "sliced_wasserstein", True, 0.07, "runs/table1/dxmi_s{seed}", "runs/pg/pg_8gaussians_s{seed}"),
     Task(
         "digits, classifier reward (target 3)", "target_class_fraction", False, 0.5,
         "runs/rewards/clf_beta0_s{seed}", "runs/pg/pg_classifier_digits_s{seed}",
@@ -106,7 +106,8 @@ def plot(tasks_curves, path: Path) -> None:
             ax.set_xlabel(label)
             ax.set_ylabel(task.metric)
             ax.set_title(task.title, fontsize=10)
-            ax.legend(fontsize=8)
+            if any(by_method.values()):
+                ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

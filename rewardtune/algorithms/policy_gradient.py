@@ -108,7 +108,6 @@ class PolicyGradient:
             [(backbone.network_parameters(), config.sampler_lr), (backbone.sigma_parameters(), config.sigma_lr)],
             grad_clip=config.sampler_grad_clip,
         )
-        # A value that is also the learned energy (V(., T) = E) keeps its terminal slot: the baseline uses t < T only.
         self.iteration = 0
 
     def terminal_reward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +119,10 @@ class PolicyGradient:
         return r
 
     def advantages(self, trajectory: Trajectory, returns: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """A_t = G_t - baseline(x_t, t), normalised; also fits the value baseline. [T, B]."""
+        """A_t = G_t - baseline(x_t, t), normalised; also fits the value baseline. [T, B].
+
+        The baseline is regressed at t < T only, so a value that is also the learned energy (V(., T) = E) keeps its
+        terminal slot for the energy."""
         T, B = trajectory.num_steps, trajectory.batch_size
         metrics = {}
         if self.value is not None:
