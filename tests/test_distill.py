@@ -129,10 +129,14 @@ def test_distill_command_trains_a_one_step_student_that_sample_and_eval_use(teac
         (["recipes/distill_8gaussians.toml", "--teacher", "/nonexistent/run"], "distill.teacher: /nonexistent/run does not exist"),
         (["recipes/distill_8gaussians.toml", "--set", "distill.teacher=''"], "[distill] needs a teacher"),
         (["recipes/distill_8gaussians.toml", "--set", "distill.techer=x"], "did you mean 'teacher'"),
+        (["recipes/distill_8gaussians.toml", "--teacher", "runs", "--set", "backbone.num_steps=2"], None),
     ],
-    ids=["no distill table", "missing teacher", "empty teacher", "misspelt key"],
+    ids=["no distill table", "missing teacher", "empty teacher", "misspelt key", "student with two steps"],
 )
-def test_distill_bad_input_is_one_line(args, message, tmp_path: Path, capsys):
+def test_distill_bad_input_is_one_line(args, message, tmp_path: Path, capsys, teacher_run: Path):
+    if message is None:  # a student that is not one step, with a real teacher
+        args = [a if a != "runs" else str(teacher_run) for a in args]
+        message = "trains a one-step student: set backbone.num_steps = 1"
     code, _, err = cli(capsys, "distill", *args, "--out", str(tmp_path / "x"))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 

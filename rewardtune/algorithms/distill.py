@@ -132,6 +132,8 @@ def build_distill(
             f"the student's sample shape {tuple(backbone.sample_shape)} differs from the teacher's "
             f"{tuple(teacher.backbone.sample_shape)}"
         )
+    if backbone.num_steps != 1:
+        raise ValueError(f"algorithm 'distill' trains a one-step student: set backbone.num_steps = 1 (got {backbone.num_steps})")
     if config.regression_steps < 0:
         raise ValueError(f"regression_steps must be >= 0, got {config.regression_steps}")
     return Distill(backbone, reward, value, teacher, config=config)
