@@ -19,7 +19,7 @@ import torch
 
 from rewardtune import checkpoint as ckpt
 from rewardtune.errors import CheckpointError, RecipeError
-from rewardtune.recipe import PluginSpec, Recipe
+from rewardtune.recipe import PluginSpec, Recipe, parse_recipe, read_toml
 from rewardtune.registry import REGISTRIES, context_parameters
 from rewardtune.types import Teacher
 
@@ -110,23 +110,16 @@ def resolve_run_path(
 
 def read_run_recipe(run_dir: Path, what: str = "") -> dict:
     """The raw recipe stored in a run directory, without `backbone.init_from` (the checkpoint supersedes it)."""
-    import tomllib
-
     recipe_file = run_dir / RUN_RECIPE
     if not recipe_file.is_file():
         raise CheckpointError(f"{what}{run_dir} is not a run directory (no {RUN_RECIPE})")
-    try:
-        raw = tomllib.loads(recipe_file.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise RecipeError(f"{recipe_file}: malformed TOML: {err}") from None
+    raw = read_toml(recipe_file)
     raw.get("backbone", {}).pop("init_from", None)
     return raw
 
 
 def load_teacher(run_dir: Path) -> Teacher:
     """A finished run's backbone (its EMA weights when it kept an EMA) and reward, frozen, from its latest checkpoint."""
-    from rewardtune.recipe import parse_recipe
-
     raw = read_run_recipe(run_dir, "distill.teacher: ")
     if "distill" in raw:
         raise RecipeError(f"distill.teacher: {run_dir} is itself a distilled student; name a T-step teacher")

@@ -70,16 +70,21 @@ class Recipe:
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
+def read_toml(path: Path) -> dict:
+    """A TOML file as a dict; malformed or binary content is a one-line RecipeError."""
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{path}: malformed TOML: {err}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    raw = read_toml(path)
     for item in overrides or []:
         apply_override(raw, item)
     return parse_recipe(raw, path)

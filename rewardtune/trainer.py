@@ -111,9 +111,9 @@ class Trainer:
 
     Args:
         backbone: the policy.
-        algorithm: has `update(real, trajectory, generator)`, `needs_rollout`, `modules()`, `optimizers()`,
-            `state_dict()`/`load_state_dict()`, and optionally `guide(scale)` and `trains_reward` (false: skip the
-            learning reward's update this iteration).
+        algorithm: has `update(real, trajectory, generator)`, `needs_rollout` (read every iteration: false means no
+            rollout and no learning-reward update that iteration, and `trajectory` is None), `modules()`,
+            `optimizers()`, `state_dict()`/`load_state_dict()`, and optionally `guide(scale)`.
         reward: the reward (None for pure pretraining); a learning reward is updated every iteration.
         data: `sample(n, generator) -> Tensor`.
         evaluator: `evaluate(backbone, reward, generator, guide) -> metrics` and `plot(...)`.
@@ -363,7 +363,7 @@ class Trainer:
         try:
             if self.algorithm.needs_rollout:
                 trajectory = self.backbone.sample(cfg.batch_size, self.train_gen)
-                if self.reward is not None and self.reward.learns and getattr(self.algorithm, "trains_reward", True):
+                if self.reward is not None and self.reward.learns:
                     metrics.update(self.reward.update(real, trajectory.final))
             metrics.update(self.algorithm.update(real, trajectory, self.train_gen))
         except PluginError as err:  # a reward breaking its contract (shape, NaN/inf): say when

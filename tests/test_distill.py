@@ -35,10 +35,10 @@ def distil(teacher_noise: bool, steps: int = 1500) -> LinearPolicy:
     gen = torch.Generator().manual_seed(0)
     for i in range(steps):
         algorithm.regression_optimizer.set_lr_scale(1.0 if i < 0.7 * steps else 0.1)
-        assert not algorithm.trains_reward  # a learning reward stays as the teacher left it during regression
-        metrics = algorithm.update(None, student.sample(256, gen), gen)
+        assert not algorithm.needs_rollout  # no rollout, so a learning reward stays as the teacher left it
+        metrics = algorithm.update(torch.zeros(256, D), None, gen)  # the data batch sets the regression batch
         assert "distill/mse" in metrics
-    assert algorithm.trains_reward  # regression over: a learning reward would now be updated
+    assert algorithm.needs_rollout  # regression over: rollouts (and a learning reward's updates) start
     return student
 
 

@@ -27,7 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rewardtune.algorithms.dxdp import DxDP, DxDPConfig
+from rewardtune.algorithms.dxdp import (
+    DxDP,
+    DxDPConfig,
+    sampler_optimizer,
+    sigma_metrics,
+)
 from rewardtune.backbones.base import GaussianChainPolicy
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep, all_mean
@@ -61,21 +66,18 @@ def regression_loss(
 class Distill:
     """Regression on teacher pairs, then DxDP at T = 1 against the teacher's reward."""
 
-    needs_rollout = True
-
     def __init__(
         self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction, teacher: Teacher, *, config: DistillConfig
     ) -> None:
         self.backbone, self.teacher, self.config = backbone, teacher, config
         self.dxdp = DxDP(backbone, reward, value, config=config)
-        self.regression_optimizer = GradStep(
-            [(backbone.network_parameters(), config.regression_lr), (backbone.sigma_parameters(), config.regression_sigma_lr)]
-        )
+        self.regression_optimizer = sampler_optimizer(backbone, config.regression_lr, config.regression_sigma_lr, None)
         self.iteration = 0
 
     @property
-    def trains_reward(self) -> bool:
-        """A learning reward (`teacher` with learn = true) stays as the teacher left it during regression."""
+    def needs_rollout(self) -> bool:
+        """No student rollout during regression (it would go unused), and so no update of a learning reward (`teacher`
+        with learn = true): the energy stays as the teacher left it until DxDP starts."""
         return self.iteration >= self.config.regression_steps
 
     def regress(self, batch_size: int, generator: torch.Generator | None) -> dict[str, float]:
@@ -92,11 +94,12 @@ class Distill:
         metrics["policy/grad_norm"] = self.regression_optimizer.step(loss)
         return metrics
 
-    def update(self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
-        if self.iteration < self.config.regression_steps:
-            metrics = self.regress(trajectory.batch_size, generator)
-            sigma = self.backbone.sigma().detach()
-            metrics.update({f"sigma/{t}": float(s) for t, s in enumerate(sigma)})
+    def update(
+        self, real: torch.Tensor, trajectory: Trajectory | None, generator: torch.Generator | None
+    ) -> dict[str, float]:
+        if not self.needs_rollout:
+            metrics = self.regress(real.shape[0], generator)
+            metrics.update(sigma_metrics(self.backbone))
         else:
             metrics = self.dxdp.update(real, trajectory, generator)
         self.iteration += 1

@@ -114,6 +114,26 @@ def kl_to_reference(mean: torch.Tensor, reference_mean: torch.Tensor, sigma: tor
     return (mean - reference_mean.detach()).flatten(1).pow(2).sum(1) / (2 * sigma**2)
 
 
+def effective_temperatures(tau1: float, tau2: float, per_dimension: bool, event_dim: int) -> tuple[float, float]:
+    """The temperatures that multiply per-sample sums: tau / D when they were given per dimension."""
+    scale = 1.0 / event_dim if per_dimension else 1.0
+    return tau1 * scale, tau2 * scale
+
+
+def sampler_optimizer(
+    backbone: GaussianChainPolicy, sampler_lr: float, sigma_lr: float, grad_clip: float | None
+) -> GradStep:
+    """Adam on the sampler network (sampler_lr) and its log sigma_t (sigma_lr), with an optional norm clip."""
+    return GradStep(
+        [(backbone.network_parameters(), sampler_lr), (backbone.sigma_parameters(), sigma_lr)], grad_clip=grad_clip
+    )
+
+
+def sigma_metrics(backbone: GaussianChainPolicy) -> dict[str, float]:
+    """{"sigma/t": sigma_t} for logging."""
+    return {f"sigma/{t}": float(s) for t, s in enumerate(backbone.sigma().detach())}
+
+
 def avr_update(s2: torch.Tensor, trajectory: Trajectory, alpha: float) -> torch.Tensor:
     """AVR (Sec. 4.2): s_t^2 <- alpha s_t^2 + (1 - alpha) mean_batch ||x_{t+1} - x_t||^2 / D, averaged over ranks."""
     states = trajectory.states
@@ -136,12 +156,10 @@ class DxDP:
         if config.terminal == "reward" and not reward.differentiable:
             raise ValueError("algorithm.terminal = 'reward' needs a differentiable reward; use terminal = 'value'")
         self.backbone, self.reward, self.value, self.config = backbone, reward, value, config
-        scale = 1.0 / backbone.event_dim if config.per_dimension else 1.0
-        self.tau1, self.tau2 = config.tau_entropy * scale, config.tau_velocity * scale  # effective temperatures
-        self.sampler_optimizer = GradStep(
-            [(backbone.network_parameters(), config.sampler_lr), (backbone.sigma_parameters(), config.sigma_lr)],
-            grad_clip=config.sampler_grad_clip,
+        self.tau1, self.tau2 = effective_temperatures(
+            config.tau_entropy, config.tau_velocity, config.per_dimension, backbone.event_dim
         )
+        self.sampler_optimizer = sampler_optimizer(backbone, config.sampler_lr, config.sigma_lr, config.sampler_grad_clip)
         self.s2 = backbone.sigma().detach().pow(2).clone()  # [T], AVR: s_t <- sigma_t (Algorithm 1, line 2)
         self.iteration = 0
         # KL safeguard: the starting policy, frozen (rebuilt identically on resume from the same initial weights).
@@ -236,8 +254,7 @@ class DxDP:
         if self.config.avr:
             self.s2 = avr_update(self.s2, trajectory, self.config.avr_alpha)
         self.iteration += 1
-        sigma = self.backbone.sigma().detach()
-        metrics.update({f"sigma/{t}": float(s) for t, s in enumerate(sigma)})
+        metrics.update(sigma_metrics(self.backbone))
         return metrics
 
     # ---- value guidance --------------------------------------------------------------------------------------------

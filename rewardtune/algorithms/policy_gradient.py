@@ -25,7 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rewardtune.algorithms.dxdp import avr_update, velocity_cost
+from rewardtune.algorithms.dxdp import (
+    avr_update,
+    effective_temperatures,
+    sampler_optimizer,
+    sigma_metrics,
+    velocity_cost,
+)
 from rewardtune.backbones.base import GaussianChainPolicy
 from rewardtune.errors import RecipeError
 from rewardtune.nets.value import ValueFunction
@@ -101,13 +107,11 @@ class PolicyGradient:
         self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction | None, *, config: PolicyGradientConfig
     ) -> None:
         self.backbone, self.reward, self.value, self.config = backbone, reward, value, config
-        scale = 1.0 / backbone.event_dim if config.per_dimension else 1.0
-        self.tau1, self.tau2 = config.tau_entropy * scale, config.tau_velocity * scale  # effective temperatures
-        self.s2 = backbone.sigma().detach().pow(2).clone()  # [T], s_t of the velocity cost (AVR), as in DxDP
-        self.sampler_optimizer = GradStep(
-            [(backbone.network_parameters(), config.sampler_lr), (backbone.sigma_parameters(), config.sigma_lr)],
-            grad_clip=config.sampler_grad_clip,
+        self.tau1, self.tau2 = effective_temperatures(
+            config.tau_entropy, config.tau_velocity, config.per_dimension, backbone.event_dim
         )
+        self.s2 = backbone.sigma().detach().pow(2).clone()  # [T], s_t of the velocity cost (AVR), as in DxDP
+        self.sampler_optimizer = sampler_optimizer(backbone, config.sampler_lr, config.sigma_lr, config.sampler_grad_clip)
         self.iteration = 0
 
     def terminal_reward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,8 +186,7 @@ class PolicyGradient:
             self.s2 = avr_update(self.s2, trajectory, self.config.avr_alpha)
         metrics["reward/mean"] = float(all_mean(r.mean()))
         self.iteration += 1
-        sigma = self.backbone.sigma().detach()
-        metrics.update({f"sigma/{t}": float(s) for t, s in enumerate(sigma)})
+        metrics.update(sigma_metrics(self.backbone))
         return metrics
 
     def guide(self, scale: float):
