@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,31 @@ def test_precision_recall_extremes():
     assert precision_recall(real, far) == (0.0, 0.0)
     p, r = precision_recall(real, collapsed)  # mode collapse: precise but no recall
     assert p > 0.99 and r < 0.1
+
+
+def test_trace_sqrt_product_matches_the_matrix_square_root_for_non_commuting_and_singular_covariances():
+    from scipy.linalg import sqrtm
+
+    from rewardtune.metrics.fid import trace_sqrt_product
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 3))
+    s1, s2 = a @ a.T, b @ b.T  # s2 has rank 3; s1 and s2 do not commute
+    expected = np.trace(sqrtm(s1 @ s2)).real
+    assert trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-6)
+    assert trace_sqrt_product(s1, s1) == pytest.approx(np.trace(s1), rel=1e-9)  # Tr((S S)^(1/2)) = Tr S
+
+
+def test_processes_building_the_digits_classifier_cache_together_all_succeed(tmp_path: Path):
+    """Each process writes the cache under a temporary name of its own (parallel runs and accelerate ranks
+    once collided on one name: FileNotFoundError at the rename)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from rewardtune.nets.digits import load_digits_classifier; load_digits_classifier()"
+    env = {**os.environ, "REWARDTUNE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert [p.name for p in tmp_path.iterdir()] == ["digits_classifier.safetensors"]

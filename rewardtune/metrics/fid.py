@@ -1,7 +1,9 @@
 """Fréchet distance between feature distributions (FID when the features are Inception's), via clean-fid.
 
-`frechet_distance(real_features, fake_features)` fits Gaussians to two feature sets and calls clean-fid's
-`frechet_distance`. Feature extractors map images in [-1, 1], [B, C, H, W], to features [B, F]:
+`frechet_distance(real_features, fake_features)` fits Gaussians to two feature sets and returns clean-fid's
+formula, with the matrix square root's trace taken from symmetric eigendecompositions (`trace_sqrt_product`)
+rather than `scipy.linalg.sqrtm`, whose `disp` argument, which clean-fid passes, newer SciPy releases removed.
+Feature extractors map images in [-1, 1], [B, C, H, W], to features [B, F]:
 - `InceptionFeatures`: clean-fid's Inception-v3 with its "clean" resize to 299x299 (the standard FID; its weights
   are downloaded by clean-fid on first use, so offline it fails with a one-line error);
 - `digits_features`: the 64-d penultimate layer of the digits classifier (offline, for sklearn digits);
@@ -22,13 +24,21 @@ def gaussian_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((S1 S2)^(1/2)) for symmetric PSD S1, S2: S1 S2 is similar to S1^(1/2) S2 S1^(1/2), which is symmetric PSD,
+    so the trace is the sum of the square roots of that matrix's eigenvalues (rounding negatives clipped to 0)."""
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root1 @ sigma2 @ root1
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum())
+
+
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between Gaussian fits of two feature sets."""
-    from cleanfid.fid import frechet_distance as cleanfid_frechet
-
     mu1, sigma1 = gaussian_statistics(real)
     mu2, sigma2 = gaussian_statistics(fake)
-    return float(cleanfid_frechet(mu1, sigma1, mu2, sigma2))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
 
 class InceptionFeatures(nn.Module):

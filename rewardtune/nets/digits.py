@@ -79,7 +79,9 @@ def load_digits_classifier() -> DigitsClassifier:
             path.unlink(missing_ok=True)
     model = train_digits_classifier()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # A temporary name of this process's own: processes starting together (accelerate ranks, parallel runs) each
+    # train the classifier and the last rename wins, never a half-written file or a rename of a vanished one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
     return model.eval().requires_grad_(False)

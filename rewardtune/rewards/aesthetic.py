@@ -70,7 +70,7 @@ def fetch_head(source: str) -> Path:
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # this process's own: parallel first uses do not collide
     try:
         torch.hub.download_url_to_file(source, str(tmp), progress=False)
     except Exception as err:  # URLError, HTTPError, timeouts
