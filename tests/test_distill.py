@@ -61,6 +61,27 @@ def test_regression_with_teacher_noise_matches_the_linear_gaussian_marginal():
     assert student.sigma().item() == pytest.approx(expected, rel=0.03)
 
 
+def test_kl_safeguard_reference_is_the_regressed_student_and_is_checkpointed():
+    """With kl_weight > 0, phase 2's KL reference is the student as regression left it (not its initialisation),
+    and it is one of the algorithm's modules, so a resumed phase 2 gets it back from the checkpoint."""
+    student = LinearPolicy((D,), torch.ones(1), torch.zeros(1, D), torch.tensor([0.05]), learn_mean=True)
+    config = DistillConfig(regression_steps=20, regression_lr=5e-2, kl_weight=1.0, sampler_lr=1e-2)
+    value = ValueFunction(QuadraticValueNet(D, 2), lr=1e-2)
+    algorithm = build_distill(student, QuadraticCost(torch.zeros(D)), value, linear_teacher(), config=config)
+    assert algorithm.modules()["reference"] is algorithm.dxdp.reference
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        algorithm.update(torch.zeros(64, D), None, gen)
+    regressed = {k: v.clone() for k, v in student.state_dict().items()}
+    assert not torch.equal(regressed["a"], initial["a"])  # regression moved the student
+    algorithm.update(torch.zeros(64, D), student.sample(64, gen), gen)  # the first DxDP iteration
+    reference = algorithm.dxdp.reference.state_dict()
+    for name, value_ in regressed.items():
+        torch.testing.assert_close(reference[name], value_, rtol=0, atol=0)
+    assert not torch.equal(student.a, regressed["a"])  # the student itself moved on
+
+
 def test_mean_path_and_given_starts():
     teacher = linear_teacher().backbone
     x0 = torch.randn(4, D, generator=torch.Generator().manual_seed(1))

@@ -18,7 +18,8 @@ The student is an ordinary backbone with T = 1, x_1 = mean_s(x_0) + sigma_s z. T
    teacher's distribution either, but a sharp one.
 2. DxMI at T = 1 (the remaining iterations): DxDP with the teacher's learned energy as the (frozen) reward, so the
    student keeps the entropy term tau1 log pi and moves each blurred conditional mean into the energy's nearest
-   well (what regression could not represent).
+   well (what regression could not represent). With `kl_weight` > 0 the KL safeguard's reference is the student as
+   regression left it (not its random initialisation): phase 2 is kept near the regressed map.
 """
 
 from __future__ import annotations
@@ -94,9 +95,16 @@ class Distill:
         metrics["policy/grad_norm"] = self.regression_optimizer.step(loss)
         return metrics
 
+    def start_dxdp(self) -> None:
+        """Phase 2 begins: the KL safeguard's reference becomes the regressed student."""
+        if self.dxdp.reference is not None:
+            self.dxdp.reference.load_state_dict(self.backbone.state_dict())
+
     def update(
         self, real: torch.Tensor, trajectory: Trajectory | None, generator: torch.Generator | None
     ) -> dict[str, float]:
+        if self.iteration == self.config.regression_steps:
+            self.start_dxdp()
         if not self.needs_rollout:
             metrics = self.regress(real.shape[0], generator)
             metrics.update(sigma_metrics(self.backbone))
@@ -109,7 +117,10 @@ class Distill:
         return self.dxdp.guide(scale)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return self.dxdp.modules()
+        modules = self.dxdp.modules()
+        if self.dxdp.reference is not None:  # the regressed student: checkpointed, a resumed phase 2 needs it
+            modules["reference"] = self.dxdp.reference
+        return modules
 
     def optimizers(self) -> dict[str, GradStep]:
         return {**self.dxdp.optimizers(), "regression": self.regression_optimizer}
