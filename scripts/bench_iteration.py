@@ -1,8 +1,10 @@
 """Training-iteration throughput and peak memory of a recipe (CPU or GPU), without pretraining or evaluation.
 
-Usage: python scripts/bench_iteration.py RECIPE [--iters N] [--warmup N] [--set table.key=value ...]
+Usage: python scripts/bench_iteration.py RECIPE [--iters N] [--warmup N] [--sample N] [--set table.key=value ...]
 Prints seconds per iteration, iterations per second and peak memory (GPU: torch.cuda.max_memory_allocated; CPU:
 the process's peak resident set size). `backbone.init_from` is ignored (random or pretrained weights run alike).
+With --sample N it also times drawing N samples (the T-step chain without gradients, in batches of
+eval.sample_batch or 500), what evaluation and `rewardtune sample` spend.
 """
 
 import argparse
@@ -19,6 +21,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("recipe")
 parser.add_argument("--iters", type=int, default=50)
 parser.add_argument("--warmup", type=int, default=5)
+parser.add_argument("--sample", type=int, default=0, help="also time drawing this many samples")
 parser.add_argument("--set", dest="overrides", action="append", default=[])
 args = parser.parse_args()
 
@@ -50,3 +53,15 @@ print(f"{elapsed * 1000:.1f} ms/iteration, {1 / elapsed:.2f} iterations/s")
 if cuda:
     print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 print(f"peak process RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+if args.sample:
+    batch = getattr(trainer.evaluator, "sample_batch", 500)
+    with torch.no_grad():
+        trainer.backbone.sample(min(batch, args.sample))  # warm-up
+        sync()
+        start = time.perf_counter()
+        for i in range(0, args.sample, batch):
+            trainer.backbone.sample(min(batch, args.sample - i))
+        sync()
+    elapsed = time.perf_counter() - start
+    print(f"sampling: {args.sample} samples in {elapsed:.2f} s ({args.sample / elapsed:.0f} samples/s, batch {batch})")
