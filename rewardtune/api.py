@@ -128,8 +128,11 @@ def finished(run_dir: Path, recipe: Recipe) -> bool:
     return saved == tomllib.loads(recipe_to_toml(recipe)) and result.get("step") == recipe.train.steps
 
 
-def load_run(run_dir: str | Path, *, accelerator=None, reporter=None, best: bool = False) -> Trainer:
-    """A Trainer holding a run's latest checkpoint, or its best one (`best`), for eval and sample."""
+def load_run(
+    run_dir: str | Path, *, accelerator=None, reporter=None, best: bool = False, step: int | None = None
+) -> Trainer:
+    """A Trainer holding a run's latest checkpoint, its best one (`best`) or the kept one of `step`, for eval and
+    sample."""
     run_dir = Path(run_dir)
     raw = read_run_recipe(run_dir)
     teacher = raw.get("distill", {}).get("teacher", "")
@@ -145,6 +148,11 @@ def load_run(run_dir: str | Path, *, accelerator=None, reporter=None, best: bool
             latest = run_dir / "checkpoints" / ".old_best"
         if not latest.is_dir():
             raise CheckpointError(f"{run_dir} has no best checkpoint (set eval.keep_best to keep one)")
+    if step is not None:
+        latest = run_dir / "checkpoints" / ckpt.checkpoint_name(step)
+        if not latest.is_dir():
+            kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else []
+            raise CheckpointError(f"{run_dir} keeps no checkpoint of step {step} (kept: {', '.join(kept) or 'none'})")
     if latest is None:
         raise CheckpointError(f"{run_dir} has no checkpoint yet")
     trainer = make_trainer(build_experiment(recipe), run_dir, reporter, accelerator or make_accelerator())

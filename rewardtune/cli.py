@@ -144,20 +144,26 @@ def run_with_overrides(recipe: Path, out: Path | None, overrides: list[str], *, 
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     best: Annotated[bool, typer.Option("--best", help="Evaluate checkpoints/best (written to eval_best.json).")] = False,
+    step: Annotated[int | None, typer.Option("--step", help="Evaluate the kept checkpoint of this step (eval_stepN.json).", min=0)] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Evaluate the trained weights, not their EMA (adds _raw to the file name).")] = False,
 ) -> None:
-    """Evaluate a run's latest checkpoint and rewrite its eval.json."""
+    """Evaluate a run's latest checkpoint and rewrite its eval.json (or evaluate another checkpoint, or the raw
+    weights, into a file of its own)."""
     from rewardtune import checkpoint as ckpt
     from rewardtune.api import load_run
+    from rewardtune.errors import RecipeError
 
-    trainer = load_run(run_dir, best=best)
-    if best:
-        metrics = trainer.evaluate(plot_name="samples_best.png")
-        ckpt.write_json_atomic(run_dir / "eval_best.json", {"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics})
-        print_result({"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics}, run_dir)
-        return
-    metrics = trainer.evaluate(plot_name="samples.png")
-    trainer.write_eval(metrics)
-    print_result({"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics}, run_dir)
+    if best and step is not None:
+        raise RecipeError("--best and --step name different checkpoints; give one")
+    trainer = load_run(run_dir, best=best, step=step)
+    suffix = ("_best" if best else "") + (f"_step{step}" if step is not None else "") + ("_raw" if raw else "")
+    metrics = trainer.evaluate(plot_name=f"samples{suffix}.png", raw=raw)
+    result = {"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics}
+    if suffix:
+        ckpt.write_json_atomic(run_dir / f"eval{suffix}.json", result)
+    else:
+        trainer.write_eval(metrics)
+    print_result(result, run_dir)
 
 
 @app.command()

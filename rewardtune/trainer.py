@@ -226,9 +226,10 @@ class Trainer:
             self.train_gen.set_state(rng["train"])
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
-    def evaluate(self, plot_name: str | None = None) -> dict[str, float]:
-        """Same seed on every rank, so every rank computes the same numbers (no collective needed)."""
-        backbone = self.ema.module if self.ema is not None else self.backbone
+    def evaluate(self, plot_name: str | None = None, *, raw: bool = False) -> dict[str, float]:
+        """Same seed on every rank, so every rank computes the same numbers (no collective needed). The EMA weights
+        are evaluated when the run keeps an EMA, unless `raw` asks for the trained weights themselves."""
+        backbone = self.ema.module if self.ema is not None and not raw else self.backbone
         seed = self.config.seed + 10_000_019
         guide = None
         if self.eval_config.guidance_scale:

@@ -81,6 +81,26 @@ def test_eval_and_sample(dxmi_run: Path, tmp_path: Path):
     assert np.load(out)["samples"].shape == (64, 2)
 
 
+def test_eval_of_a_kept_step_and_of_the_raw_weights(dxmi_run: Path):
+    """--step evaluates a kept checkpoint and --raw the trained weights instead of their EMA, each into a file of its
+    own (eval.json stays the final EMA evaluation); a step that was not kept is a one-line error."""
+    before = json.loads((dxmi_run / "eval.json").read_text())
+    result = rewardtune("eval", str(dxmi_run), "--step", "10", "--raw")
+    assert result.returncode == 0, result.stderr
+    raw = json.loads((dxmi_run / "eval_step10_raw.json").read_text())
+    assert raw["step"] == 10 and (dxmi_run / "samples_step10_raw.png").is_file()
+    result = rewardtune("eval", str(dxmi_run), "--raw")
+    assert result.returncode == 0, result.stderr
+    raw_final = json.loads((dxmi_run / "eval_raw.json").read_text())
+    assert raw_final["step"] == 20
+    # EMA (decay 0.999 with its warm-up) and raw weights differ after 20 steps, and so do their samples
+    assert raw_final["metrics"]["sliced_wasserstein"] != before["metrics"]["sliced_wasserstein"]
+    assert json.loads((dxmi_run / "eval.json").read_text()) == before
+    result = rewardtune("eval", str(dxmi_run), "--step", "7")
+    assert result.returncode == 2
+    assert "keeps no checkpoint of step 7" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_resume_continues_to_more_steps(dxmi_run: Path, tmp_path: Path):
     result = rewardtune(
         "run", "recipes/dxmi_8gaussians.toml", "--out", str(dxmi_run), "--steps", "20", "--resume",
