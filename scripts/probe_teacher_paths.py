@@ -33,11 +33,12 @@ dim = x0[0].numel()
 rotations = [torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(100 + t)))[0] for t in range(teacher.num_steps)]
 
 
+@torch.no_grad()
 def run_chain(noise_at) -> torch.Tensor:
-    x, sigma = x0.clone(), teacher.sigma()
-    with torch.no_grad():
-        for t in range(teacher.num_steps):
-            x = teacher.mean(x, teacher.times(t, x.shape[0])) + sigma[t] * noise_at(t)
+    """The teacher's chain from x0 with the noise of step t given by noise_at(t)."""
+    x = x0
+    for t in range(teacher.num_steps):
+        x = teacher.step(x, teacher.times(t, x.shape[0]), noise_at(t))
     return x.clamp(-1, 1)
 
 
@@ -52,6 +53,7 @@ def rotated(t: int) -> torch.Tensor:
 
 
 report("independent noise (the teacher)", run_chain(lambda t: torch.randn(x0.shape, generator=gen)))
-report("noiseless mean path", run_chain(lambda t: torch.zeros_like(x0)))
+with torch.no_grad():
+    report("noiseless mean path", teacher.mean_path(x0).clamp(-1, 1))
 report("z_t = R_t x_0", run_chain(rotated))
 report("z_0 = R_0 x_0, no noise afterwards", run_chain(lambda t: rotated(t) if t == 0 else torch.zeros_like(x0)))

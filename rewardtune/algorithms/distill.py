@@ -95,16 +95,11 @@ class Distill:
         metrics["policy/grad_norm"] = self.regression_optimizer.step(loss)
         return metrics
 
-    def start_dxdp(self) -> None:
-        """Phase 2 begins: the KL safeguard's reference becomes the regressed student."""
-        if self.dxdp.reference is not None:
-            self.dxdp.reference.load_state_dict(self.backbone.state_dict())
-
     def update(
         self, real: torch.Tensor, trajectory: Trajectory | None, generator: torch.Generator | None
     ) -> dict[str, float]:
-        if self.iteration == self.config.regression_steps:
-            self.start_dxdp()
+        if self.iteration == self.config.regression_steps:  # phase 2 begins: the KL reference is the regressed student
+            self.dxdp.reset_reference()
         if not self.needs_rollout:
             metrics = self.regress(real.shape[0], generator)
             metrics.update(sigma_metrics(self.backbone))

@@ -167,6 +167,11 @@ class DxDP:
         # With a shared network V(., T) *is* the energy, so the terminal value needs no regression of its own.
         self.terminal_shared = bool(getattr(reward, "shares_value", lambda v: False)(value))
 
+    def reset_reference(self) -> None:
+        """Make the policy as it is now the KL safeguard's reference (no-op without the safeguard)."""
+        if self.reference is not None:
+            self.reference.load_state_dict(self.backbone.state_dict())
+
     # ---- Eq. (10)/(12): policy evaluation ----------------------------------------------------------------------
     def terminal_cost(self, x: torch.Tensor) -> torch.Tensor:
         return check_reward_output(reward_name(self.reward), self.reward.cost(x), x.shape[0]).detach()

@@ -1,4 +1,4 @@
-"""Fréchet distance between feature distributions (FID when the features are Inception's), via clean-fid.
+"""Fréchet distance between feature distributions (FID when the features are clean-fid's Inception ones).
 
 `frechet_distance(real_features, fake_features)` fits Gaussians to two feature sets and returns clean-fid's
 formula, with the matrix square root's trace taken from symmetric eigendecompositions (`trace_sqrt_product`)
