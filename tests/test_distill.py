@@ -27,9 +27,15 @@ def linear_teacher() -> Teacher:
     return Teacher(backbone=LinearPolicy((D,), A, B, SIGMA), reward=None, run_dir="<linear>")
 
 
-def distil(teacher_noise: bool, steps: int = 1500) -> LinearPolicy:
+def distil(teacher_noise: bool, steps: int = 1500, regression_sigma: float | None = None) -> LinearPolicy:
     student = LinearPolicy((D,), torch.ones(1), torch.zeros(1, D), torch.tensor([0.05]), learn_mean=True)
-    config = DistillConfig(regression_steps=steps, regression_lr=2e-2, regression_sigma_lr=2e-2, teacher_noise=teacher_noise)
+    config = DistillConfig(
+        regression_steps=steps,
+        regression_lr=2e-2,
+        regression_sigma_lr=2e-2,
+        teacher_noise=teacher_noise,
+        regression_sigma=regression_sigma,
+    )
     value = ValueFunction(QuadraticValueNet(D, 2), lr=1e-2)
     algorithm = build_distill(student, QuadraticCost(torch.zeros(D)), value, linear_teacher(), config=config)
     gen = torch.Generator().manual_seed(0)
@@ -59,6 +65,23 @@ def test_regression_with_teacher_noise_matches_the_linear_gaussian_marginal():
     torch.testing.assert_close(student.b[0], A[1] * B[0] + B[1], rtol=0, atol=3e-2)
     expected = math.sqrt(float(A[1] ** 2 * SIGMA[0] ** 2 + SIGMA[1] ** 2))  # 0.763
     assert student.sigma().item() == pytest.approx(expected, rel=0.03)
+
+
+def test_regression_sigma_is_held_while_the_mean_still_fits_the_linear_map():
+    """With `regression_sigma` the residual no longer sets sigma_s: it is the given value from the start and stays
+    there through regression (no gradient reaches it), while the mean converges to the same affine map."""
+    student = distil(teacher_noise=True, steps=800, regression_sigma=0.2)
+    assert student.sigma().item() == pytest.approx(0.2, rel=1e-6)
+    assert student.a.item() == pytest.approx(float(A[1] * A[0]), abs=3e-2)
+    torch.testing.assert_close(student.b[0], A[1] * B[0] + B[1], rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1])
+def test_regression_sigma_must_be_positive(bad):
+    student = LinearPolicy((D,), torch.ones(1), torch.zeros(1, D), torch.tensor([0.05]), learn_mean=True)
+    value = ValueFunction(QuadraticValueNet(D, 2), lr=1e-2)
+    with pytest.raises(ValueError, match="regression_sigma must be > 0"):
+        build_distill(student, QuadraticCost(torch.zeros(D)), value, linear_teacher(), config=DistillConfig(regression_sigma=bad))
 
 
 def test_kl_safeguard_reference_is_the_regressed_student_and_is_checkpointed():
