@@ -113,7 +113,9 @@ class Trainer:
         backbone: the policy.
         algorithm: has `update(real, trajectory, generator)`, `needs_rollout` (read every iteration: false means no
             rollout and no learning-reward update that iteration, and `trajectory` is None), `modules()`,
-            `optimizers()`, `state_dict()`/`load_state_dict()`, and optionally `guide(scale)`.
+            `optimizers()`, `state_dict()`/`load_state_dict()`, and optionally `guide(scale)` and
+            `lr_schedule_window(step, total) -> (start, end)`, the iterations over which `lr_schedule` runs at `step`
+            (default: the whole run; `distill` can restart it when its second phase begins).
         reward: the reward (None for pure pretraining); a learning reward is updated every iteration.
         data: `sample(n, generator) -> Tensor`.
         evaluator: `evaluate(backbone, reward, generator, guide) -> metrics` and `plot(...)`.
@@ -355,7 +357,10 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         cfg = self.config
-        scale = lr_multiplier(cfg.lr_schedule, self.step, cfg.steps, cfg.lr_final_fraction)
+        start, end = (0, cfg.steps)
+        if hasattr(self.algorithm, "lr_schedule_window"):
+            start, end = self.algorithm.lr_schedule_window(self.step, cfg.steps)
+        scale = lr_multiplier(cfg.lr_schedule, self.step - start, end - start, cfg.lr_final_fraction)
         for opt in self.optimizers().values():
             opt.set_lr_scale(scale)
         real = self.data.sample(cfg.batch_size, self.data_gen, device=self.device)

@@ -193,3 +193,35 @@ def test_a_pretraining_run_cannot_lend_its_reward(tmp_path: Path, capsys):
     assert result.returncode == 0, result.stderr
     code, _, err = cli(capsys, "distill", "recipes/distill_8gaussians.toml", "--teacher", str(pretrain), "--out", str(tmp_path / "s"))
     assert code == 2 and "has no reward" in err, err
+
+
+def cosine(progress: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize(
+    ("restart", "expected"),
+    [(False, [1.0, cosine(1 / 4), cosine(2 / 4), cosine(3 / 4)]), (True, [1.0, cosine(1 / 2), 1.0, cosine(1 / 2)])],
+    ids=["one schedule", "restarted"],
+)
+def test_restart_lr_schedule_gives_phase_2_its_own_cosine(teacher_run: Path, restart: bool, expected: list[float]):
+    """A cosine over 4 iterations, 2 of them regression: phase 2's first iteration runs at multiplier 0.5 when one
+    schedule spans the run, and at 1.0 when `restart_lr_schedule` gives each phase its own cosine."""
+    from rewardtune.api import make_accelerator, make_trainer
+    from rewardtune.build import build_experiment
+    from rewardtune.recipe import load_recipe
+    from rewardtune.trainer import SilentReporter
+
+    overrides = [
+        f"distill.teacher={teacher_run}", "train.steps=4", "train.lr_schedule=cosine", "train.batch_size=16",
+        "algorithm.regression_steps=2", "algorithm.value_warmup=0", f"algorithm.restart_lr_schedule={str(restart).lower()}",
+    ]
+    experiment = build_experiment(load_recipe("recipes/distill_8gaussians.toml", overrides))
+    trainer = make_trainer(experiment, None, SilentReporter(), make_accelerator())
+    scales = []
+    for _ in range(4):
+        trainer.train_step()
+        group = trainer.algorithm.dxdp.optimizers()["sampler"].optimizer.param_groups[0]
+        scales.append(group["lr"] / group["base_lr"])
+        trainer.step += 1
+    assert scales == pytest.approx(expected)

@@ -54,6 +54,7 @@ class DistillConfig(DxDPConfig):
     regression_sigma_lr: float = 1e-2  # Adam lr of the student's log sigma during regression
     teacher_noise: bool = False  # regress on the teacher run with its own noise (true) or its noiseless mean path
     regression_sigma: float | None = None  # unset: fit sigma_s to the residual std; a number: set sigma_s to it, held
+    restart_lr_schedule: bool = False  # phase 2 runs train.lr_schedule from its start (else one schedule spans both)
 
 
 def regression_loss(
@@ -124,6 +125,14 @@ class Distill:
             metrics = self.dxdp.update(real, trajectory, generator)
         self.iteration += 1
         return metrics
+
+    def lr_schedule_window(self, step: int, total: int) -> tuple[int, int]:
+        """The iterations `train.lr_schedule` spans at `step`: the whole run, or with `restart_lr_schedule` each phase
+        its own (a cosine over the whole run leaves a late phase 2 a few percent of its learning rate)."""
+        boundary = self.config.regression_steps
+        if not self.config.restart_lr_schedule or boundary >= total:
+            return 0, total
+        return (0, boundary) if step < boundary else (boundary, total)
 
     def guide(self, scale: float):
         return self.dxdp.guide(scale)
