@@ -183,7 +183,7 @@ def sample(
     from rewardtune.sampling import write_samples
 
     trainer = load_run(run_dir, best=best)
-    backbone = trainer.ema.module if trainer.ema is not None else trainer.backbone
+    backbone = trainer.evaluated_backbone()
     guide = trainer.algorithm.guide(guidance) if guidance else None
     gen = torch.Generator(device=backbone.device).manual_seed(seed)
     samples = trainer.evaluator.draw(backbone, n, gen, guide)

@@ -228,10 +228,15 @@ class Trainer:
             self.train_gen.set_state(rng["train"])
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
+    def evaluated_backbone(self, raw: bool = False):
+        """The policy that evaluation and sampling use: the EMA weights when the run keeps an EMA, unless `raw` asks
+        for the trained weights themselves."""
+        return self.ema.module if self.ema is not None and not raw else self.backbone
+
     def evaluate(self, plot_name: str | None = None, *, raw: bool = False) -> dict[str, float]:
-        """Same seed on every rank, so every rank computes the same numbers (no collective needed). The EMA weights
-        are evaluated when the run keeps an EMA, unless `raw` asks for the trained weights themselves."""
-        backbone = self.ema.module if self.ema is not None and not raw else self.backbone
+        """Same seed on every rank, so every rank computes the same numbers (no collective needed), on
+        `evaluated_backbone(raw)`."""
+        backbone = self.evaluated_backbone(raw)
         seed = self.config.seed + 10_000_019
         guide = None
         if self.eval_config.guidance_scale:

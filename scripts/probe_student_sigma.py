@@ -8,8 +8,8 @@ and not noise the teacher adds; this shows what spending it as iid noise on ever
 """
 
 import argparse
-import math
 
+from rewardtune.algorithms.distill import set_sigma
 from rewardtune.api import load_run
 
 parser = argparse.ArgumentParser()
@@ -19,10 +19,10 @@ parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 0.25, 
 args = parser.parse_args()
 
 trainer = load_run(args.run, step=args.step)
-student = trainer.ema.module if trainer.ema is not None else trainer.backbone
-log_sigma = student.log_sigma.data.clone()
+student = trainer.evaluated_backbone()
+own_sigma = float(student.sigma()[0])
 for scale in args.scales:
-    student.log_sigma.data = log_sigma + math.log(scale)
+    set_sigma(student, own_sigma * scale)
     metrics = trainer.evaluate()
     sigma = float(student.sigma()[0])
     print(
