@@ -110,7 +110,7 @@ def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor],
     """(weights, state, this rank's RNG state or None) of one checkpoint folder."""
     try:
         weights = load_file(str(path / "model.safetensors"))
-    except Exception as err:  # safetensors raises several types for truncated/corrupt files
+    except Exception as err:  # noqa: BLE001 (safetensors raises several types for truncated/corrupt files)
         raise CheckpointError(f"cannot read {path / 'model.safetensors'}: {err}") from None
     state = safe_torch_load(path / "state.pt")
     rng_path = path / f"rng_rank{rank}.pt"
@@ -124,7 +124,7 @@ def safe_torch_load(path: Path) -> dict:
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (unpickling errors have no common base)
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"refusing to load {path}: {msg}") from None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import typer
 from rich.console import Console
@@ -28,7 +28,7 @@ def main_options(
 class RichReporter:
     """A rich progress bar with live metrics (main process only)."""
 
-    SHOWN = {"energy/real": "E(data)", "energy/fake": "E(samples)", "value/td_loss": "td", "policy/loss": "policy",
+    SHOWN: ClassVar[dict[str, str]] = {"energy/real": "E(data)", "energy/fake": "E(samples)", "value/td_loss": "td", "policy/loss": "policy",
              "ddpm/loss": "loss", "distill/mse": "mse"}
 
     def __init__(self, enabled: bool = True) -> None:

@@ -19,7 +19,7 @@ def import_object(path: str, what: str) -> Callable:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         raise PluginNotFoundError(f"{what}: cannot import module {module_name!r} ({err})") from None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (a user module may raise anything on import)
         raise PluginError(f"{what}: importing {module_name!r} failed: {type(err).__name__}: {err}") from None
     try:
         return getattr(module, attr)

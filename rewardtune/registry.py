@@ -74,7 +74,7 @@ class Registry:
         if name in installed:
             try:
                 return installed[name].load()
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 (a third-party plugin may raise anything on import)
                 raise PluginError(f"{self.kind} {name!r} (entry point {installed[name].value}) failed to load: {err}") from None
         known = self.names()
         close = difflib.get_close_matches(name, known, n=1)

@@ -39,7 +39,8 @@ def rewardtune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
     """Run the console script in a subprocess, as a user would."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "rewardtune", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=300
+        [sys.executable, "-m", "rewardtune", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=300,
+        check=False,
     )
 
 

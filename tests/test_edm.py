@@ -49,8 +49,8 @@ def test_step_mean_with_a_known_denoiser():
 
 
 def test_edm_backbone_with_a_tiny_unet_samples():
-    unet = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=[8, 16],
-                down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=4)
+    unet = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1, "block_out_channels": [8, 16],
+            "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4}
     policy = build_edm_backbone((1, 8, 8), unet=unet, num_steps=4, rho=4.0, stochastic_last=True)
     traj = policy.sample(3, torch.Generator().manual_seed(0))
     assert traj.states.shape == (5, 3, 1, 8, 8) and torch.isfinite(traj.states).all()

@@ -15,10 +15,10 @@ from rewardtune.metrics.fid import frechet_distance
 from rewardtune.metrics.precision_recall import precision_recall
 from rewardtune.nets.resnet import ResNetEnergy, build_resnet_value
 
-TINY_UNET = dict(
-    sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=[8, 16],
-    down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=4,
-)
+TINY_UNET = {
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1, "block_out_channels": [8, 16],
+    "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4,
+}
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ RUN = [  # the CLI run of the SIGTERM test and of its uninterrupted twin
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*LAUNCH, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*LAUNCH, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -85,7 +85,7 @@ def test_policy_gradient_reaches_the_lqg_optimum_of_eq8():
     parameter errors <= 1.1e-3 (4 seeds); the tolerances are test_dxdp.py's."""
     torch.manual_seed(0)
     s2 = SIGMA0.pow(2)
-    j_star, a_star, b_star, sigma_star = lqg_optimum(TARGET, TAU, s2, D)
+    j_star, _a_star, b_star, sigma_star = lqg_optimum(TARGET, TAU, s2, D)
     policy = _initial_policy()
     cfg = PolicyGradientConfig(
         tau_entropy=TAU, tau_velocity=TAU, avr=False, sampler_lr=1e-2, sigma_lr=1e-2, ppo_epochs=4, minibatches=2

@@ -32,7 +32,7 @@ class DDPMPretrain:
 
     def __init__(self, backbone: EpsilonChainPolicy, *, lr: float = 1e-3, grad_clip: float | None = None) -> None:
         if not isinstance(backbone, EpsilonChainPolicy):
-            raise ValueError(f"algorithm 'ddpm' needs an eps-prediction backbone, got {type(backbone).__name__}")
+            raise TypeError(f"algorithm 'ddpm' needs an eps-prediction backbone, got {type(backbone).__name__}")
         self.backbone = backbone
         self.optimizer = GradStep([(backbone.network_parameters(), lr)], grad_clip=grad_clip)
 

@@ -68,7 +68,7 @@ def build_cifar10(*, root: str = "data/cifar10", download: bool = True, hflip: b
 
     try:
         dataset = CIFAR10(root=root, train=True, download=download)
-    except Exception as err:  # URLError, RuntimeError("Dataset not found ...") and friends
+    except Exception as err:  # noqa: BLE001 (URLError, RuntimeError("Dataset not found ...") and friends)
         raise RewardtuneError(
             f"CIFAR-10 is not in {root} and could not be downloaded ({type(err).__name__}); "
             "put cifar-10-batches-py there or set data.root"

@@ -51,7 +51,7 @@ class InceptionFeatures(nn.Module):
 
         try:
             self.model = build_feature_extractor("clean", device=torch.device(device), use_dataparallel=False)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 (download and load errors of several types)
             raise PluginError(
                 f"cannot build clean-fid's Inception ({type(err).__name__}: {str(err)[:120]}); offline, set "
                 "eval.feature_extractor to a local module (\"package.module:factory\") or 'digits'"

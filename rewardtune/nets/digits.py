@@ -75,7 +75,7 @@ def load_digits_classifier() -> DigitsClassifier:
         try:
             model.load_state_dict(load_file(str(path)))
             return model.eval().requires_grad_(False)
-        except Exception:  # a corrupt cache is rebuilt
+        except Exception:  # noqa: BLE001 (a corrupt cache, whatever the error, is rebuilt)
             path.unlink(missing_ok=True)
     model = train_digits_classifier()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def fetch_head(source: str) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # this process's own: parallel first uses do not collide
     try:
         torch.hub.download_url_to_file(source, str(tmp), progress=False)
-    except Exception as err:  # URLError, HTTPError, timeouts
+    except Exception as err:  # noqa: BLE001 (URLError, HTTPError, timeouts)
         tmp.unlink(missing_ok=True)
         raise PluginError(
             f"aesthetic: cannot download the head weights from {source} ({type(err).__name__}); offline, copy the "
@@ -93,7 +93,7 @@ def load_head(source: str, embed_dim: int) -> AestheticHead:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (corrupt or foreign weight files)
         raise PluginError(f"aesthetic: cannot read head weights {path} ({type(err).__name__}: {str(err)[:160]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
         state = state["state_dict"]

@@ -90,7 +90,7 @@ def keep_out_of_checkpoints(module: nn.Module, child: str) -> None:
     the factory rebuilds the frozen network from its source.
     """
     if not isinstance(getattr(module, child, None), nn.Module):
-        raise ValueError(f"{type(module).__name__} has no submodule {child!r}")
+        raise TypeError(f"{type(module).__name__} has no submodule {child!r}")
 
     def drop(mod: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
         for key in [k for k in state_dict if k.startswith(f"{prefix}{child}.")]:

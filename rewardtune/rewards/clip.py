@@ -44,7 +44,7 @@ def load_open_clip(model: str, pretrained: str, *, cache_dir: str = "", who: str
             cache_dir=cache_dir or None, force_quick_gelu=bool(tag.get("quick_gelu", False)),
         )
         tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir or None)
-    except Exception as err:  # RuntimeError (download), FileNotFoundError, ValueError (config) and friends
+    except Exception as err:  # noqa: BLE001 (RuntimeError (download), FileNotFoundError, ValueError (config) and friends)
         lines = str(err).strip().splitlines()
         reason = lines[0][:200] if lines else type(err).__name__
         source = model if has_schema else f"{model} (pretrained {pretrained!r})"
