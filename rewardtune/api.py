@@ -14,7 +14,13 @@ from rewardtune.build import (
     with_seed,
 )
 from rewardtune.errors import CheckpointError, RecipeError, RewardtuneError
-from rewardtune.recipe import Recipe, load_recipe, parse_recipe, recipe_to_toml
+from rewardtune.recipe import (
+    Recipe,
+    load_recipe,
+    parse_recipe,
+    read_toml,
+    recipe_to_toml,
+)
 from rewardtune.trainer import Reporter, Trainer
 
 RECIPE_FILE = RUN_RECIPE
@@ -37,7 +43,7 @@ def check_out_dir(out_dir: Path, recipe: Recipe, *, resume: bool, force: bool) -
     """Refuse to mix runs of different recipes (unless `force`), then create the run directory."""
     saved = out_dir / RECIPE_FILE
     if saved.exists():
-        previous = tomllib.loads(saved.read_text())
+        previous = read_toml(saved)
         if previous != tomllib.loads(recipe_to_toml(recipe)):
             if not force:
                 raise RecipeError(

@@ -151,18 +151,21 @@ def eval_(
     weights, into a file of its own)."""
     from rewardtune import checkpoint as ckpt
     from rewardtune.api import load_run
-    from rewardtune.errors import RecipeError
+    from rewardtune.errors import RecipeError, RewardtuneError
 
     if best and step is not None:
         raise RecipeError("--best and --step name different checkpoints; give one")
     trainer = load_run(run_dir, best=best, step=step)
     suffix = ("_best" if best else "") + (f"_step{step}" if step is not None else "") + ("_raw" if raw else "")
-    metrics = trainer.evaluate(plot_name=f"samples{suffix}.png", raw=raw)
-    result = {"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics}
-    if suffix:
-        ckpt.write_json_atomic(run_dir / f"eval{suffix}.json", result)
-    else:
-        trainer.write_eval(metrics)
+    try:
+        metrics = trainer.evaluate(plot_name=f"samples{suffix}.png", raw=raw)
+        result = {"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics}
+        if suffix:
+            ckpt.write_json_atomic(run_dir / f"eval{suffix}.json", result)
+        else:
+            trainer.write_eval(metrics)
+    except OSError as err:  # a read-only or full run directory
+        raise RewardtuneError(f"cannot write the evaluation into {run_dir}: {err.strerror or err}") from None
     print_result(result, run_dir)
 
 
@@ -224,7 +227,10 @@ def report(
         raise RewardtuneError(f"no runs with an eval.json under {root}")
     print(markdown_tables(runs))
     if curves is not None:
-        plot_curves(runs, curves)
+        try:
+            plot_curves(runs, curves)
+        except OSError as err:
+            raise RewardtuneError(f"cannot write {curves}: {err.strerror or err}") from None
         err_console.print(f"curves: {curves}")
 
 
@@ -263,5 +269,5 @@ def main() -> None:
             sys.exit(130)
         if state["debug"]:
             raise
-        err_console.print(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", markup=False, soft_wrap=True)
+        err_console.print(f"internal error: {type(err).__name__}: {err} (rerun as `rewardtune --debug ...` for the traceback)", markup=False, soft_wrap=True)
         sys.exit(1)

@@ -1,4 +1,5 @@
-"""`import_object("package.module:attribute")`: how plugins, networks and feature extractors are named by path.
+"""`import_object("package.module:attribute")`: how plugins, networks and feature extractors are named by path
+(`call_factory_path` also calls such a factory).
 
 It sits at the bottom of the layers so that components (backbones, metrics) and the registry can both use it.
 """
@@ -25,3 +26,13 @@ def import_object(path: str, what: str) -> Callable:
         return getattr(module, attr)
     except AttributeError:
         raise PluginNotFoundError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def call_factory_path(path: str, what: str) -> object:
+    """Import "package.module:factory" and call it with no arguments; whatever the user's factory raises becomes a
+    one-line PluginError."""
+    factory = import_object(path, what)
+    try:
+        return factory()
+    except Exception as err:  # noqa: BLE001 (a user factory may raise anything)
+        raise PluginError(f"{what}: calling {path!r} failed: {type(err).__name__}: {err}") from None

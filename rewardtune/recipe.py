@@ -281,7 +281,7 @@ def construct(cls: type, values: dict, where: str):
 
 POSITIVE = {"batch_size", "num_samples", "repeats", "log_every", "checkpoint_every", "keep_checkpoints", "num_steps",
             "hidden", "depth", "num_train_steps", "policy_batch"}
-NON_NEGATIVE = {"steps", "eval_every", "value_warmup", "gamma", "time_dim", "reference_samples", "cpu_threads"}
+NON_NEGATIVE = {"steps", "eval_every", "value_warmup", "gamma", "time_dim", "reference_samples", "cpu_threads", "knn_entropy"}
 UNIT_INTERVAL = {"avr_alpha", "ema_decay", "lr_final_fraction"}
 
 

@@ -11,17 +11,48 @@ import re
 import statistics
 from pathlib import Path
 
+from rewardtune.errors import RewardtuneError
+
+
+def read_wall_times(path: Path) -> dict[str, float]:
+    """{run name: seconds} from `wall_times.txt` lines "<run name> <seconds>"."""
+    walls = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                walls[parts[0]] = float(parts[1])
+            except ValueError:
+                raise RewardtuneError(f"{path}:{number}: {parts[1]!r} is not a number of seconds") from None
+    return walls
+
+
+def read_eval(path: Path) -> dict:
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RewardtuneError(f"{path}: not valid JSON ({err}); re-run `rewardtune eval` on its run") from None
+    if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict) or "step" not in result:
+        raise RewardtuneError(f"{path}: not an eval.json (needs 'step' and 'metrics')")
+    return result
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line being written (a run still going) is skipped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
 
 def load_runs(root: Path) -> list[dict]:
-    walls = {}
-    if (root / "wall_times.txt").exists():
-        for line in (root / "wall_times.txt").read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                walls[parts[0]] = float(parts[1])
+    walls = read_wall_times(root / "wall_times.txt") if (root / "wall_times.txt").exists() else {}
     runs = []
     for path in sorted(p for p in root.iterdir() if (p / "eval.json").is_file()):
-        result = json.loads((path / "eval.json").read_text())
+        result = read_eval(path / "eval.json")
         group = re.sub(r"_s\d+$", "", path.name)
         runs.append({"name": path.name, "group": group, "path": path, "wall": walls.get(path.name), **result})
     return runs
@@ -71,10 +102,12 @@ def plot_curves(runs: list[dict], path: Path, references: dict[str, list[tuple[f
         log = r["path"] / "metrics.jsonl"
         if not log.exists():
             continue
-        records = [json.loads(line) for line in log.read_text().splitlines()]
-        evals = [(x["time_s"], x["eval"]) for x in records if "eval" in x]
-        if records and r["step"] > 0:
-            series.append((r["name"], [(0.0, r["initial_metrics"]), *evals, (records[-1]["time_s"], r["metrics"])]))
+        records = read_log(log)
+        timed = [x for x in records if isinstance(x, dict) and "time_s" in x]
+        evals = [(x["time_s"], x["eval"]) for x in timed if "eval" in x]
+        if timed and r["step"] > 0:
+            start = (0.0, r.get("initial_metrics") or {})
+            series.append((r["name"], [start, *evals, (timed[-1]["time_s"], r["metrics"])]))
     keys = sorted({k for _, pts in series for _, m in pts for k in m if not k.endswith("_std")})
     if not keys:
         return

@@ -22,7 +22,13 @@ import torch
 import torch.distributed as dist
 
 from rewardtune import checkpoint as ckpt
-from rewardtune.errors import Interrupted, NonFiniteError, PluginError, RecipeError
+from rewardtune.errors import (
+    CheckpointError,
+    Interrupted,
+    NonFiniteError,
+    PluginError,
+    RecipeError,
+)
 from rewardtune.evaluation import round_metrics
 
 
@@ -162,6 +168,8 @@ class Trainer:
         self.best: dict | None = None  # {"step", "metric", "value"} of the checkpoint kept in checkpoints/best
         self.saved_step: int | None = None  # the step of the last checkpoint written by this trainer
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM (or `request_stop`): checkpoint and stop
+        self.time_offset = 0.0  # training seconds before this process (restored on resume)
+        self.clock_start: float | None = None  # perf_counter() when this process's training loop began
         # Per-rank streams: data draws on the CPU, rollouts and noise on the accelerator's device.
         self.data_gen = torch.Generator().manual_seed(config.seed * 1000 + self.rank + 1)
         self.train_gen = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.rank + 500)
@@ -207,6 +215,7 @@ class Trainer:
                 "initial_metrics": json.dumps(self.initial_metrics),
                 "best": json.dumps(self.best),
                 "world_size": self.accelerator.num_processes,
+                "elapsed_s": self.elapsed(),
             }
             ckpt.commit_checkpoint(root, self.step, self.modules(), state, keep=self.config.keep_checkpoints)
         self.accelerator.wait_for_everyone()
@@ -215,9 +224,16 @@ class Trainer:
     def load(self, path: Path) -> None:
         weights, state, rng = ckpt.read_checkpoint(path, self.rank)
         ckpt.load_modules(self.modules(), weights)
-        for name, opt in self.optimizers().items():
-            opt.load_state_dict(state["optimizers"][name])
-        self.algorithm.load_state_dict(state["algorithm"])
+        try:
+            for name, opt in self.optimizers().items():
+                opt.load_state_dict(state["optimizers"][name])
+            self.algorithm.load_state_dict(state["algorithm"])
+        except (KeyError, ValueError, RuntimeError) as err:  # the recipe changed its optimisers or its algorithm
+            raise CheckpointError(
+                f"{path} does not fit this recipe's optimisers or algorithm ({type(err).__name__}: {err}); resume with "
+                "the recipe that wrote it, or start afresh with --force and no --resume"
+            ) from None
+        self.time_offset = float(state.get("elapsed_s", 0.0))
         if self.ema is not None:
             self.ema.updates = int(state["ema_updates"])
         self.step = int(state["step"])
@@ -274,7 +290,7 @@ class Trainer:
             self.save()
         self.reporter.start(cfg.steps, self.step, "training")
         log_file = self.out_dir / "metrics.jsonl" if self.out_dir is not None and self.is_main else None
-        started, done_at_start = time.perf_counter(), self.step
+        self.clock_start, done_at_start = time.perf_counter(), self.step
         previous_handlers = install_stop_handlers(self.request_stop)
         try:
             while self.step < cfg.steps:
@@ -289,14 +305,13 @@ class Trainer:
                 metrics = self.train_step()
                 self.step += 1
                 if log_file is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    elapsed = time.perf_counter() - started
-                    record = {"step": self.step, "time_s": round(elapsed, 3), **round_metrics(metrics)}
+                    record = {"step": self.step, "time_s": round(self.elapsed(), 3), **round_metrics(metrics)}
                     with log_file.open("a") as fh:
                         fh.write(json.dumps(record) + "\n")
                 self.reporter.advance(self.step, metrics)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     result = self.evaluate(plot_name=f"samples_step{self.step}.png")
-                    self.log_eval(result, log_file, time.perf_counter() - started)
+                    self.log_eval(result, log_file, self.elapsed())
                     self.keep_if_best(result)
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps and self.saved_step != self.step:
                     self.save()
@@ -313,6 +328,11 @@ class Trainer:
             final = self.evaluate(plot_name="samples.png")
         self.write_eval(final)
         return {"step": self.step, "metrics": final, "initial_metrics": self.initial_metrics}
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, across resumes (metrics.jsonl's `time_s`)."""
+        running = time.perf_counter() - self.clock_start if self.clock_start is not None else 0.0
+        return self.time_offset + running
 
     def resume(self) -> Path | None:
         """Load the run directory's latest checkpoint, if there is one; returns its path."""

@@ -3,8 +3,8 @@
 Usage: python scripts/bench_iteration.py RECIPE [--iters N] [--warmup N] [--sample N] [--set table.key=value ...]
 Prints seconds per iteration, iterations per second and peak memory (GPU: torch.cuda.max_memory_allocated; CPU:
 the process's peak resident set size). `backbone.init_from` is ignored (random or pretrained weights run alike).
-With --sample N it also times drawing N samples (the T-step chain without gradients, in batches of
-eval.sample_batch or 500), what evaluation and `rewardtune sample` spend.
+With --sample N it also times drawing N samples (the T-step chain without gradients, in the evaluator's
+sampling batches, 500 by default), what evaluation and `rewardtune sample` spend.
 """
 
 import argparse

@@ -154,3 +154,20 @@ class TinyFeatures(torch.nn.Module):
 
 def tiny_features() -> TinyFeatures:
     return TinyFeatures()
+
+
+class TinyEDMNetwork(nn.Module):
+    """F(x, c_noise) for EDM recipes in tests: one 3x3 convolution plus a learned per-noise-level shift."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.shift = nn.Linear(1, channels)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.shift(c_noise.view(-1, 1).to(x.dtype))[:, :, None, None]
+
+
+def tiny_edm_network() -> TinyEDMNetwork:
+    torch.manual_seed(0)
+    return TinyEDMNetwork()

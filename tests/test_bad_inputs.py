@@ -219,6 +219,25 @@ CASES: dict[str, Case] = {
         recipe='[data]\nkind = "image_folder"\npath = "{tmp}/empty"',
         setup=write("empty/notes.txt", ""),
     ),
+    "image folder corrupt image": Case(
+        run_args(),
+        "cannot read image {tmp}/imgs/bad.png",
+        recipe='[data]\nkind = "image_folder"\npath = "{tmp}/imgs"',
+        setup=write("imgs/bad.png", b"not a png at all"),
+    ),
+    "image folder channels": Case(
+        run_args(),
+        "channels must be 1 (grey) or 3 (RGB), got 2",
+        recipe='[data]\nkind = "image_folder"\npath = "{tmp}/imgs"\nchannels = 2',
+        setup=write("imgs/bad.png", b"never read"),
+    ),
+    "fastdpm with one step": Case(
+        run_args("--set", "backbone.num_steps=1", "--set", "backbone.schedule=fastdpm"),
+        "the fastdpm schedule needs num_steps >= 2, got 1",
+    ),
+    "negative knn_entropy": Case(
+        run_args(), "knn_entropy must be >= 0, got -1.0", recipe='[algorithm]\nkind = "policy_gradient"\nknn_entropy = -1.0'
+    ),
     "init_from missing": Case(
         run_args("--set", "backbone.init_from={tmp}/nowhere"), "backbone.init_from: {tmp}/nowhere does not exist"
     ),
@@ -268,6 +287,22 @@ CASES: dict[str, Case] = {
         setup=file_in_the_way,
     ),
     "report not a folder": Case(("report", "{tmp}/nothing"), "is not a folder"),
+    "report malformed eval.json": Case(
+        ("report", "{tmp}/runs"), "eval.json: not valid JSON", setup=write("runs/a_s0/eval.json", '{"step": 3, "metr')
+    ),
+    "report bad wall time": Case(
+        ("report", "{tmp}/runs"),
+        "wall_times.txt:1: 'fast' is not a number of seconds",
+        setup=lambda tmp: (
+            write("runs/a_s0/eval.json", '{"step": 3, "metrics": {"m": 1.0}}')(tmp),
+            write("runs/wall_times.txt", "a_s0 fast\n")(tmp),
+        ),
+    ),
+    "resume other optimisers, forced": Case(
+        resume_args("--set", "backbone.learn_sigma=false", "--force"),
+        "does not fit this recipe's optimisers or algorithm",
+        run=True,
+    ),
 }
 
 
@@ -304,10 +339,6 @@ def make_recipe(case: Case, tmp: Path) -> Path:
     return path
 
 
-def test_the_table_is_big_enough():
-    assert len(CASES) >= 30
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_exits_2_with_one_line(name: str, tmp_path: Path, capsys, monkeypatch, request):
     case = CASES[name]
@@ -338,3 +369,15 @@ def test_bad_input_exits_2_with_one_line(name: str, tmp_path: Path, capsys, monk
     if before is not None:
         assert snapshot(tmp_path / "run") == before  # the run directory is as it was
     assert not MARKER.exists()  # no pickled code ran
+
+
+def test_a_failing_user_factory_is_a_one_line_plugin_error(tmp_path: Path, monkeypatch):
+    """A "package.module:factory" named for an EDM network or a feature extractor is called by rewardtune; whatever
+    it raises becomes a PluginError naming it (exit 2 from the CLI), not an internal error."""
+    from rewardtune.errors import PluginError
+    from rewardtune.metrics.fid import build_feature_extractor
+
+    (tmp_path / "rt_bad_factory.py").write_text("def build():\n    raise OSError('weights.pt: no such file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match="calling 'rt_bad_factory:build' failed: OSError: weights.pt: no such file"):
+        build_feature_extractor("rt_bad_factory:build")

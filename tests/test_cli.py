@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,19 +104,28 @@ def test_eval_of_a_kept_step_and_of_the_raw_weights(dxmi_run: Path):
 
 
 def test_resume_continues_to_more_steps(dxmi_run: Path, tmp_path: Path):
+    """A finished 20-step run, resumed with --steps 30 (a changed recipe, hence --force), trains steps 21-30."""
+    run = tmp_path / "run"
+    shutil.copytree(dxmi_run, run)
     result = rewardtune(
-        "run", "recipes/dxmi_8gaussians.toml", "--out", str(dxmi_run), "--steps", "20", "--resume",
+        "run", "recipes/dxmi_8gaussians.toml", "--out", str(run), "--steps", "30", "--resume", "--force",
         "--set", "algorithm.value_warmup=5", "--set", "train.eval_every=10", *TINY,
     )
     assert result.returncode == 0, result.stderr
-    assert "resumed from" in result.stderr
+    assert "resumed from" in result.stderr and "(step 20)" in result.stderr
+    assert json.loads((run / "eval.json").read_text())["step"] == 30
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 30 and steps == sorted(steps)
 
 
 def test_plugins_lists_builtins():
     result = rewardtune("plugins")
     assert result.returncode == 0, result.stderr
-    for name in ("mlp", "energy", "dxdp", "ddpm", "time_mlp", "8gaussians"):
-        assert name in result.stdout
+    rows = {tuple(cell.strip() for cell in line.split("│")[1:3]) for line in result.stdout.splitlines() if "│" in line}
+    for row in [("backbone", "mlp"), ("backbone", "ddpm"), ("backbone", "edm"), ("value", "time_mlp"),
+                ("reward", "energy"), ("algorithm", "dxdp"), ("algorithm", "ddpm"), ("algorithm", "distill"),
+                ("algorithm", "policy_gradient"), ("data", "8gaussians")]:
+        assert row in rows, row
 
 
 def recipe_with(tmp_path: Path, patch: str) -> Path:

@@ -225,3 +225,17 @@ def test_restart_lr_schedule_gives_phase_2_its_own_cosine(teacher_run: Path, res
         scales.append(group["lr"] / group["base_lr"])
         trainer.step += 1
     assert scales == pytest.approx(expected)
+
+
+def test_phase_2_starts_avr_from_the_regressed_sigma():
+    """AVR's s_t starts at sigma_t (Algorithm 1, line 2): for phase 2 that is the student's sigma_s as regression left
+    it (`regression_sigma`), not the sigma it had when the algorithm was built."""
+    student = LinearPolicy((D,), torch.ones(1), torch.zeros(1, D), torch.tensor([0.001]), learn_mean=True)
+    config = DistillConfig(regression_steps=3, regression_sigma=0.3, tau_velocity=0.1, avr=False, value_warmup=10)
+    value = ValueFunction(QuadraticValueNet(D, 2), lr=1e-2)
+    algorithm = build_distill(student, QuadraticCost(torch.zeros(D)), value, linear_teacher(), config=config)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        algorithm.update(torch.zeros(16, D), None, gen)
+    algorithm.update(torch.zeros(16, D), student.sample(16, gen), gen)  # the first DxDP iteration
+    torch.testing.assert_close(algorithm.dxdp.s2, torch.tensor([0.09]), rtol=1e-5, atol=0)

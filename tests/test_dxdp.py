@@ -410,3 +410,30 @@ def test_dxdp_reaches_bptt_optimum_of_eq8():
     assert abs(float(diff.mean())) < 5 * se_diff + 2e-3, (float(diff.mean()), se_diff)
     assert float(c_init.mean()) - float(c_dxdp.mean()) > 1.5
     assert float(c_init.mean()) - float(c_bptt.mean()) > 1.5
+
+
+class RecordingCost(QuadraticCost):
+    """QuadraticCost that records the batch sizes it scores."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        super().__init__(target)
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return super().forward(x, context)
+
+
+def test_terminal_reward_scores_only_the_last_transitions():
+    """terminal = "reward" differentiates r(x_T) on the rows whose transition ends at T, and scores nothing else (a
+    CLIP reward costs T times less; a normalising composite sees only samples). The values are
+    test_policy_loss_hand_computed's."""
+    T, D = 3, 2
+    policy = LinearPolicy((D,), torch.ones(T), torch.zeros(T, D), torch.full((T,), 0.5), learn_mean=True)
+    reward = RecordingCost(torch.zeros(D))
+    algo = DxDP(policy, reward, ValueFunction(QuadraticValueNet(D, T + 1), lr=1e-3), config=DxDPConfig(terminal="reward", avr=False))
+    x = torch.randn(5, D, generator=torch.Generator().manual_seed(0))
+    algo.policy_loss(x, torch.tensor([0, 2, 1, 2, 0]), torch.zeros(5, D))
+    assert reward.batches == [2]
+    algo.policy_loss(x, torch.tensor([0, 1, 1, 0, 0]), torch.zeros(5, D))
+    assert reward.batches == [2]  # no transition ends at T in this batch: the reward is not called

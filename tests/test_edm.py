@@ -33,6 +33,31 @@ class Zero(nn.Module):
         return torch.zeros_like(x)
 
 
+class Recording(nn.Module):
+    """F(u, c) = 2 u + c (c broadcast per sample), keeping its inputs."""
+
+    def forward(self, x, c_noise):
+        self.seen = (x.detach().clone(), c_noise.detach().clone())
+        return 2 * x + c_noise.view(-1, *([1] * (x.dim() - 1)))
+
+
+def test_denoiser_preconditioning_matches_edm_table_1():
+    """D(x; s) = c_skip x + c_out F(c_in x, c_noise) with sigma_data = 0.5 (EDM, Table 1, written out here rather than
+    read from edm_preconditioning), and the network sees c_in x and c_noise = 0.25 ln s (the DxMI/EDM convention)."""
+    net = Recording()
+    policy = EDMChainPolicy(net, (3,), num_steps=4, rho=4.0)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = torch.tensor([80.0, 10.0, 1.0, 0.5, 0.002], dtype=torch.float64)
+    got = policy.double().denoise(x, s)
+    total = s**2 + 0.25
+    c_in, c_noise = 1 / total.sqrt(), 0.25 * torch.log(s)
+    u = c_in[:, None] * x
+    expected = (0.25 / total)[:, None] * x + (0.5 * s / total.sqrt())[:, None] * (2 * u + c_noise[:, None])
+    torch.testing.assert_close(net.seen[0], u, rtol=1e-12, atol=0)  # float64 throughout
+    torch.testing.assert_close(net.seen[1], c_noise, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
 def test_step_mean_with_a_known_denoiser():
     policy = EDMChainPolicy(Zero(), (2,), num_steps=4, rho=4.0, stochastic_last=True)
     x = torch.randn(6, 2, dtype=torch.float32)

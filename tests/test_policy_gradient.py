@@ -85,7 +85,7 @@ def test_policy_gradient_reaches_the_lqg_optimum_of_eq8():
     parameter errors <= 1.1e-3 (4 seeds); the tolerances are test_dxdp.py's."""
     torch.manual_seed(0)
     s2 = SIGMA0.pow(2)
-    j_star, _a_star, b_star, sigma_star = lqg_optimum(TARGET, TAU, s2, D)
+    j_star, a_star, b_star, sigma_star = lqg_optimum(TARGET, TAU, s2, D)
     policy = _initial_policy()
     cfg = PolicyGradientConfig(
         tau_entropy=TAU, tau_velocity=TAU, avr=False, sampler_lr=1e-2, sigma_lr=1e-2, ppo_epochs=4, minibatches=2
@@ -100,6 +100,7 @@ def test_policy_gradient_reaches_the_lqg_optimum_of_eq8():
         algo.update(None, policy.sample(256, gen), gen)
     gap = lqg_objective(policy, TARGET, TAU, s2) - j_star
     assert gap < 2e-3, gap
+    torch.testing.assert_close(policy.a.detach().double(), a_star, rtol=0, atol=5e-2)
     torch.testing.assert_close(policy.sigma().detach().double(), sigma_star, rtol=0, atol=5e-2)
     torch.testing.assert_close(policy.b.detach().double(), b_star, rtol=0, atol=5e-2)
 
@@ -118,3 +119,34 @@ def test_policy_gradient_refuses_guidance_and_bad_settings():
     guided = Trajectory(states=torch.zeros(T + 1, 4, D), sigmas=SIGMA0, log_probs=None)
     with pytest.raises(ValueError, match="log-probs"):
         algo.update(None, guided, None)
+
+
+def test_policy_gradient_refuses_a_time_independent_value_that_is_the_energy():
+    """The baseline regresses V(x, t) on returns at t < T; a time-independent value shared with the energy would be
+    that energy, overwritten every iteration. A time-dependent shared value keeps its own t = T slot and is allowed."""
+    from rewardtune.nets.value import build_time_mlp_value
+    from rewardtune.rewards.energy import build_energy_reward
+
+    policy = _initial_policy()
+    flat = build_time_mlp_value((D,), hidden=8, depth=1, time_dim=8, lr=1e-3, time_dependent=False)
+    with pytest.raises(ValueError, match="time-independent"):
+        build_policy_gradient(policy, build_energy_reward((D,), flat, T), flat, config=PolicyGradientConfig())
+    timed = build_time_mlp_value((D,), hidden=8, depth=1, time_dim=8, lr=1e-3)
+    build_policy_gradient(policy, build_energy_reward((D,), timed, T), timed, config=PolicyGradientConfig())
+    with pytest.raises(ValueError, match="knn_entropy"):
+        build_policy_gradient(policy, QuadraticCost(TARGET), None, config=PolicyGradientConfig(knn_entropy=-1.0))
+
+
+def test_policy_gradient_feeds_a_normalising_composite_its_statistics():
+    """A composite reward with normalize = true standardises by running statistics it updates only when scored
+    with gradients enabled; the policy gradient's terminal reward must update them (one batch of final samples per
+    iteration), or normalisation would silently stay at mean 0, variance 1."""
+    from rewardtune.rewards.composite import CompositeReward
+
+    composite = CompositeReward({"quad": (QuadraticCost(TARGET), 1.0)}, normalize=True)
+    algo = build_policy_gradient(_initial_policy(), composite, None, config=PolicyGradientConfig(value_warmup=10))
+    traj = algo.backbone.sample(64, torch.Generator().manual_seed(0))
+    algo.update(None, traj, None)
+    assert int(composite.num_updates) == 1
+    raw = QuadraticCost(TARGET)(traj.final).double()
+    torch.testing.assert_close(composite.running_mean, raw.mean().view(1), rtol=1e-6, atol=0)

@@ -59,3 +59,8 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path: Path):
         assert torch.equal(a[key], b[key]), key  # bitwise: RNG, optimiser, AVR, EMA and schedule all restored
     assert resumed["metrics"] == straight["metrics"]
     assert json.loads((tmp_path / "resumed" / "eval.json").read_text())["metrics"] == straight["metrics"]
+    # training time continues across the resume (stored in the checkpoint), so metrics.jsonl's clock never goes back
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    times = [r["time_s"] for r in records]
+    assert [r["step"] for r in records if r["step"] > 7] and times == sorted(times)
+

@@ -116,8 +116,8 @@ class Distill:
     def update(
         self, real: torch.Tensor, trajectory: Trajectory | None, generator: torch.Generator | None
     ) -> dict[str, float]:
-        if self.iteration == self.config.regression_steps:  # phase 2 begins: the KL reference is the regressed student
-            self.dxdp.reset_reference()
+        if self.iteration == self.config.regression_steps:  # phase 2 begins from the regressed student (its sigma_s)
+            self.dxdp.restart_from_current_policy()
         if not self.needs_rollout:
             metrics = self.regress(real.shape[0], generator)
             metrics.update(sigma_metrics(self.backbone))

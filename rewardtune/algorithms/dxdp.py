@@ -134,6 +134,11 @@ def sigma_metrics(backbone: GaussianChainPolicy) -> dict[str, float]:
     return {f"sigma/{t}": float(s) for t, s in enumerate(backbone.sigma().detach())}
 
 
+def initial_velocity_scale(backbone: GaussianChainPolicy) -> torch.Tensor:
+    """AVR's starting point s_t^2 <- sigma_t^2 (Algorithm 1, line 2): [T]."""
+    return backbone.sigma().detach().pow(2).clone()
+
+
 def avr_update(s2: torch.Tensor, trajectory: Trajectory, alpha: float) -> torch.Tensor:
     """AVR (Sec. 4.2): s_t^2 <- alpha s_t^2 + (1 - alpha) mean_batch ||x_{t+1} - x_t||^2 / D, averaged over ranks."""
     states = trajectory.states
@@ -160,15 +165,17 @@ class DxDP:
             config.tau_entropy, config.tau_velocity, config.per_dimension, backbone.event_dim
         )
         self.sampler_optimizer = sampler_optimizer(backbone, config.sampler_lr, config.sigma_lr, config.sampler_grad_clip)
-        self.s2 = backbone.sigma().detach().pow(2).clone()  # [T], AVR: s_t <- sigma_t (Algorithm 1, line 2)
+        self.s2 = initial_velocity_scale(backbone)
         self.iteration = 0
         # KL safeguard: the starting policy, frozen (rebuilt identically on resume from the same initial weights).
         self.reference = copy.deepcopy(backbone).requires_grad_(False).eval() if config.kl_weight > 0 else None
         # With a shared network V(., T) *is* the energy, so the terminal value needs no regression of its own.
         self.terminal_shared = bool(getattr(reward, "shares_value", lambda v: False)(value))
 
-    def reset_reference(self) -> None:
-        """Make the policy as it is now the KL safeguard's reference (no-op without the safeguard)."""
+    def restart_from_current_policy(self) -> None:
+        """Start over from the policy as it is now (a distillation's phase 2): AVR's s_t <- sigma_t (Algorithm 1,
+        line 2) and, with the KL safeguard, this policy as its reference."""
+        self.s2 = initial_velocity_scale(self.backbone)
         if self.reference is not None:
             self.reference.load_state_dict(self.backbone.state_dict())
 
@@ -226,9 +233,11 @@ class DxDP:
         mean = self.backbone.mean(x, t)
         x_next = mean + sigma.view(-1, *([1] * (x.dim() - 1))) * noise  # = backbone.step(x, t, noise)
         next_value = self.value(x_next, t + 1)
-        if cfg.terminal == "reward":
+        if cfg.terminal == "reward":  # the last transition differentiates the reward itself, scored on those rows only
             last = t + 1 == T
-            next_value = torch.where(last, self.reward.cost(x_next), next_value)
+            if last.any():
+                next_value = next_value.clone()
+                next_value[last] = self.reward.cost(x_next[last]).to(next_value.dtype)
         entropy = self.backbone.event_dim * sigma.log()
         velocity = velocity_cost(x, x_next, self.s2[t])
         loss = next_value - self.tau1 * entropy + self.tau2 * velocity

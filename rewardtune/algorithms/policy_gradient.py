@@ -115,18 +115,25 @@ class PolicyGradient:
         self.iteration = 0
 
     def terminal_reward(self, x: torch.Tensor) -> torch.Tensor:
-        """r(x_T) plus the optional kNN entropy bonus: [B]."""
-        with torch.no_grad():
-            r = -check_reward_output(reward_name(self.reward), self.reward.cost(x), x.shape[0]).detach()
-            if self.config.knn_entropy > 0:
-                r = r + self.config.knn_entropy * knn_log_distance(x, self.config.knn_k)
+        """r(x_T) plus the optional kNN entropy bonus: [B].
+
+        The reward is scored with gradients enabled (as DxDP's terminal cost is): a composite reward with `normalize`
+        updates its running statistics only then, and treats a `torch.no_grad()` call as an evaluation."""
+        r = -check_reward_output(reward_name(self.reward), self.reward.cost(x.detach()), x.shape[0]).detach()
+        if self.config.knn_entropy > 0:
+            if x.shape[0] <= self.config.knn_k:
+                raise RecipeError(
+                    f"algorithm.knn_k = {self.config.knn_k} needs more samples per process than k; "
+                    f"train.batch_size gives {x.shape[0]}"
+                )
+            r = r + self.config.knn_entropy * knn_log_distance(x.detach(), self.config.knn_k)
         return r
 
     def advantages(self, trajectory: Trajectory, returns: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """A_t = G_t - baseline(x_t, t), normalised; also fits the value baseline. [T, B].
 
-        The baseline is regressed at t < T only, so a value that is also the learned energy (V(., T) = E) keeps its
-        terminal slot for the energy."""
+        The baseline is regressed at t < T only, so a time-dependent value that is also the learned energy
+        (V(., T) = E) keeps its terminal slot for the energy (a time-independent one is refused at build)."""
         T, B = trajectory.num_steps, trajectory.batch_size
         metrics = {}
         if self.value is not None:
@@ -221,4 +228,11 @@ def build_policy_gradient(
         raise ValueError(f"clip_range must be in (0, 1), got {config.clip_range}")
     if config.knn_k < 1:
         raise ValueError(f"knn_k must be at least 1, got {config.knn_k}")
+    if config.knn_entropy < 0:
+        raise ValueError(f"knn_entropy must be >= 0, got {config.knn_entropy}")
+    if value is not None and getattr(reward, "shares_value", lambda v: False)(value) and not value.time_dependent:
+        raise ValueError(
+            "policy_gradient regresses its baseline on returns at t < T, which would overwrite an energy that is the "
+            "same time-independent [value] network; use a time-dependent value or [reward] share_with_value = false"
+        )
     return PolicyGradient(backbone, reward, value, config=config)

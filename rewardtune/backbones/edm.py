@@ -107,9 +107,9 @@ def build_edm_backbone(
     if len(chosen) != 1:
         raise ValueError(f"set exactly one of pretrained, unet, network (got {', '.join(chosen) or 'none'})")
     if network:
-        from rewardtune.imports import import_object
+        from rewardtune.imports import call_factory_path
 
-        net = import_object(network, f"edm network {network!r}")()
+        net = call_factory_path(network, f"edm network {network!r}")
     else:
         if unet is not None:
             from diffusers import UNet2DModel

@@ -78,6 +78,8 @@ def fastdpm_variance_schedule(num_steps: int, beta_0: float = 1e-4, target: floa
     bound (T = 10: x = 9.5; T = 5: x = 19; T = 4: x = 23.75) and prod(1 - eta) stays far above the target: the
     sampler then starts from N(0, I) as if at a DDPM step of a few hundred (T = 5: ~384).
     """
+    if num_steps < 2:  # eta_0 = beta_0 whatever x: one step from N(0, I) would be treated as alpha_bar = 1 - beta_0
+        raise ValueError(f"the fastdpm schedule needs num_steps >= 2, got {num_steps}; use schedule = 'strided'")
     if target is None:
         target = float(ddpm_alphas_cumprod()[-1])
     i = torch.arange(num_steps, dtype=torch.float64)

@@ -81,14 +81,19 @@ def build_image_folder(*, path: str, size: int = 32, channels: int = 3, hflip: b
     """Data `image_folder`: every image under `path`, resized to size x size."""
     from PIL import Image
 
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
     files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise RewardtuneError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
     mode = "L" if channels == 1 else "RGB"
     arrays = []
     for f in files:
-        with Image.open(f) as img:
-            img = img.convert(mode).resize((size, size), Image.BICUBIC)
-            arrays.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, channels))
+        try:
+            with Image.open(f) as img:
+                img = img.convert(mode).resize((size, size), Image.BICUBIC)
+        except OSError as err:  # PIL's UnidentifiedImageError for a corrupt or mislabelled file, and read errors
+            raise RewardtuneError(f"cannot read image {f}: {err}") from None
+        arrays.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, channels))
     images = torch.stack(arrays).permute(0, 3, 1, 2).float()
     return TensorImages(images / 127.5 - 1, hflip=hflip, name=f"image_folder {path}")

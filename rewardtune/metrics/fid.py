@@ -89,10 +89,9 @@ def build_feature_extractor(name: str, device: torch.device | str = "cpu") -> nn
     if name == "digits":
         return DigitsFeatures()
     if ":" in name:
-        from rewardtune.imports import import_object
+        from rewardtune.imports import call_factory_path
 
-        factory = import_object(name, f"feature extractor {name!r}")
-        module = factory()
+        module = call_factory_path(name, f"feature extractor {name!r}")
         if not callable(module):
             raise PluginError(f"feature extractor {name!r} returned {type(module).__name__}, not a module")
         return module
