@@ -28,8 +28,10 @@ def main_options(
 class RichReporter:
     """A rich progress bar with live metrics (main process only)."""
 
-    SHOWN: ClassVar[dict[str, str]] = {"energy/real": "E(data)", "energy/fake": "E(samples)", "value/td_loss": "td", "policy/loss": "policy",
-             "ddpm/loss": "loss", "distill/mse": "mse"}
+    SHOWN: ClassVar[dict[str, str]] = {
+        "energy/real": "E(data)", "energy/fake": "E(samples)", "value/td_loss": "td", "policy/loss": "policy",
+        "ddpm/loss": "loss", "distill/mse": "mse",
+    }
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
