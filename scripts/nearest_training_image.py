@@ -32,8 +32,7 @@ def report(name: str, distances: torch.Tensor) -> None:
 for run in args.runs:
     trainer = load_run(run)
     backbone = trainer.evaluated_backbone()
-    with torch.no_grad():
-        samples = backbone.sample(args.n, torch.Generator().manual_seed(1)).final.clamp(-1, 1).flatten(1)
+    samples = trainer.evaluator.draw(backbone, args.n, torch.Generator(device=backbone.device).manual_seed(1)).flatten(1)
     report(run, torch.cdist(samples, data).min(1).values / data.shape[1] ** 0.5)
 between = torch.cdist(data, data)
 between.fill_diagonal_(float("inf"))

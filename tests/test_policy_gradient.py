@@ -150,3 +150,12 @@ def test_policy_gradient_feeds_a_normalising_composite_its_statistics():
     assert int(composite.num_updates) == 1
     raw = QuadraticCost(TARGET)(traj.final).double()
     torch.testing.assert_close(composite.running_mean, raw.mean().view(1), rtol=1e-6, atol=0)
+
+
+def test_knn_bonus_with_too_few_samples_per_process_is_a_recipe_error():
+    from rewardtune.errors import RecipeError
+
+    algo = build_policy_gradient(_initial_policy(), QuadraticCost(TARGET), None, config=PolicyGradientConfig(knn_entropy=0.1, knn_k=5))
+    traj = algo.backbone.sample(4, torch.Generator().manual_seed(0))
+    with pytest.raises(RecipeError, match="algorithm.knn_k: the kNN entropy bonus needs more than k = 5 samples per process, got 4"):
+        algo.update(None, traj, None)

@@ -27,7 +27,12 @@ import torch
 from rewardtune.backbones.base import GaussianChainPolicy
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep, all_mean
-from rewardtune.rewards.base import Reward, check_reward_output, reward_name
+from rewardtune.rewards.base import (
+    Reward,
+    check_reward_output,
+    reward_name,
+    reward_shares_value,
+)
 from rewardtune.types import Trajectory
 
 
@@ -170,7 +175,7 @@ class DxDP:
         # KL safeguard: the starting policy, frozen (rebuilt identically on resume from the same initial weights).
         self.reference = copy.deepcopy(backbone).requires_grad_(False).eval() if config.kl_weight > 0 else None
         # With a shared network V(., T) *is* the energy, so the terminal value needs no regression of its own.
-        self.terminal_shared = bool(getattr(reward, "shares_value", lambda v: False)(value))
+        self.terminal_shared = reward_shares_value(reward, value)
 
     def restart_from_current_policy(self) -> None:
         """Start over from the policy as it is now (a distillation's phase 2): AVR's s_t <- sigma_t (Algorithm 1,

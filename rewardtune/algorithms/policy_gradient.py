@@ -36,7 +36,12 @@ from rewardtune.backbones.base import GaussianChainPolicy
 from rewardtune.errors import RecipeError
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep, all_mean
-from rewardtune.rewards.base import Reward, check_reward_output, reward_name
+from rewardtune.rewards.base import (
+    Reward,
+    check_reward_output,
+    reward_name,
+    reward_shares_value,
+)
 from rewardtune.types import Trajectory
 
 
@@ -121,12 +126,10 @@ class PolicyGradient:
         updates its running statistics only then, and treats a `torch.no_grad()` call as an evaluation."""
         r = -check_reward_output(reward_name(self.reward), self.reward.cost(x.detach()), x.shape[0]).detach()
         if self.config.knn_entropy > 0:
-            if x.shape[0] <= self.config.knn_k:
-                raise RecipeError(
-                    f"algorithm.knn_k = {self.config.knn_k} needs more samples per process than k; "
-                    f"train.batch_size gives {x.shape[0]}"
-                )
-            r = r + self.config.knn_entropy * knn_log_distance(x.detach(), self.config.knn_k)
+            try:
+                r = r + self.config.knn_entropy * knn_log_distance(x.detach(), self.config.knn_k)
+            except ValueError as err:  # too few samples per process for k: a recipe setting, not a bug
+                raise RecipeError(f"algorithm.knn_k: {err}; raise train.batch_size or lower knn_k") from None
         return r
 
     def advantages(self, trajectory: Trajectory, returns: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -230,7 +233,7 @@ def build_policy_gradient(
         raise ValueError(f"knn_k must be at least 1, got {config.knn_k}")
     if config.knn_entropy < 0:
         raise ValueError(f"knn_entropy must be >= 0, got {config.knn_entropy}")
-    if value is not None and getattr(reward, "shares_value", lambda v: False)(value) and not value.time_dependent:
+    if reward_shares_value(reward, value) and not value.time_dependent:
         raise ValueError(
             "policy_gradient regresses its baseline on returns at t < T, which would overwrite an energy that is the "
             "same time-independent [value] network; use a time-dependent value or [reward] share_with_value = false"

@@ -56,6 +56,11 @@ def reward_name(reward: nn.Module) -> str:
     return getattr(reward, "name", "") or type(reward).__name__
 
 
+def reward_shares_value(reward: nn.Module | None, value: nn.Module | None) -> bool:
+    """Whether `reward` is the `value` network at its terminal time (a shared DxMI energy, V(., T) = E)."""
+    return value is not None and bool(getattr(reward, "shares_value", lambda v: False)(value))
+
+
 def check_reward_output(name: str, rewards: object, batch_size: int) -> torch.Tensor:
     """Return `rewards` if it is a finite floating-point Tensor of shape (batch_size,); else raise PluginError.
 

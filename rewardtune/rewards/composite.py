@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from rewardtune.rewards.base import Reward, check_reward_output
+from rewardtune.rewards.base import Reward, check_reward_output, reward_shares_value
 from rewardtune.tables import PluginTable
 
 
@@ -165,7 +165,7 @@ def build_composite_reward(
             reward = spec.build(context)
         except (ValueError, TypeError) as err:
             raise ValueError(f"term {term_name!r} (kind {spec.kind!r}): {err}") from None
-        if getattr(reward, "shares_value", lambda v: False)(value):
+        if reward_shares_value(reward, value):
             raise ValueError(f"composite term {term_name!r} shares the value network; set share_with_value = false")
         built[term_name] = (reward, spec.extra.get("weight", 1.0))
     return CompositeReward(built, normalize=normalize, momentum=momentum)
