@@ -1,4 +1,5 @@
-"""Running recipes from Python: `run_recipe`, `load_run`. The CLI is a thin layer over these."""
+"""Running recipes from Python: `run_recipe`, `build_trainer`, `load_run`, `make_recipe`, `seed_everything`. The CLI
+is a thin layer over these."""
 
 from __future__ import annotations
 
@@ -16,10 +17,19 @@ from rewardtune.build import (
 from rewardtune.errors import CheckpointError, RecipeError, RewardtuneError
 from rewardtune.recipe import (
     Recipe,
+    apply_override,
     load_recipe,
     parse_recipe,
     read_toml,
     recipe_to_toml,
+    recipe_warnings,
+)
+from rewardtune.resume import (
+    Change,
+    check_resume,
+    describe,
+    recipe_changes,
+    restarts_best,
 )
 from rewardtune.trainer import Reporter, Trainer
 
@@ -43,11 +53,13 @@ def check_out_dir(out_dir: Path, recipe: Recipe, *, resume: bool, force: bool) -
     """Refuse to mix runs of different recipes (unless `force`), then create the run directory."""
     saved = out_dir / RECIPE_FILE
     if saved.exists():
-        previous = read_toml(saved)
-        if previous != tomllib.loads(recipe_to_toml(recipe)):
+        changes = recipe_changes(saved_recipe(out_dir), recipe_as_saved(recipe))
+        if changes:
             if not force:
+                changed = ", ".join(c.key for c in changes[:5]) + (", ..." if len(changes) > 5 else "")
                 raise RecipeError(
-                    f"{out_dir} holds a run of a different recipe; use another --out, or --force to overwrite its recipe"
+                    f"{out_dir} holds a run of a different recipe ({changed} changed); use another --out, or --force "
+                    "to overwrite its recipe"
                 )
         elif not resume and (out_dir / "checkpoints").exists() and not force:
             raise RecipeError(f"{out_dir} already holds this run; pass --resume to continue it or --out for a new one")
@@ -55,6 +67,43 @@ def check_out_dir(out_dir: Path, recipe: Recipe, *, resume: bool, force: bool) -
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RewardtuneError(f"cannot write to {out_dir}: {err.strerror or err}") from None
+
+
+def saved_recipe(out_dir: Path) -> dict:
+    """The recipe a run directory stores, resolved again by this version of rewardtune, so that an option added
+    since (with its default) is no change; the stored table itself when it no longer parses."""
+    path = out_dir / RECIPE_FILE
+    raw = read_toml(path)
+    try:
+        return tomllib.loads(recipe_to_toml(parse_recipe(raw, path)))
+    except RewardtuneError:
+        return raw
+
+
+def recipe_as_saved(recipe: Recipe) -> dict:
+    """`recipe` as recipe.toml stores it (TOML types: lists, no None)."""
+    return tomllib.loads(recipe_to_toml(recipe))
+
+
+def resume_changes(out_dir: Path, recipe: Recipe) -> list[Change]:
+    """The settings `recipe` changes in the run that `out_dir` resumes, all of them ones a resume applies
+    (`resume.RESUME_POLICY`); any other is refused with a RecipeError naming it. Empty when there is no checkpoint to
+    resume from (the run starts afresh)."""
+    if not (out_dir / RECIPE_FILE).is_file() or ckpt.latest_checkpoint(out_dir / "checkpoints") is None:
+        return []
+    return check_resume(saved_recipe(out_dir), recipe_as_saved(recipe), str(out_dir))
+
+
+def continue_with(trainer: Trainer, changes: list[Change], recipe: Recipe, reporter: Reporter | None) -> None:
+    """After the checkpoint loaded into the changed recipe's objects: start the keep-best record over when its
+    values are no longer comparable, check that `eval.keep_best` names a metric, and say what changed."""
+    if restarts_best(changes, recipe_as_saved(recipe)):
+        trainer.best = None
+    name = trainer.eval_config.keep_best
+    if name and trainer.initial_metrics is not None and name not in trainer.initial_metrics:
+        raise RecipeError(f"eval.keep_best = {name!r} is not a metric of this run ({', '.join(trainer.initial_metrics)})")
+    if changes and reporter is not None:
+        reporter.message(f"resuming with changed settings: {describe(changes)}")
 
 
 def write_recipe(out_dir: Path, recipe: Recipe) -> None:
@@ -83,25 +132,17 @@ def run_recipe(
         recipe = load_recipe(recipe)
     out_dir = Path(out_dir)
     accelerator = accelerator or make_accelerator()
+    changes = resume_changes(out_dir, recipe) if resume else []  # on every rank: a refusal stops them all
     if accelerator.is_main_process:
         check_out_dir(out_dir, recipe, resume=resume, force=force)
     accelerator.wait_for_everyone()
+    for warning in recipe_warnings(recipe) if reporter is not None else []:  # settings that make a step do nothing
+        reporter.message(f"warning: {warning}")
 
-    def pretrain(path: Path, sub_dir: Path, seed: int) -> Path:
-        sub = with_seed(load_recipe(path), seed)
-        if finished(sub_dir, sub):
-            if reporter is not None:
-                reporter.message(f"reusing the finished pretraining run in {sub_dir}")
-            return sub_dir
-        if reporter is not None:
-            reporter.message(f"pretraining: {path.name} -> {sub_dir}")
-        run_recipe(sub, sub_dir, resume=True, force=True, reporter=reporter, accelerator=accelerator)
-        return sub_dir
-
-    experiment = build_experiment(recipe, out_dir, run_recipe=pretrain)
+    experiment = build_experiment(recipe, out_dir, run_recipe=pretraining_runner(reporter, accelerator))
     trainer = make_trainer(experiment, out_dir, reporter, accelerator)
-    if resume:  # before recipe.toml is replaced: a checkpoint that does not fit leaves the run directory as it was
-        trainer.resume()
+    if resume and trainer.resume() is not None:  # before recipe.toml is replaced: a checkpoint that does not fit
+        continue_with(trainer, changes, recipe, reporter)  # leaves the run directory as it was
     if accelerator.is_main_process:
         write_recipe(out_dir, recipe)
     return trainer.fit()
@@ -119,6 +160,7 @@ def make_trainer(experiment: Experiment, out_dir: Path | None, reporter, acceler
         out_dir=out_dir,
         reporter=reporter,
         accelerator=accelerator,
+        plugin_owners=experiment.plugin_owners,
     )
 
 
@@ -134,12 +176,23 @@ def finished(run_dir: Path, recipe: Recipe) -> bool:
     return saved == tomllib.loads(recipe_to_toml(recipe)) and result.get("step") == recipe.train.steps
 
 
+def require_recipe(run_dir: Path) -> None:
+    """Say in one line why a directory a hand-composed Trainer wrote (checkpoints, no recipe.toml) cannot be read."""
+    if not (run_dir / RECIPE_FILE).is_file() and (run_dir / "checkpoints").is_dir():
+        raise CheckpointError(
+            f"{run_dir} has checkpoints but no {RECIPE_FILE}: a Trainer composed in Python wrote it, and its pieces "
+            "cannot be rebuilt; build the trainer with rewardtune.build_trainer(recipe, out_dir) for a run directory "
+            "that eval and sample read (docs/recipes.md, Python API)"
+        )
+
+
 def load_run(
     run_dir: str | Path, *, accelerator=None, reporter=None, best: bool = False, step: int | None = None
 ) -> Trainer:
     """A Trainer holding a run's latest checkpoint, its best one (`best`) or the kept one of `step`, for eval and
     sample."""
     run_dir = Path(run_dir)
+    require_recipe(run_dir)
     raw = read_run_recipe(run_dir)
     teacher = raw.get("distill", {}).get("teacher", "")
     if teacher.endswith(".toml"):  # a teacher recipe was run into <run>/teacher
@@ -164,3 +217,104 @@ def load_run(
     trainer = make_trainer(build_experiment(recipe), run_dir, reporter, accelerator or make_accelerator())
     trainer.load(latest)
     return trainer
+
+
+# ---- the Python path: recipes from dicts, trainers that write CLI-readable run directories, seeding --------------
+def make_recipe(tables: dict, overrides: list[str] | None = None) -> Recipe:
+    """A recipe from Python dicts mirroring the TOML tables, validated exactly like a recipe file.
+
+    `tables` is e.g. `{"data": {"kind": "8gaussians"}, "backbone": {"kind": "mlp", "num_steps": 5}, ...}`: the same
+    tables, keys and defaults as docs/recipes.md; tuples may stand for lists. `overrides` are `table.key=value`
+    strings, as `--set` takes them. Relative paths in it (`backbone.init_from`, `distill.teacher`) are taken from
+    the working directory. Raises RecipeError for anything a recipe file would be refused for, and for a value TOML
+    cannot store (the run directory keeps the recipe as recipe.toml).
+    """
+    if not isinstance(tables, dict):
+        raise RecipeError(f"a recipe is a dict of tables, got {type(tables).__name__}")
+    raw = as_toml_tables(tables)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return parse_recipe(raw)
+
+
+def as_toml_tables(value, key: str = ""):
+    """A deep copy of `value` (at dotted `key`) with tuples as lists; RecipeError naming the key for a value TOML
+    cannot hold (None, a Path, a tensor, ...)."""
+    if isinstance(value, dict):
+        return {str(k): as_toml_tables(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_toml_tables(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    raise RecipeError(f"recipe {key}: {value!r} ({type(value).__name__}) is not a TOML value (a bool, number, string, list or table)")
+
+
+def pretraining_runner(reporter: Reporter | None, accelerator):
+    """`run_recipe(recipe_path, out_dir, seed)` for `build_experiment`: runs a pretraining (or teacher) recipe into
+    `out_dir`, or reuses it there when it already finished."""
+
+    def run_sub_recipe(path: Path, sub_dir: Path, seed: int) -> Path:
+        sub = with_seed(load_recipe(path), seed)
+        if finished(sub_dir, sub):
+            if reporter is not None:
+                reporter.message(f"reusing the finished pretraining run in {sub_dir}")
+            return sub_dir
+        if reporter is not None:
+            reporter.message(f"pretraining: {path.name} -> {sub_dir}")
+        run_recipe(sub, sub_dir, resume=True, force=True, reporter=reporter, accelerator=accelerator)
+        return sub_dir
+
+    return run_sub_recipe
+
+
+def build_trainer(
+    recipe: Recipe | str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    accelerator=None,
+) -> Trainer:
+    """The Trainer of a recipe (a path, `load_recipe(...)` or `make_recipe(...)`), ready to `fit()`.
+
+    With `out_dir` it checks the directory like `rewardtune run` (a different recipe, or this one already
+    checkpointed, needs `force`), runs the recipes `backbone.init_from` / `distill.teacher` name into
+    `<out_dir>/pretrain` / `<out_dir>/teacher`, and writes the resolved recipe.toml before it returns: `fit()` then
+    leaves a run directory that `rewardtune eval`, `sample` and `run --resume` read. Without `out_dir` nothing is
+    written (and `init_from` must name a run directory). The trainer's `backbone`, `reward`, `algorithm`, `data`
+    and `evaluator` are the recipe's objects; initial weights follow `train.seed`. Progress goes to `reporter`
+    (e.g. `RichReporter()`, the CLI's). To continue a stopped run use `run_recipe(..., resume=True)`.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    accelerator = accelerator or make_accelerator()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        if accelerator.is_main_process:
+            check_out_dir(out_dir, recipe, resume=False, force=force)
+        accelerator.wait_for_everyone()
+    for warning in recipe_warnings(recipe) if reporter is not None else []:  # as `rewardtune run` says them
+        reporter.message(f"warning: {warning}")
+    experiment = build_experiment(recipe, out_dir, run_recipe=pretraining_runner(reporter, accelerator))
+    trainer = make_trainer(experiment, out_dir, reporter, accelerator)
+    if out_dir is not None and accelerator.is_main_process:
+        write_recipe(out_dir, recipe)
+    return trainer
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's `random`, NumPy's global generator and torch's (CPU and every CUDA device) with `seed`.
+
+    The public builders (`build_mlp_backbone`, `build_time_mlp_value`, `build_energy_reward`, the plugins'
+    factories) draw initial weights from torch's global generator, as torch modules do; call this before building
+    the pieces of a hand-composed experiment to make it reproducible. (`build_trainer` and `run_recipe` seed torch
+    with `train.seed` themselves; the Trainer's data, rollout and evaluation streams derive from `TrainConfig.seed`.)
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # every device's default generator, CUDA included

@@ -7,20 +7,30 @@ is resolved the same way (a recipe runs into `<out_dir>/teacher`) and loaded fro
 
 Paths: a recipe (.toml) is looked up next to the recipe that names it; a run directory relative to the working
 directory first, then next to the recipe.
+
+Everything a recipe asks for is checked here, before training starts: what each factory returns against its kind's
+contract (`registry.Registry.check_built`), whether the evaluator can evaluate this data with these [eval] settings
+(`make_evaluator`), value guidance (`value_guide`) and the `eval.keep_best` metric. A plugin that fails in its own
+code is named by `plugin_failures.PluginOwners`, which the experiment hands on to the trainer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import dataclasses
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from rewardtune import checkpoint as ckpt
-from rewardtune.errors import CheckpointError, RecipeError
+from rewardtune.errors import CheckpointError, RecipeError, RewardtuneError
+from rewardtune.plugin_failures import PluginOwners
 from rewardtune.recipe import PluginSpec, Recipe, parse_recipe, read_toml
 from rewardtune.registry import REGISTRIES, context_parameters
+from rewardtune.tables import PluginTable
+from rewardtune.trainer import EvalConfig
 from rewardtune.types import Teacher
 
 RUN_RECIPE = "recipe.toml"  # the resolved recipe a run directory keeps
@@ -35,18 +45,59 @@ class Experiment:
     reward: torch.nn.Module | None
     algorithm: object
     evaluator: object
+    plugin_owners: PluginOwners = field(default_factory=PluginOwners)  # who failed, when plugin code raises
 
 
-def call_factory(section: str, spec: PluginSpec, context: dict) -> object:
+def call_factory(section: str, spec: PluginSpec, context: dict, owners: PluginOwners | None = None) -> object:
+    """Build the object of the plugin table `[section]`, and check it against the kind's contract.
+
+    A factory's ValueError or TypeError is a RecipeError (the factory rejects its options); any other exception
+    raised in a plugin's own code is a PluginError naming the plugin (`owners`, which learns this table's code).
+    """
+    owners = owners if owners is not None else PluginOwners()
     factory = REGISTRIES[section].get(spec.kind)
+    label = f"[{section}] kind {spec.kind!r}"
+    owners.add_code_of(factory, label)
+    for nested_label, module in nested_code(section, spec.options):
+        owners.add(module, nested_label)
     missing = [name for name in context_parameters(factory) if name not in context]
     if missing:
-        raise RecipeError(f"[{section}] kind {spec.kind!r} asks for {missing[0]!r}, which is not built before [{section}]")
+        raise RecipeError(f"{label} asks for {missing[0]!r}, which is not built before [{section}]")
     args = [context[name] for name in context_parameters(factory)]
     try:
-        return factory(*args, **spec.options)
+        built = factory(*args, **spec.options)
+    except RewardtuneError:
+        raise
     except (ValueError, TypeError) as err:
-        raise RecipeError(f"[{section}] kind {spec.kind!r}: {err}") from None
+        raise RecipeError(f"{label}: {err}") from None
+    except Exception as err:  # a plugin's factory may raise anything (a missing weights file, ...)
+        failure = owners.failure(err, "while the recipe was built")
+        if failure is None:
+            raise
+        raise failure from err
+    REGISTRIES[section].check_built(built, label)
+    owners.add_code_of(built, label)
+    return built
+
+
+CODE_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # "package.module:factory"
+
+
+def nested_code(section: str, options: dict) -> Iterator[tuple[str, str]]:
+    """(label, module) of the code a table's options name: nested plugin tables (the terms of a composite, labelled
+    "[[reward.terms]] #2 kind 'jpeg'") and "package.module:factory" strings (an EDM `network`)."""
+    values = dict(options)
+    config = values.pop("config", None)
+    if dataclasses.is_dataclass(config):
+        values.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    for key, value in values.items():
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, PluginTable):
+                where = f"[[{section}.{key}]] #{i + 1}" if isinstance(value, (list, tuple)) else f"[{section}] {key}"
+                yield f"{where} kind {item.kind!r}", getattr(item.factory, "__module__", "")
+            elif isinstance(item, str) and CODE_PATH.fullmatch(item):
+                yield f"[{section}] {key} {item!r}", item.partition(":")[0]
 
 
 def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Callable | None = None) -> Experiment:
@@ -56,10 +107,11 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
         teacher_dir = resolve_run_path(recipe.distill.teacher, "distill.teacher", recipe, out_dir, run_recipe, "teacher")
         teacher = load_teacher(teacher_dir)
     torch.manual_seed(recipe.train.seed)  # identical initial weights on every process
-    plugins = recipe.plugins
-    data = call_factory("data", plugins["data"], {})
+    plugins, owners = recipe.plugins, PluginOwners()
+    data = call_factory("data", plugins["data"], {}, owners)
+    evaluator = make_evaluator(data, recipe, owners)  # before any pretraining: a bad [eval] fails fast
     context: dict = {"sample_shape": tuple(data.sample_shape), "teacher": teacher}
-    backbone = call_factory("backbone", plugins["backbone"], context)
+    backbone = call_factory("backbone", plugins["backbone"], context, owners)
     context.update(backbone=backbone, num_steps=backbone.num_steps, value=None, reward=None)
     init_from = plugins["backbone"].extra.get("init_from")
     if init_from:
@@ -68,27 +120,94 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
     elif teacher is not None and recipe.distill.init_from_teacher:
         copy_teacher_network(teacher, backbone)
     if "value" in plugins:
-        context["value"] = call_factory("value", plugins["value"], context)
+        context["value"] = call_factory("value", plugins["value"], context, owners)
     if "reward" in plugins:
-        context["reward"] = call_factory("reward", plugins["reward"], context)
-    algorithm = call_factory("algorithm", plugins["algorithm"], context)
-    evaluator = make_evaluator(data, recipe)
-    return Experiment(recipe, data, backbone, context["value"], context["reward"], algorithm, evaluator)
+        context["reward"] = call_factory("reward", plugins["reward"], context, owners)
+    algorithm = call_factory("algorithm", plugins["algorithm"], context, owners)
+    if recipe.eval.guidance_scale:
+        value_guide(algorithm, recipe.eval.guidance_scale, "eval.guidance_scale")
+    with owners.attributing("while the recipe was built"):  # keep_best may probe the reward's evaluation_metrics
+        check_keep_best(recipe.eval, evaluator, context["reward"])
+    return Experiment(recipe, data, backbone, context["value"], context["reward"], algorithm, evaluator, owners)
 
 
-def make_evaluator(data, recipe: Recipe):
-    """Images (C, H, W) get the FID/precision/recall evaluator; vectors the sliced-Wasserstein one."""
-    cfg = recipe.eval
-    if len(data.sample_shape) == 3:
-        from rewardtune.image_evaluation import ImageEvaluator
+def value_guide(algorithm, scale: float, option: str):
+    """`algorithm.guide(scale)`, the value guidance of Sec. 5.2, or a RecipeError naming `option` when the algorithm
+    has no value function to guide with."""
+    guide = getattr(algorithm, "guide", None)
+    if guide is None:
+        raise RecipeError(f"{option} = {scale}: algorithm {type(algorithm).__name__} has no value guidance (guide)")
+    try:
+        return guide(scale)
+    except RecipeError as err:
+        raise RecipeError(f"{option} = {scale}: {err}") from None
 
-        return ImageEvaluator(
-            data, num_samples=cfg.num_samples, feature_extractor=cfg.feature_extractor,
-            reference_samples=cfg.reference_samples,
-        )
+
+def check_keep_best(cfg: EvalConfig, evaluator, reward) -> None:
+    """`eval.keep_best` must name a metric the evaluator reports for this reward."""
+    if cfg.keep_best:
+        names = evaluator.metric_names(reward)
+        if cfg.keep_best not in names:
+            raise RecipeError(f"eval.keep_best = {cfg.keep_best!r} is not a metric of this run ({', '.join(sorted(names))})")
+
+
+def make_evaluator(data, recipe: Recipe, owners: PluginOwners | None = None):
+    """Images (C, H, W) get the FID/precision/recall evaluator; vectors (D,) the sliced-Wasserstein one. Settings
+    the evaluator cannot honour for this data are a RecipeError here, before training."""
+    cfg, shape = recipe.eval, tuple(data.sample_shape)
+    if len(shape) == 3:
+        return make_image_evaluator(data, cfg, owners or PluginOwners())
     from rewardtune.evaluation import ToyEvaluator
 
+    check_vector_evaluation(shape, cfg)
     return ToyEvaluator(data, num_samples=cfg.num_samples, repeats=cfg.repeats)
+
+
+def make_image_evaluator(data, cfg: EvalConfig, owners: PluginOwners):
+    """The ImageEvaluator, after checking that its feature extractor takes this data's images and that there are
+    enough samples and reference images for the Fréchet distance and precision/recall."""
+    from rewardtune.image_evaluation import ImageEvaluator
+    from rewardtune.metrics.fid import check_feature_extractor
+    from rewardtune.metrics.precision_recall import NEIGHBOURS
+
+    if cfg.repeats != EvalConfig.repeats:
+        raise RecipeError(
+            f"eval.repeats = {cfg.repeats} applies to vector data (sliced Wasserstein); images are evaluated once on "
+            "eval.num_samples samples: drop eval.repeats"
+        )
+    images = getattr(data, "images", None)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise RecipeError(
+            f"image evaluation computes its reference features from the data's .images [N, C, H, W]; data of type "
+            f"{type(data).__name__} has none"
+        )
+    if ":" in cfg.feature_extractor:
+        owners.add(cfg.feature_extractor.partition(":")[0], f"[eval] feature_extractor {cfg.feature_extractor!r}")
+    extractor = check_feature_extractor(cfg.feature_extractor, tuple(data.sample_shape))
+    needed = NEIGHBOURS + 1  # a point and its k nearest others
+    reference = images.shape[0] if cfg.reference_samples == 0 else min(cfg.reference_samples, images.shape[0])
+    for what, count in (("samples (eval.num_samples)", cfg.num_samples), ("reference images (the data's)", reference)):
+        if count < needed:
+            raise RecipeError(
+                f"precision/recall needs at least {needed} {what}, got {count}: each point's ball reaches its "
+                f"k-th nearest neighbour (k = {NEIGHBOURS})"
+            )
+    return ImageEvaluator(
+        data, num_samples=cfg.num_samples, feature_extractor=cfg.feature_extractor,
+        reference_samples=cfg.reference_samples, _extractor=extractor,
+    )
+
+
+def check_vector_evaluation(shape: tuple[int, ...], cfg: EvalConfig) -> None:
+    """The sliced-Wasserstein evaluator takes vectors; its picture needs at least two coordinates. The image
+    settings do not apply."""
+    for key in ("feature_extractor", "reference_samples"):
+        if getattr(cfg, key) != getattr(EvalConfig, key):
+            raise RecipeError(f"eval.{key} applies to images (C, H, W); this data gives samples of shape {shape}")
+    if len(shape) != 1:
+        raise RecipeError(f"evaluation takes vectors (D,) or images (C, H, W); this data gives samples of shape {shape}")
+    if cfg.plot and shape[0] < 2:
+        raise RecipeError(f"eval.plot draws the first two coordinates, but samples have shape {shape}: set eval.plot = false")
 
 
 def resolve_run_path(

@@ -1,6 +1,8 @@
-"""The `rewardtune` command line: run, eval, sample, plugins.
+"""The `rewardtune` command line: run, distill, eval, sample, plugins, report.
 
-Every user error is a `RewardtuneError`: one line on stderr and exit code 2 (`--debug` shows the traceback).
+Exit codes: 0 done (also `--help`, `--version`); 1 an internal error (a bug: `--debug` shows the traceback); 2 bad
+input: a `RewardtuneError` (one `error: ...` line on stderr) or a usage error of the command line itself (a `Usage:`
+line, then one `error: ...` line); 130/143 stopped by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -8,73 +10,61 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune few-step diffusion samplers for rewards (DxDP / DxMI).")
-err_console = Console(stderr=True)
+from rewardtune.progress import RichReporter, err_console
+
+
+class Command(TyperCommand):
+    """A command whose usage line names required arguments by their metavar, `RECIPE`, as click does (typer 0.2x
+    writes `{RECIPE}`, which reads as a choice)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
+# Plain help (rich_markup_mode=None): rich markup would swallow recipe tables such as `[distill]` in help texts.
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    help="Fine-tune few-step diffusion samplers for rewards (DxDP / DxMI).",
+)
 state = {"debug": False}
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"rewardtune {version('rewardtune')}")
+        raise typer.Exit()
 
 
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=show_version, is_eager=True)
+    ] = False,
 ) -> None:
     state["debug"] = debug or os.environ.get("REWARDTUNE_DEBUG") == "1"
 
 
-class RichReporter:
-    """A rich progress bar with live metrics (main process only)."""
-
-    SHOWN: ClassVar[dict[str, str]] = {
-        "energy/real": "E(data)", "energy/fake": "E(samples)", "value/td_loss": "td", "policy/loss": "policy",
-        "ddpm/loss": "loss", "distill/mse": "mse",
-    }
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.progress = None
-        self.task = None
-
-    def start(self, total: int, done: int, description: str) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        if self.enabled and total > done:  # one bar per training stage (pretraining, then fine-tuning)
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=err_console,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(description, total=total, completed=done, metrics="")
-
-    def advance(self, step: int, metrics: dict[str, float]) -> None:
-        if self.task is not None and (step % 10 == 0):
-            shown = " ".join(f"{self.SHOWN[k]}={metrics[k]:.3g}" for k in self.SHOWN if k in metrics)
-            self.progress.update(self.task, completed=step, metrics=shown)
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            err_console.print(text)
-
-    def stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress, self.task = None, None
-
-
-OutOption = Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<run.name>).")]
-StepsOption = Annotated[int | None, typer.Option("--steps", help="Override train.steps.")]
-SeedOption = Annotated[int | None, typer.Option("--seed", help="Override train.seed.")]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value.")]
+RecipeArgument = Annotated[Path, typer.Argument(help="The recipe (.toml).", metavar="RECIPE", show_default=False)]
+RunDirArgument = Annotated[Path, typer.Argument(help="A run directory.", metavar="RUN_DIR", show_default=False)]
+OutOption = Annotated[
+    Path | None, typer.Option("--out", help="Run directory (default: runs/<run.name>).", metavar="RUN_DIR")
+]
+StepsOption = Annotated[int | None, typer.Option("--steps", help="Override train.steps.", metavar="N")]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Override train.seed.", metavar="N")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key (repeatable), e.g. --set train.lr_schedule=cosine.", metavar="TABLE.KEY=VALUE"),
+]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest checkpoint.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Allow a run directory holding another recipe.")]
 
@@ -88,9 +78,9 @@ def recipe_overrides(set_: list[str] | None, steps: int | None, seed: int | None
     return overrides
 
 
-@app.command()
+@app.command(cls=Command)
 def run(
-    recipe: Annotated[Path, typer.Argument(help="The recipe (.toml).")],
+    recipe: RecipeArgument,
     out: OutOption = None,
     steps: StepsOption = None,
     seed: SeedOption = None,
@@ -102,10 +92,15 @@ def run(
     run_with_overrides(recipe, out, recipe_overrides(set_, steps, seed), resume=resume, force=force)
 
 
-@app.command()
+@app.command(cls=Command)
 def distill(
-    recipe: Annotated[Path, typer.Argument(help="A distillation recipe (.toml with a [distill] table).")],
-    teacher: Annotated[Path | None, typer.Option("--teacher", help="The tuned T-step run to distil (overrides distill.teacher).")] = None,
+    recipe: Annotated[
+        Path, typer.Argument(help="A distillation recipe (.toml with a [distill] table).", metavar="RECIPE", show_default=False)
+    ],
+    teacher: Annotated[
+        Path | None,
+        typer.Option("--teacher", help="The tuned T-step run to distil (overrides distill.teacher).", metavar="RUN_DIR"),
+    ] = None,
     out: OutOption = None,
     steps: StepsOption = None,
     seed: SeedOption = None,
@@ -120,8 +115,8 @@ def distill(
     overrides = recipe_overrides(set_, steps, seed)
     if teacher is not None:
         overrides.append(f"distill.teacher={str(teacher.resolve())!r}")
-    if load_recipe(recipe, overrides).distill is None:
-        raise RecipeError(f"{recipe} has no [distill] table (naming the teacher); see docs/distillation.md")
+    if load_recipe(recipe, overrides).distill is None:  # a teacher that no plugin uses is refused by the recipe itself
+        raise RecipeError(f"{recipe} has no [distill] table naming the teacher, and no --teacher; see docs/distillation.md")
     run_with_overrides(recipe, out, overrides, resume=resume, force=force)
 
 
@@ -132,6 +127,9 @@ def run_with_overrides(recipe: Path, out: Path | None, overrides: list[str], *, 
     parsed = load_recipe(recipe, overrides)
     out_dir = out or Path("runs") / parsed.run.name
     accelerator = make_accelerator()
+    if accelerator.is_main_process:
+        for note in run_option_notes(parsed, out_dir, resume=resume, force=force):
+            print_error(f"note: {note}")
     reporter = RichReporter(enabled=accelerator.is_main_process)
     try:
         result = run_recipe(parsed, out_dir, resume=resume, force=force, reporter=reporter, accelerator=accelerator)
@@ -142,11 +140,32 @@ def run_with_overrides(recipe: Path, out: Path | None, overrides: list[str], *, 
         print_result(result, out_dir)
 
 
-@app.command("eval")
+def run_option_notes(recipe, out_dir: Path, *, resume: bool, force: bool) -> list[str]:
+    """What `--resume` and `--force` will not do in `out_dir` (said, so that a flag is never silently ignored)."""
+    from rewardtune import checkpoint as ckpt
+    from rewardtune.api import check_out_dir
+    from rewardtune.errors import RecipeError
+
+    notes = []
+    if resume and ckpt.latest_checkpoint(out_dir / "checkpoints") is None:
+        notes.append(f"--resume: {out_dir} holds no checkpoint yet; starting fresh")
+    if force:
+        try:  # what the run does first anyway: it creates out_dir, or refuses a run directory that needs --force
+            check_out_dir(out_dir, recipe, resume=resume, force=False)
+            notes.append(f"--force: {out_dir} holds no other run, so there is nothing to force")
+        except RecipeError:
+            pass
+    return notes
+
+
+@app.command("eval", cls=Command)
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    run_dir: RunDirArgument,
     best: Annotated[bool, typer.Option("--best", help="Evaluate checkpoints/best (written to eval_best.json).")] = False,
-    step: Annotated[int | None, typer.Option("--step", help="Evaluate the kept checkpoint of this step (eval_stepN.json).", min=0)] = None,
+    step: Annotated[
+        int | None,
+        typer.Option("--step", help="Evaluate the kept checkpoint of this step (eval_stepN.json).", min=0, metavar="N"),
+    ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Evaluate the trained weights, not their EMA (adds _raw to the file name).")] = False,
 ) -> None:
     """Evaluate a run's latest checkpoint and rewrite its eval.json (or evaluate another checkpoint, or the raw
@@ -158,6 +177,11 @@ def eval_(
     if best and step is not None:
         raise RecipeError("--best and --step name different checkpoints; give one")
     trainer = load_run(run_dir, best=best, step=step)
+    if raw and trainer.ema is None:
+        print_error(
+            f"note: --raw: {run_dir} keeps no EMA (train.ema_decay = 0), so its trained weights are the ones evaluated "
+            "either way"
+        )
     suffix = ("_best" if best else "") + (f"_step{step}" if step is not None else "") + ("_raw" if raw else "")
     try:
         metrics = trainer.evaluate(plot_name=f"samples{suffix}.png", raw=raw)
@@ -171,35 +195,46 @@ def eval_(
     print_result(result, run_dir)
 
 
-@app.command()
+@app.command(cls=Command)
 def sample(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
-    n: Annotated[int, typer.Option("-n", help="Number of samples.", min=1)] = 1000,
-    output: Annotated[Path, typer.Option("-o", "--output", help="A .npz/.npy file, a .png grid (images), or a folder for one PNG per image.")] = Path("samples.npz"),
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
-    guidance: Annotated[float, typer.Option("--guidance", help="Value guidance scale lambda (0: none).")] = 0.0,
+    run_dir: RunDirArgument,
+    n: Annotated[
+        int | None,
+        typer.Option("-n", help="Number of samples [default: 64 for a .png grid, else 1000].", min=1, metavar="N", show_default=False),
+    ] = None,
+    output: Annotated[
+        Path,
+        typer.Option("-o", "--output", help="A .npz/.npy file, a .png grid (images), or a folder for one PNG per image.", metavar="PATH"),
+    ] = Path("samples.npz"),
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.", metavar="N")] = 0,
+    guidance: Annotated[
+        float, typer.Option("--guidance", help="Value guidance scale lambda (0: none; needs a value function).", metavar="SCALE")
+    ] = 0.0,
     best: Annotated[bool, typer.Option("--best", help="Use checkpoints/best instead of the latest checkpoint.")] = False,
 ) -> None:
     """Draw samples from a run's latest (or best) checkpoint."""
     import torch
 
     from rewardtune.api import load_run
+    from rewardtune.build import value_guide
     from rewardtune.errors import RewardtuneError
-    from rewardtune.sampling import write_samples
+    from rewardtune.sampling import default_sample_count, write_samples
 
+    n = n if n is not None else default_sample_count(output)
     trainer = load_run(run_dir, best=best)
     backbone = trainer.evaluated_backbone()
-    guide = trainer.algorithm.guide(guidance) if guidance else None
+    guide = value_guide(trainer.algorithm, guidance, "--guidance") if guidance else None
     gen = torch.Generator(device=backbone.device).manual_seed(seed)
-    samples = trainer.evaluator.draw(backbone, n, gen, guide)
+    with trainer.plugin_owners.attributing("while sampling"):
+        samples = trainer.evaluator.draw(backbone, n, gen, guide)
     try:
         written = write_samples(samples, output)
     except OSError as err:
         raise RewardtuneError(f"cannot write {output}: {err.strerror or err}") from None
-    err_console.print(f"wrote {n} samples of shape {tuple(samples.shape[1:])} to {written}")
+    print_error(f"wrote {n} samples of shape {tuple(samples.shape[1:])} to {written}")
 
 
-@app.command()
+@app.command(cls=Command)
 def plugins() -> None:
     """List the backbones, values, rewards, data and algorithms (built-in and installed)."""
     from rich.table import Table
@@ -213,10 +248,15 @@ def plugins() -> None:
     Console().print(table)
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
-    root: Annotated[Path, typer.Argument(help="A folder of run directories (runs named <recipe>_s<seed> are grouped).")],
-    curves: Annotated[Path | None, typer.Option("--curves", help="Also plot each metric against time to this PNG.")] = None,
+    root: Annotated[
+        Path,
+        typer.Argument(help="A folder of run directories (runs named <recipe>_s<seed> are grouped).", metavar="FOLDER", show_default=False),
+    ],
+    curves: Annotated[
+        Path | None, typer.Option("--curves", help="Also plot each metric against time to this PNG.", metavar="PNG")
+    ] = None,
 ) -> None:
     """Print markdown tables of a folder of runs (per run, and mean ± std over seeds)."""
     from rewardtune.errors import RewardtuneError
@@ -230,10 +270,12 @@ def report(
     print(markdown_tables(runs))
     if curves is not None:
         try:
-            plot_curves(runs, curves)
+            plotted = plot_curves(runs, curves)
         except OSError as err:
             raise RewardtuneError(f"cannot write {curves}: {err.strerror or err}") from None
-        err_console.print(f"curves: {curves}")
+        if not plotted:
+            raise RewardtuneError(f"--curves: no run under {root} has a metrics.jsonl with timed records to plot")
+        print_error(f"curves: {curves}")
 
 
 def print_result(result: dict, out_dir: Path) -> None:
@@ -245,31 +287,64 @@ def print_result(result: dict, out_dir: Path) -> None:
         console.print(f"  {key:28s} {value:.4f}{start}")
 
 
+def print_error(text: str) -> None:
+    """One line on stderr, as written (no markup, no wrapping): errors, notes and what a command wrote."""
+    err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def click_errors() -> tuple[type[Exception], type[Exception]]:
+    """(ClickException, Abort) of the click that typer runs on: its own copy in typer >= 0.2x, click before."""
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    return click_exception, typer.Abort
+
+
+def print_usage_error(err) -> int:
+    """A usage error of the command line (bad value, missing argument, unknown option or command, ...): the usage
+    line, then one `error: ...` line pointing at --help. Returns the exit code (2)."""
+    ctx = getattr(err, "ctx", None)
+    if type(err).__name__ == "NoArgsIsHelpError":  # `rewardtune` alone: the message is the help
+        err_console.print(err.format_message(), markup=False, highlight=False)
+        return err.exit_code
+    hint = ""
+    if ctx is not None:
+        print_error(ctx.get_usage())
+        hint = f" (see `{ctx.command_path} --help`)"
+    print_error(f"error: {err.format_message()}{hint}")
+    return err.exit_code
+
+
 def main() -> None:
+    """The console script: `app` without click's standalone mode, so that every failure goes through one handler.
+
+    Click then returns (not exits with) the code of `--help`, `--version` and Ctrl-C outside training, and raises
+    its usage errors, which are printed as click would and exit 2.
+    """
     from rewardtune.errors import Interrupted, RewardtuneError
 
+    click_exception, click_abort = click_errors()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="rewardtune")  # also under `python -m rewardtune`
     except Interrupted as err:
-        err_console.print(str(err), markup=False, highlight=False, soft_wrap=True)
+        print_error(str(err))
         sys.exit(err.exit_code)
     except RewardtuneError as err:
         if state["debug"]:
             raise
-        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        print_error(f"error: {err}")
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted", markup=False)
-        sys.exit(130)
-    except Exception as err:  # click's usage errors are handled below; anything else is a bug
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(130)
+        code = 130
+    except click_exception as err:
+        sys.exit(print_usage_error(err))
+    except click_abort as err:  # click turns Ctrl-C into Abort (click < 8.2) or an exit code of 130 (returned above)
+        code = 130 if isinstance(err.__context__, KeyboardInterrupt) else 1
+        if code == 1:
+            print_error("aborted")
+    except Exception as err:  # anything else is a bug
         if state["debug"]:
             raise
-        err_console.print(f"internal error: {type(err).__name__}: {err} (rerun as `rewardtune --debug ...` for the traceback)", markup=False, soft_wrap=True)
+        print_error(f"internal error: {type(err).__name__}: {err} (rerun as `rewardtune --debug ...` for the traceback)")
         sys.exit(1)
+    if code == 130:
+        print_error("interrupted")
+    sys.exit(code if isinstance(code, int) else 0)

@@ -25,6 +25,11 @@ class NonFiniteError(RewardtuneError):
     """A loss, reward or value became NaN or infinite during training."""
 
 
+class DisagreementError(RewardtuneError):
+    """The processes of a multi-process run reached different collectives, or hold different values they must share
+    (some code ran a rank-dependent branch); every rank raises it instead of waiting forever."""
+
+
 class Interrupted(RewardtuneError):
     """Training stopped on SIGINT/SIGTERM after writing a checkpoint; `exit_code` is 130 or 143."""
 

@@ -1,8 +1,8 @@
 """Evaluators: the metrics of a run, computed from a backbone (and its reward), plus the pictures people look at.
 
 `ToyEvaluator` (2D data): sliced Wasserstein-2 between model samples and fresh data, repeated (mean and std), and,
-when the reward is an energy, the AUC of the energy for data against uniform noise. Its plot is the paper's
-Figure 2: samples over the energy heat map.
+when the reward is an energy, the AUC of the energy for data against uniform noise; for a reward that does not
+learn, its mean over the samples. Its plot is the paper's Figure 2: samples over the energy heat map.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import torch
 from rewardtune.backbones.base import GaussianChainPolicy, Guide
 from rewardtune.metrics.auc import energy_auc, uniform_box
 from rewardtune.metrics.sliced_wasserstein import sliced_wasserstein
-from rewardtune.rewards.base import Reward
+from rewardtune.rewards.base import Reward, check_reward_output, reward_name
 
 
 @dataclass
 class ToyEvaluator:
-    """Metrics `sliced_wasserstein`, `sliced_wasserstein_std` and (with an energy) `energy_auc`.
+    """Metrics `sliced_wasserstein`, `sliced_wasserstein_std`, with an energy `energy_auc`, and with a reward that does
+    not learn `reward_mean` and the reward's own `evaluation_metrics`.
 
     Args:
         data: the data source (`sample(n, generator)` and `sample_shape`).
@@ -59,54 +60,115 @@ class ToyEvaluator:
         }
         if reward is not None and getattr(reward, "learns", False):
             metrics["energy_auc"] = self.auc(backbone, reward, cpu_gen)
+        elif reward is not None:
+            metrics.update(reward_metrics(reward, fake.to(backbone.device)))
         return metrics
+
+    def metric_names(self, reward: Reward | None) -> set[str]:
+        """The names `evaluate` reports with `reward` (checked against `eval.keep_best` before training)."""
+        names = {"sliced_wasserstein", "sliced_wasserstein_std"}
+        if reward is not None and getattr(reward, "learns", False):
+            names.add("energy_auc")
+        elif reward is not None:  # a reward's own evaluation_metrics are named by calling it on a few data points
+            with torch.no_grad():
+                names |= {"reward_mean", *reward.evaluation_metrics(self.data.sample(8, torch.Generator().manual_seed(0)))}
+        return names
 
     @torch.no_grad()
     def auc(self, backbone: GaussianChainPolicy, reward: Reward, generator) -> float:
+        """AUC of the energy separating data from uniform noise in [-w, w]^D; both go through `backbone.output`, the
+        space the energy is trained in (the identity for vectors)."""
         device = backbone.device
         real = self.data.sample(self.num_samples, generator).to(device)
-        noise = uniform_box(self.num_samples, real[0].numel(), self.auc_half_width, generator).to(device)
-        return energy_auc(reward.cost(real).cpu(), reward.cost(noise.view_as(real)).cpu())
+        noise = uniform_box(self.num_samples, real[0].numel(), self.auc_half_width, generator).to(device).view_as(real)
+        e_real, e_noise = (reward.cost(backbone.output(x)).cpu() for x in (real, noise))
+        return energy_auc(e_real, e_noise)
 
     def plot(self, backbone: GaussianChainPolicy, reward: Reward | None, path: Path, seed: int, title: str = "") -> None:
-        """Samples over the energy heat map (the paper's Figure 2); samples over data when there is no energy."""
+        """Write `figure(...)` to `path` (PNG)."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure(backbone, reward, seed, title)
+        fig.savefig(path)
+        plt.close(fig)
+
+    def figure(self, backbone: GaussianChainPolicy, reward: Reward | None, seed: int, title: str = ""):
+        """The paper's Figure 2: `PLOT_SAMPLES` samples over the energy heat map (with a colour bar) when the reward
+        is a learned energy, over data otherwise, in the window [-w, w]^2 (w = `auc_half_width`). Samples outside
+        the window are drawn on its border as crosses, counted in the legend and the title."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         cpu_gen, gen = generators(seed, backbone.device)
-        fake = self.draw(backbone, 2000, gen).numpy()
+        fake = self.draw(backbone, PLOT_SAMPLES, gen)
         w = self.auc_half_width
-        fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-        if reward is not None and getattr(reward, "learns", False):
-            grid = torch.linspace(-w, w, 200)
-            xx, yy = torch.meshgrid(grid, grid, indexing="xy")
-            pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1).to(backbone.device)
-            with torch.no_grad():
-                energy = reward.cost(pts).cpu().view(200, 200)
-            ax.imshow(energy.numpy(), extent=(-w, w, -w, w), origin="lower", cmap="Reds", alpha=0.9)
+        energy = reward is not None and getattr(reward, "learns", False)
+        fig, ax = plt.subplots(figsize=(5.8 if energy else 5, 5), dpi=100, layout="constrained")
+        if energy:
+            image = ax.imshow(
+                self.energy_grid(backbone, reward).numpy(), extent=(-w, w, -w, w), origin="lower", cmap="Reds", alpha=0.9
+            )
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="energy E(x) (white: low)")
         else:
-            real = self.data.sample(2000, cpu_gen).numpy()
+            real = self.data.sample(PLOT_SAMPLES, cpu_gen).numpy()
             ax.scatter(real[:, 0], real[:, 1], s=2, c="tab:gray", alpha=0.4, label="data")
-        ax.scatter(fake[:, 0], fake[:, 1], s=2, c="tab:blue", alpha=0.6, label="samples")
+        outside = outside_window(fake, w)
+        inside = fake[~outside].numpy()
+        ax.scatter(inside[:, 0], inside[:, 1], s=2, c="tab:blue", alpha=0.6, label="samples")
+        n_out = int(outside.sum())
+        if n_out:
+            border = fake[outside].clamp(-w, w).numpy()
+            ax.scatter(border[:, 0], border[:, 1], s=10, marker="x", c="black", linewidths=0.8, clip_on=False,
+                       label=f"{n_out} outside, drawn at the border")
+        ax.legend(loc="upper right", markerscale=2.5, fontsize="small", framealpha=0.8)
         ax.set_xlim(-w, w)
         ax.set_ylim(-w, w)
         ax.set_aspect("equal")
-        ax.set_title(title or "samples over energy (white = low)")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        heading = title or ("samples over the energy" if energy else "samples over data")
+        ax.set_title(heading + (f"\n{outside_note(n_out, len(fake), w)}" if n_out else ""), fontsize="medium")
+        return fig
+
+    @torch.no_grad()
+    def energy_grid(self, backbone: GaussianChainPolicy, reward: Reward, size: int = 200) -> torch.Tensor:
+        """E(x) [size, size] on a regular grid of [-w, w]^2 (rows: y, columns: x), through `backbone.output`."""
+        w = self.auc_half_width
+        grid = torch.linspace(-w, w, size)
+        xx, yy = torch.meshgrid(grid, grid, indexing="xy")
+        pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1).to(backbone.device)
+        return reward.cost(backbone.output(pts)).cpu().view(size, size)
 
 
-def draw_samples(
-    backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None, batch: int, clamp: float | None = None
-) -> torch.Tensor:
-    """n samples x_T on the CPU, drawn `batch` chains at a time; `generator` lives on the backbone's device."""
+PLOT_SAMPLES = 2000  # samples in a ToyEvaluator plot
+REWARD_SAMPLES = 2000  # samples whose mean reward is `reward_mean`
+
+
+def outside_window(points: torch.Tensor, half_width: float) -> torch.Tensor:
+    """Which points [N, D] lie outside the box [-w, w]^D: a bool mask [N]."""
+    return (points.abs() > half_width).any(dim=1)
+
+
+def outside_note(n_outside: int, n: int, half_width: float) -> str:
+    """The plot's note, e.g. "12 of 2000 samples outside [-4.1, 4.1]² (crosses at the border)"."""
+    return f"{n_outside} of {n} samples outside [-{half_width:g}, {half_width:g}]² (crosses at the border)"
+
+
+@torch.no_grad()
+def reward_metrics(reward: Reward, samples: torch.Tensor) -> dict[str, float]:
+    """`reward_mean` over the first REWARD_SAMPLES of `samples` [N, ...] (on the reward's device) and the reward's
+    own `evaluation_metrics` of all of them, for a reward that does not learn."""
+    head = samples[:REWARD_SAMPLES]
+    rewards = check_reward_output(reward_name(reward), reward(head), head.shape[0])
+    return {"reward_mean": float(rewards.mean()), **reward.evaluation_metrics(samples)}
+
+def draw_samples(backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None, batch: int) -> torch.Tensor:
+    """n samples `backbone.output(x_T)` [n, *sample_shape] on the CPU (what metrics, rewards and `rewardtune sample`
+    see), drawn `batch` chains at a time; `generator` lives on the backbone's device."""
     chunks = []
     for start in range(0, n, batch):
         x = backbone.sample(min(batch, n - start), generator, guide=guide).final
-        chunks.append((x.clamp(-clamp, clamp) if clamp is not None else x).cpu())
+        chunks.append(backbone.output(x).cpu())
     return torch.cat(chunks)
 
 

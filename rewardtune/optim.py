@@ -4,6 +4,10 @@ Algorithms and learning rewards own their `GradStep`s. Across processes, gradien
 `torch.distributed.all_reduce` when a process group is initialised (the trainer initialises it through accelerate);
 together with identical initial weights this keeps parameters identical on every rank without wrapping modules in
 DDP, whose forward hook would not see the custom calls (`step`, `sample`, value at t) the algorithms make.
+
+Each all-reduce here is preceded by `agreement.exchange` (a status all-reduce of 10 integers), so a rank that failed
+earlier in the iteration, or a rank that reached a different collective, stops every rank with one error instead of
+leaving the others waiting (see agreement.py).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+
+from rewardtune.agreement import Point, exchange, payload_signature, world_size
 
 
 class GradStep:
@@ -67,20 +73,28 @@ class GradStep:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Load Adam's moments and step counts from `state` but keep this optimiser's hyperparameters (base lr, lr,
+        betas, eps, weight decay, ...): they come from the recipe, which a resume may have changed. (torch's own
+        `load_state_dict` would put back the saved ones, so a resumed run would record one lr and use another.)"""
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state)
+        for group, hyperparameters in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(hyperparameters)
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """All-reduce (mean) the gradients of `params` in one flat bucket; a no-op in a single process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1 or not params:
         return
-    # Every rank runs the same graph, so the set of parameters with a gradient is the same on every rank.
+    # Every rank runs the same graph, so the set of parameters with a gradient is the same on every rank (the status
+    # exchange compares the bucket sizes: a rank-dependent graph raises DisagreementError on every rank).
     with_grad = [p for p in params if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad]) if with_grad else params[0].new_zeros(0)
+    exchange(Point.GRADIENTS, params[0].device, values=payload_signature(flat))
     if not with_grad:
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat /= world_size()
     offset = 0
     for p in with_grad:
         n = p.grad.numel()
@@ -90,8 +104,9 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 def all_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over processes (identity in a single process); used for statistics that must agree on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x
+    exchange(Point.MEAN, x.device, values=payload_signature(x))
     x = x.clone()
     dist.all_reduce(x)
-    return x / dist.get_world_size()
+    return x / world_size()

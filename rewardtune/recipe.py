@@ -5,6 +5,10 @@ name their factory with `kind`; every other key must be an option of that factor
 tables (`[run]`, `[train]`, `[eval]`) map onto dataclasses. Unknown tables and keys are errors with a "did you mean";
 `--set table.key=value` overrides go through the same checks. `resolve` returns the full recipe with every default
 filled in, which is what a run directory stores as recipe.toml.
+
+A setting that the rest of the recipe makes ineffective is an error (`check_settings_apply`: `best_mode` without
+`keep_best`, a [distill] teacher no plugin uses, ...); one that may be meant for a short trial run is a warning
+(`recipe_warnings`, which `run_recipe` passes to the reporter).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rewardtune.errors import RecipeError
-from rewardtune.registry import CONTEXT_NAMES, REGISTRIES
+from rewardtune.registry import CONTEXT_NAMES, REGISTRIES, context_parameters
 from rewardtune.tables import PluginTable
 from rewardtune.trainer import EvalConfig, TrainConfig
 
@@ -129,10 +133,68 @@ def parse_recipe(raw: dict, path: Path | None = None) -> Recipe:
     if distill is not None and not distill.teacher:
         raise RecipeError(f"{where}: [distill] needs a teacher (a run directory or a recipe .toml)")
     plugins = {name: parse_plugin(name, raw[name], where) for name in PLUGIN_SECTIONS if name in raw}
+    check_settings_apply(fixed["train"], fixed["eval"], distill, plugins, where)
     resolved = {name: dataclass_to_dict(obj) for name, obj in {**fixed, **optional}.items()}
     for name, spec in plugins.items():
         resolved[name] = resolved_table(spec.kind, spec.options, spec.extra)
     return Recipe(path, fixed["run"], fixed["train"], fixed["eval"], plugins, resolved, distill)
+
+
+def check_settings_apply(
+    train: TrainConfig, evaluation: EvalConfig, distill: DistillSection | None, plugins: dict[str, PluginSpec], where: str
+) -> None:
+    """Refuse settings that the rest of the recipe would silently ignore."""
+    if evaluation.best_mode != EvalConfig.best_mode and not evaluation.keep_best:
+        raise RecipeError(f"{where}: [eval] best_mode applies to keep_best, which is not set")
+    if evaluation.keep_best and not train.eval_every:
+        raise RecipeError(
+            f"{where}: [eval] keep_best = {evaluation.keep_best!r} keeps the best of the periodic evaluations, but "
+            "train.eval_every = 0 makes none: set train.eval_every"
+        )
+    if train.lr_final_fraction != TrainConfig.lr_final_fraction and train.lr_schedule != "cosine":
+        raise RecipeError(f"{where}: [train] lr_final_fraction applies to lr_schedule = 'cosine', not {train.lr_schedule!r}")
+    if distill is not None and not any("teacher" in context_parameters(f) for f in plugin_factories(plugins)):
+        raise RecipeError(
+            f"{where}: [distill] names a teacher (or --teacher was given), but no plugin of this recipe uses one "
+            f"(algorithm {plugins['algorithm'].kind!r}); a distillation recipe has algorithm 'distill' "
+            "(docs/distillation.md)"
+        )
+
+
+def plugin_factories(plugins: dict[str, PluginSpec]) -> list:
+    """The factories of a recipe's plugin tables, and of the tables nested in their options."""
+    factories = []
+    for section, spec in plugins.items():
+        factories.append(REGISTRIES[section].get(spec.kind))
+        for value in spec.options.values():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            factories += [item.factory for item in items if isinstance(item, PluginTable)]
+    return factories
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Settings that leave part of a run idle, worth a warning line (they may be meant, in a short trial run)."""
+    warnings = []
+    steps, algorithm = recipe.train.steps, recipe.plugins["algorithm"]
+    warmup, regression = plugin_option(algorithm, "value_warmup") or 0, plugin_option(algorithm, "regression_steps") or 0
+    if warmup and steps and regression + warmup >= steps:
+        before = f"regression_steps + value_warmup = {regression} + {warmup}" if regression else f"value_warmup = {warmup}"
+        warnings.append(
+            f"algorithm.{before} >= train.steps = {steps}: the policy takes no improvement step in this run "
+            "(only the value, and a learning reward, are trained)"
+        )
+    if recipe.eval.keep_best and recipe.train.eval_every >= steps > 0:
+        warnings.append(
+            f"eval.keep_best: train.eval_every = {recipe.train.eval_every} >= train.steps = {steps}, so no periodic "
+            "evaluation runs and no best checkpoint is kept"
+        )
+    return warnings
+
+
+def plugin_option(spec: PluginSpec, name: str) -> Any:
+    """A plugin table's option, from its `config` dataclass or its keyword options (None when it has none)."""
+    config = spec.options.get("config")
+    return getattr(config, name, None) if dataclasses.is_dataclass(config) else spec.options.get(name)
 
 
 def resolved_table(kind: str, options: dict, extra: dict) -> dict:
@@ -213,7 +275,7 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
                 return check_type(value, option, where)
             except RecipeError as err:
                 errors.append(err)
-        raise errors[0] if len(errors) == 1 else RecipeError(f"{where}: {value!r} is not a {describe(annotation)}")
+        raise errors[0] if len(errors) == 1 else RecipeError(f"{where}: {value!r} is not {describe(annotation)}")
     if origin is Literal:
         if value in args:
             return value
@@ -256,6 +318,11 @@ def describe(annotation: Any) -> str:
         return names[annotation]
     if isinstance(annotation, type) and issubclass(annotation, PluginTable):
         return f"a {annotation.section} table (with a 'kind')"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):  # e.g. "an integer or 'auto'"
+        return " or ".join(describe(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
     return str(annotation).replace("typing.", "")
 
 

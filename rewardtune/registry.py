@@ -10,6 +10,10 @@ Factories take their build context as positional-only parameters named from `CON
 parameter annotated with a dataclass whose fields are the options. An option annotated with a
 `tables.PluginTable` subclass (or a list of one) takes nested plugin tables, which the recipe validates like
 top-level ones (the terms of the `composite` reward).
+
+Each kind has a contract (`Registry.check_built`): what its factories must return, checked on every object a
+recipe builds, so that a factory returning None, a plain function or an object of another kind is a one-line
+`PluginError` naming the table and kind, not a crash at first use.
 """
 
 from __future__ import annotations
@@ -25,11 +29,16 @@ from rewardtune.imports import import_object
 CONTEXT_NAMES = ("sample_shape", "num_steps", "backbone", "value", "reward", "teacher")  # teacher: [distill]
 
 
-class Registry:
-    """One kind of plugin. `get(name)` returns the factory; `names()` lists what is known."""
+Contract = Callable[[object], str | None]  # what a built object lacks ("a Reward (...)"), or None when it fits
 
-    def __init__(self, kind: str, group: str, builtins: dict[str, str]) -> None:
+
+class Registry:
+    """One kind of plugin. `get(name)` returns the factory; `names()` lists what is known; `check_built(obj, label)`
+    enforces the kind's `contract` on what a factory returned."""
+
+    def __init__(self, kind: str, group: str, builtins: dict[str, str], contract: Contract | None = None) -> None:
         self.kind, self.group = kind, group
+        self.contract = contract
         self._builtins = dict(builtins)
         self._registered: dict[str, Callable] = {}
         self._entry_points: dict[str, object] | None = None
@@ -84,6 +93,58 @@ class Registry:
         )
 
 
+    def check_built(self, obj: object, label: str) -> None:
+        """Raise PluginError when `obj`, built by the factory `label` names ("[reward] kind 'x'"), breaks the
+        kind's contract."""
+        wanted = self.contract(obj) if self.contract is not None else None
+        if wanted is not None:
+            raise PluginError(f"{label} returned {describe_object(obj)}, not {wanted}")
+
+
+def describe_object(obj: object) -> str:
+    """How an error names what a factory returned: "None", "the function mymod.f", "a MyThing"."""
+    if obj is None:
+        return "None"
+    if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isclass(obj):
+        return f"the {'class' if inspect.isclass(obj) else 'function'} {obj.__module__}.{obj.__qualname__}"
+    return f"a {type(obj).__qualname__}"
+
+
+def instance_of(path: str, wanted: str) -> Contract:
+    """Contract: an instance of the class at "module:Class" (imported at the first check)."""
+
+    def check(obj: object) -> str | None:
+        return None if isinstance(obj, import_object(path, wanted)) else wanted
+
+    return check
+
+
+def has_members(*names: str, wanted: str, base: Contract | None = None) -> Contract:
+    """Contract: `base`'s, then these attributes (the message names the missing ones)."""
+
+    def check(obj: object) -> str | None:
+        if base is not None and base(obj) is not None:
+            return wanted
+        missing = [n for n in names if not hasattr(obj, n)]
+        if not missing:
+            return None
+        if obj is None or inspect.isfunction(obj):  # nothing like one: naming what it lacks would not help
+            return wanted
+        return f"{wanted}; it lacks {', '.join(missing)}"
+
+    return check
+
+
+def data_contract(obj: object) -> str | None:
+    """Data: `sample(n, generator, device)` and `sample_shape`, a tuple of positive sizes (torch.Size is one)."""
+    shape = getattr(obj, "sample_shape", None)
+    sizes = isinstance(shape, (tuple, list)) and len(shape) > 0
+    sizes = sizes and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    if callable(getattr(obj, "sample", None)) and sizes:
+        return None
+    return "a data source with sample(n, generator, device) and a sample_shape of positive sizes (docs/architecture.md)"
+
+
 def context_parameters(factory: Callable) -> list[str]:
     """Names of the positional-only context parameters of a factory (all must be in CONTEXT_NAMES)."""
     names = [p.name for p in inspect.signature(factory).parameters.values() if p.kind is p.POSITIONAL_ONLY]
@@ -98,11 +159,16 @@ BACKBONES = Registry(
     "rewardtune.backbones",
     {"mlp": "rewardtune.backbones.mlp:build_mlp_backbone", "ddpm": "rewardtune.backbones.ddpm:build_ddpm_backbone",
      "edm": "rewardtune.backbones.edm:build_edm_backbone"},
+    instance_of("rewardtune.backbones.base:GaussianChainPolicy", "a GaussianChainPolicy (rewardtune.backbones.base)"),
 )
 VALUES = Registry(
     "value",
     "rewardtune.values",
     {"time_mlp": "rewardtune.nets.value:build_time_mlp_value", "resnet": "rewardtune.nets.resnet:build_resnet_value"},
+    has_members(
+        "optimizer", wanted="a value: a torch.nn.Module with its `optimizer` (nets/value.py: ValueFunction)",
+        base=instance_of("torch.nn:Module", "a torch.nn.Module"),
+    ),
 )
 REWARDS = Registry(
     "reward",
@@ -114,6 +180,7 @@ REWARDS = Registry(
         "composite": "rewardtune.rewards.composite:build_composite_reward",
         "teacher": "rewardtune.rewards.teacher:build_teacher_reward",
     },
+    instance_of("rewardtune.rewards.base:Reward", "a Reward (a subclass of rewardtune.rewards.base.Reward; docs/plugins.md)"),
 )
 ALGORITHMS = Registry(
     "algorithm",
@@ -124,6 +191,10 @@ ALGORITHMS = Registry(
         "policy_gradient": "rewardtune.algorithms.policy_gradient:build_policy_gradient",
         "distill": "rewardtune.algorithms.distill:build_distill",
     },
+    has_members(
+        "needs_rollout", "update", "modules", "optimizers", "state_dict", "load_state_dict",
+        wanted="an algorithm (needs_rollout, update, modules, optimizers, state_dict, load_state_dict; docs/architecture.md)",
+    ),
 )
 DATA = Registry(
     "data",
@@ -134,6 +205,7 @@ DATA = Registry(
         "cifar10": "rewardtune.data.images:build_cifar10",
         "image_folder": "rewardtune.data.images:build_image_folder",
     },
+    data_contract,
 )
 
 REGISTRIES = {"backbone": BACKBONES, "value": VALUES, "reward": REWARDS, "algorithm": ALGORITHMS, "data": DATA}

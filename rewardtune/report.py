@@ -90,8 +90,9 @@ def markdown_tables(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(runs: list[dict], path: Path, references: dict[str, list[tuple[float, str]]] | None = None) -> None:
-    """Each metric (one panel) against training time, from the eval records of every run's metrics.jsonl."""
+def plot_curves(runs: list[dict], path: Path, references: dict[str, list[tuple[float, str]]] | None = None) -> bool:
+    """Each metric (one panel) against training time, from the eval records of every run's metrics.jsonl. Returns
+    whether there was anything to plot (nothing is written otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +111,7 @@ def plot_curves(runs: list[dict], path: Path, references: dict[str, list[tuple[f
             series.append((r["name"], [start, *evals, (timed[-1]["time_s"], r["metrics"])]))
     keys = sorted({k for _, pts in series for _, m in pts for k in m if not k.endswith("_std")})
     if not keys:
-        return
+        return False
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, points in series:
@@ -124,3 +125,4 @@ def plot_curves(runs: list[dict], path: Path, references: dict[str, list[tuple[f
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True

@@ -3,6 +3,13 @@
 One iteration: data batch -> `backbone.sample(B)` (no grad) -> learning reward `update(real, x_T)` (the EBM step of
 Algorithm 1, line 4) -> `algorithm.update(real, trajectory)` (value, policy improvement, AVR) -> EMA -> log / eval /
 checkpoint. The trainer is the only code that knows about devices, processes, checkpoints and progress reporting.
+
+Modes: the trainer sets the backbone's train/eval mode before each phase. Rollouts and evaluation run it in eval
+mode; `algorithm.update` runs it in the mode the algorithm declares (`backbone_mode`); between phases it rests in
+eval mode. Evaluation puts every module it uses in eval mode and restores each submodule's mode afterwards.
+
+Several processes: every decision the ranks branch on is agreed, and an error on one rank is raised on every rank
+(`agreement.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -21,7 +30,10 @@ from typing import Literal, Protocol
 import torch
 import torch.distributed as dist
 
+from rewardtune import agreement
 from rewardtune import checkpoint as ckpt
+from rewardtune.agreement import Point
+from rewardtune.cpu_threads import cpu_thread_count, local_process_count
 from rewardtune.errors import (
     CheckpointError,
     Interrupted,
@@ -30,6 +42,7 @@ from rewardtune.errors import (
     RecipeError,
 )
 from rewardtune.evaluation import round_metrics
+from rewardtune.plugin_failures import PluginOwners
 
 
 @dataclass(frozen=True)
@@ -46,8 +59,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of the sampler's weights used for evaluation (0: evaluate the raw weights)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # learning-rate multiplier over training
     lr_final_fraction: float = 0.0  # cosine schedule: final multiplier
-    cpu_threads: int = 0  # torch intra-op threads per process on a CPU (0: torch's default); tiny networks run
-    # fastest on 1, and 1 avoids oversubscription when several processes share the cores
+    cpu_threads: int | Literal["auto"] = "auto"  # torch intra-op threads per process on a CPU: a count, 0 (torch's
+    # default: every core) or "auto" (cpu_threads.cpu_thread_count: 1 for small networks, else at most 4)
 
 
 @dataclass(frozen=True)
@@ -119,15 +132,18 @@ class Trainer:
         backbone: the policy.
         algorithm: has `update(real, trajectory, generator)`, `needs_rollout` (read every iteration: false means no
             rollout and no learning-reward update that iteration, and `trajectory` is None), `modules()`,
-            `optimizers()`, `state_dict()`/`load_state_dict()`, and optionally `guide(scale)` and
+            `optimizers()`, `state_dict()`/`load_state_dict()`, and optionally `guide(scale)`,
             `lr_schedule_window(step, total) -> (start, end)`, the iterations over which `lr_schedule` runs at `step`
-            (default: the whole run; `distill` can restart it when its second phase begins).
+            (default: the whole run; `distill` can restart it when its second phase begins), and `backbone_mode`,
+            "train" or "eval" (default), the mode `update` runs the backbone in.
         reward: the reward (None for pure pretraining); a learning reward is updated every iteration.
         data: `sample(n, generator) -> Tensor`.
         evaluator: `evaluate(backbone, reward, generator, guide) -> metrics` and `plot(...)`.
         config, eval_config: the [train] and [eval] sections.
         out_dir: the run directory (None: keep nothing on disk).
         reporter: progress sink.
+        plugin_owners: which packages are plugin code, to name a plugin that fails in training or evaluation
+            (`build_experiment` makes them from the recipe; default: the classes of the objects given here).
         accelerator: an `accelerate.Accelerator` (created here when None).
     """
 
@@ -144,6 +160,7 @@ class Trainer:
         out_dir: Path | None = None,
         reporter: Reporter | None = None,
         accelerator=None,
+        plugin_owners: PluginOwners | None = None,
     ) -> None:
         if accelerator is None:
             from accelerate import Accelerator
@@ -155,13 +172,20 @@ class Trainer:
         self.config, self.eval_config = config, eval_config or EvalConfig()
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.reporter = reporter or SilentReporter()
+        self.plugin_owners = plugin_owners or PluginOwners.of_objects(  # names a plugin whose own code fails
+            {"backbone": backbone, "algorithm": algorithm, "reward": reward, "data": data, **algorithm.modules()}
+        )
         self.device = accelerator.device
         self.rank = accelerator.process_index
-        if config.cpu_threads > 0 and self.device.type == "cpu":
-            torch.set_num_threads(config.cpu_threads)
-        for module in self.modules().values():
-            module.to(self.device)
+        threads = cpu_thread_count(config.cpu_threads, backbone, local_process_count(accelerator))
+        if threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.backbone_training = update_mode_is_train(algorithm)
+        with agreement.together(Point.INIT, self.device):  # e.g. out of memory on one rank: every rank stops
+            for module in self.modules().values():
+                module.to(self.device)
         broadcast_modules(self.modules())
+        backbone.eval()  # at rest between phases (see the module docstring); EMA below copies the mode
         self.ema = EMA(backbone, config.ema_decay) if config.ema_decay > 0 else None
         self.step = 0
         self.initial_metrics: dict[str, float] | None = None
@@ -200,26 +224,31 @@ class Trainer:
         return self.out_dir / "checkpoints" if self.out_dir is not None else None
 
     def save(self) -> None:
-        """Every rank takes part (its RNG state); the main process commits. Barriers keep ranks in step."""
+        """Every rank takes part (its RNG state); the main process commits. A status exchange after each part keeps
+        the ranks in step, and a failure there (a full disk on one rank) stops every rank with the same error."""
         root = self.checkpoint_root
         if root is None:
             return
-        ckpt.write_rng(root, self.step, self.rank, {"data": self.data_gen.get_state(), "train": self.train_gen.get_state()})
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            state = {
-                "step": self.step,
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
-                "algorithm": self.algorithm.state_dict(),
-                "ema_updates": self.ema.updates if self.ema is not None else 0,
-                "initial_metrics": json.dumps(self.initial_metrics),
-                "best": json.dumps(self.best),
-                "world_size": self.accelerator.num_processes,
-                "elapsed_s": self.elapsed(),
-            }
-            ckpt.commit_checkpoint(root, self.step, self.modules(), state, keep=self.config.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
+        with agreement.together(Point.CHECKPOINT_RNG, self.device):
+            ckpt.write_rng(root, self.step, self.rank, {"data": self.data_gen.get_state(), "train": self.train_gen.get_state()})
+        with agreement.together(Point.CHECKPOINT_COMMIT, self.device):
+            if self.is_main:
+                self.commit()
         self.saved_step = self.step
+
+    def commit(self) -> None:
+        """The main process's part of `save`: weights, optimisers and trainer state of this step."""
+        state = {
+            "step": self.step,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+            "algorithm": self.algorithm.state_dict(),
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "initial_metrics": json.dumps(self.initial_metrics),
+            "best": json.dumps(self.best),
+            "world_size": self.accelerator.num_processes,
+            "elapsed_s": self.elapsed(),
+        }
+        ckpt.commit_checkpoint(self.checkpoint_root, self.step, self.modules(), state, keep=self.config.keep_checkpoints)
 
     def load(self, path: Path) -> None:
         weights, state, rng = ckpt.read_checkpoint(path, self.rank)
@@ -250,19 +279,26 @@ class Trainer:
         return self.ema.module if self.ema is not None and not raw else self.backbone
 
     def evaluate(self, plot_name: str | None = None, *, raw: bool = False) -> dict[str, float]:
-        """Same seed on every rank, so every rank computes the same numbers (no collective needed), on
-        `evaluated_backbone(raw)`."""
+        """Metrics of `evaluated_backbone(raw)`, with every module evaluation uses (backbone, reward, the algorithm's
+        modules) in eval mode and each submodule's own mode restored afterwards, so the numbers do not depend on the
+        modes the modules were left in.
+
+        Every rank evaluates with the same seed, and every rank returns the main process's metrics (broadcast): ranks
+        can differ (a rank-dependent reward, nondeterministic kernels), and eval.json, keep-best and the reports must
+        not."""
         backbone = self.evaluated_backbone(raw)
         seed = self.config.seed + 10_000_019
-        guide = None
-        if self.eval_config.guidance_scale:
-            guide = self.algorithm.guide(self.eval_config.guidance_scale)
-        backbone.eval()
-        metrics = self.evaluator.evaluate(backbone, self.reward, seed, guide)
-        if self.is_main and plot_name and self.eval_config.plot and self.out_dir is not None:
-            self.evaluator.plot(backbone, self.reward, self.out_dir / plot_name, seed, title=f"step {self.step}")
-        backbone.train()
-        return round_metrics(metrics)
+        with agreement.together(Point.EVALUATION, self.device):
+            with self.plugin_owners.attributing(f"in the evaluation at step {self.step}"), \
+                    eval_mode(backbone, self.reward, *self.algorithm.modules().values()):
+                guide = None
+                if self.eval_config.guidance_scale:
+                    guide = self.algorithm.guide(self.eval_config.guidance_scale)
+                metrics = round_metrics(self.evaluator.evaluate(backbone, self.reward, seed, guide))
+                if self.is_main and plot_name and self.eval_config.plot and self.out_dir is not None:
+                    self.evaluator.plot(backbone, self.reward, self.out_dir / plot_name, seed, title=f"step {self.step}")
+            metrics = agreement.broadcast_from_main(metrics, self.device)
+        return metrics
 
     def write_eval(self, metrics: dict[str, float]) -> None:
         if self.is_main and self.out_dir is not None:
@@ -273,52 +309,83 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
-        """Train to `config.steps` and return {"step", "metrics", "initial_metrics"} (also written to eval.json)."""
-        cfg = self.config
-        if self.out_dir is not None and self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self.resume()
-        if self.initial_metrics is None:
+        """Train to `config.steps` and return {"step", "metrics", "initial_metrics"} (also written to eval.json).
+
+        With several processes every rank returns the same result, or raises the same error (`agreement.py`)."""
+        with agreement.together(Point.FIT_END, self.device):
             if self.out_dir is not None and self.is_main:
-                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-            self.initial_metrics = self.evaluate(plot_name="samples_step0.png")
-            self.reporter.message(f"initial: {format_metrics(self.initial_metrics)}")
-            name = self.eval_config.keep_best
-            if name and name not in self.initial_metrics:
-                raise RecipeError(f"eval.keep_best = {name!r} is not a metric of this run ({', '.join(self.initial_metrics)})")
-            self.save()
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                self.resume()
+            if self.initial_metrics is None:
+                self.start_fresh()
+            done_at_start = self.step
+            self.train_loop()
+            final = self.finish(done_at_start)
+        return {"step": self.step, "metrics": final, "initial_metrics": self.initial_metrics}
+
+    def start_fresh(self) -> None:
+        """A fresh run's step-0 evaluation, check of `eval.keep_best` and step-0 checkpoint."""
+        if self.out_dir is not None and self.is_main:
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        self.initial_metrics = self.evaluate(plot_name="samples_step0.png")
+        self.reporter.message(f"initial: {format_metrics(self.initial_metrics)}")
+        name = self.eval_config.keep_best
+        if name and name not in self.initial_metrics:  # the main process's metrics, so every rank raises it
+            raise agreement.agreed(
+                RecipeError(f"eval.keep_best = {name!r} is not a metric of this run ({', '.join(self.initial_metrics)})")
+            )
+        self.save()
+
+    def train_loop(self) -> None:
+        """Iterations up to `config.steps`; a stop request checkpoints and raises `Interrupted`."""
+        cfg = self.config
         self.reporter.start(cfg.steps, self.step, "training")
         log_file = self.out_dir / "metrics.jsonl" if self.out_dir is not None and self.is_main else None
-        self.clock_start, done_at_start = time.perf_counter(), self.step
+        self.clock_start = time.perf_counter()
         previous_handlers = install_stop_handlers(self.request_stop)
         try:
             while self.step < cfg.steps:
-                if self.should_stop():
+                window = self.lr_schedule_window()
+                if self.should_stop(window):
                     self.save()
                     code = 130 if self.stop_signal == signal.SIGINT else 143
-                    raise Interrupted(
-                        f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; a checkpoint was "
-                        "written: rerun with --resume to continue",
-                        code,
+                    raise agreement.agreed(
+                        Interrupted(
+                            f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; a checkpoint was "
+                            "written: rerun with --resume to continue",
+                            code,
+                        )
                     )
-                metrics = self.train_step()
+                metrics = self.train_step(window)
                 self.step += 1
-                if log_file is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    record = {"step": self.step, "time_s": round(self.elapsed(), 3), **round_metrics(metrics)}
-                    with log_file.open("a") as fh:
-                        fh.write(json.dumps(record) + "\n")
-                self.reporter.advance(self.step, metrics)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    result = self.evaluate(plot_name=f"samples_step{self.step}.png")
-                    self.log_eval(result, log_file, self.elapsed())
-                    self.keep_if_best(result)
-                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps and self.saved_step != self.step:
-                    self.save()
+                self.after_step(metrics, log_file)
         finally:
             self.reporter.stop()
             restore_handlers(previous_handlers)
-        if self.saved_step != self.step and (self.step > done_at_start or not (self.out_dir and (self.out_dir / "eval.json").exists())):
+
+    def after_step(self, metrics: dict[str, float], log_file: Path | None) -> None:
+        """Log, evaluate (then keep the best) and checkpoint, each when due."""
+        cfg = self.config
+        if log_file is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            record = {"step": self.step, "time_s": round(self.elapsed(), 3), **round_metrics(metrics)}
+            with log_file.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        self.reporter.advance(self.step, metrics)
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+            result = self.evaluate(plot_name=f"samples_step{self.step}.png")
+            self.log_eval(result, log_file, self.elapsed())
+            self.keep_if_best(result)
+        if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps and self.saved_step != self.step:
+            self.save()
+
+    def finish(self, done_at_start: int) -> dict[str, float]:
+        """The final checkpoint (unless this step's exists, or a resumed finished run trained nothing), the final
+        evaluation and eval.json; returns the final metrics."""
+        finished_before = agreement.broadcast_from_main(  # the file system as the main process sees it
+            self.is_main and self.out_dir is not None and (self.out_dir / "eval.json").exists(), self.device
+        )
+        if self.saved_step != self.step and (self.step > done_at_start or not finished_before):
             self.save()
         if self.step == 0:  # nothing trained: the starting evaluation is the final one
             final = dict(self.initial_metrics)
@@ -327,7 +394,7 @@ class Trainer:
         else:
             final = self.evaluate(plot_name="samples.png")
         self.write_eval(final)
-        return {"step": self.step, "metrics": final, "initial_metrics": self.initial_metrics}
+        return final
 
     def elapsed(self) -> float:
         """Seconds of training so far, across resumes (metrics.jsonl's `time_s`)."""
@@ -335,29 +402,39 @@ class Trainer:
         return self.time_offset + running
 
     def resume(self) -> Path | None:
-        """Load the run directory's latest checkpoint, if there is one; returns its path."""
-        latest = ckpt.latest_checkpoint(self.checkpoint_root) if self.checkpoint_root is not None else None
-        if latest is not None:
-            self.load(latest)
-            self.reporter.message(f"resumed from {latest} (step {self.step})")
+        """Load the run directory's latest checkpoint (the one the main process finds), if there is one, on every
+        rank; returns its path. A rank that cannot load it stops every rank with its error."""
+        with agreement.together(Point.RESUME, self.device):
+            root = self.checkpoint_root
+            latest = ckpt.latest_checkpoint(root) if root is not None and self.is_main else None
+            latest = agreement.broadcast_from_main(latest, self.device)
+            if latest is not None:
+                self.load(latest)
+                self.reporter.message(f"resumed from {latest} (step {self.step})")
         return latest
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Ask the loop to checkpoint and stop after the current iteration (what SIGINT/SIGTERM do)."""
         self.stop_signal = signum
 
-    def should_stop(self) -> bool:
-        """Whether any rank was asked to stop (agreed across ranks, so every rank checkpoints together)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            agreed = int(flag.item())
-            # A signal handled while this rank waited in the all-reduce is not in `agreed`: keep it for the next
-            # iteration instead of overwriting it, and decide from `agreed` alone, so that every rank agrees.
-            if agreed:
-                self.stop_signal = agreed
-            return agreed != 0
-        return self.stop_signal is not None
+    def should_stop(self, window: tuple[int, int] | tuple[()] = ()) -> bool:
+        """Whether any rank was asked to stop, agreed across ranks so that every rank checkpoints together.
+
+        This is the iteration's status exchange (`agreement.exchange`): it also stops every rank when one failed,
+        and checks that every rank is at the same step with the same lr-schedule `window`."""
+        agreed = agreement.exchange(Point.ITERATION, self.device, stop=self.stop_signal or 0, values=(self.step, *window))
+        # A signal handled while this rank waited in the exchange is not in `agreed`: keep it for the next iteration
+        # instead of overwriting it, and decide from `agreed` alone, so that every rank agrees.
+        if agreed:
+            self.stop_signal = agreed
+        return agreed != 0
+
+    def lr_schedule_window(self) -> tuple[int, int]:
+        """The iterations `train.lr_schedule` spans at this step: the algorithm's `lr_schedule_window`, else the run."""
+        if hasattr(self.algorithm, "lr_schedule_window"):
+            start, end = self.algorithm.lr_schedule_window(self.step, self.config.steps)
+            return int(start), int(end)
+        return 0, self.config.steps
 
     def keep_if_best(self, result: dict[str, float]) -> None:
         """Keep a copy of this step's checkpoint in checkpoints/best when `eval.keep_best` improved."""
@@ -370,9 +447,9 @@ class Trainer:
             return
         self.best = {"step": self.step, "metric": name, "value": value}
         self.save()
-        if self.is_main:
-            ckpt.copy_as_best(self.checkpoint_root, self.step, self.best)
-        self.accelerator.wait_for_everyone()
+        with agreement.together(Point.BEST, self.device):
+            if self.is_main:
+                ckpt.copy_as_best(self.checkpoint_root, self.step, self.best)
 
     def log_eval(self, result: dict[str, float], log_file: Path | None, elapsed: float) -> None:
         self.reporter.message(f"step {self.step}: {format_metrics(result)}")
@@ -380,30 +457,65 @@ class Trainer:
             with log_file.open("a") as fh:
                 fh.write(json.dumps({"step": self.step, "time_s": round(elapsed, 3), "eval": result}) + "\n")
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, window: tuple[int, int] | None = None) -> dict[str, float]:
+        """One iteration (see the module docstring) with the lr schedule over `window` (default: this step's
+        `lr_schedule_window()`); returns the metrics of this rank."""
         cfg = self.config
-        start, end = (0, cfg.steps)
-        if hasattr(self.algorithm, "lr_schedule_window"):
-            start, end = self.algorithm.lr_schedule_window(self.step, cfg.steps)
+        start, end = window if window is not None else self.lr_schedule_window()
         scale = lr_multiplier(cfg.lr_schedule, self.step - start, end - start, cfg.lr_final_fraction)
         for opt in self.optimizers().values():
             opt.set_lr_scale(scale)
-        real = self.data.sample(cfg.batch_size, self.data_gen, device=self.device)
         trajectory = None
         metrics: dict[str, float] = {}
         try:
+            real = self.data.sample(cfg.batch_size, self.data_gen, device=self.device)
             if self.algorithm.needs_rollout:
+                self.backbone.eval()  # rollouts sample the policy that is evaluated and optimised: no dropout
                 trajectory = self.backbone.sample(cfg.batch_size, self.train_gen)
                 if self.reward is not None and self.reward.learns:
-                    metrics.update(self.reward.update(real, trajectory.final))
-            metrics.update(self.algorithm.update(real, trajectory, self.train_gen))
-        except PluginError as err:  # a reward breaking its contract (shape, NaN/inf): say when
-            raise PluginError(f"{err} at step {self.step + 1}; the last checkpoint is kept") from None
+                    metrics.update(self.reward.update(real, self.backbone.output(trajectory.final)))
+            self.backbone.train(self.backbone_training)  # the mode the algorithm's update declares
+            try:
+                metrics.update(self.algorithm.update(real, trajectory, self.train_gen))
+            finally:
+                self.backbone.eval()  # at rest
+        except Exception as err:  # a plugin failing in its own code or breaking its contract: name it and say when
+            failure = self.plugin_owners.failure(err, f"at step {self.step + 1}", "the last checkpoint is kept")
+            if failure is None:
+                raise
+            raise failure from err
         metrics.update(getattr(self.reward, "last_terms", None) or {})  # a composite reward's per-term means
         check_finite(metrics, self.step + 1)
         if self.ema is not None:
             self.ema.update(self.backbone)
         return metrics
+
+
+def update_mode_is_train(algorithm) -> bool:
+    """Whether `algorithm.update` trains the backbone in train mode: its `backbone_mode`, "train" or "eval" (default).
+
+    Fine-tuning algorithms declare "eval": the policy that is optimised is the one that is sampled (a PPO ratio is 1 on
+    its first pass only if the log-probs are recomputed with the sampling network). Pretraining declares "train"
+    (dropout regularises the denoising loss)."""
+    mode = getattr(algorithm, "backbone_mode", "eval")
+    if mode not in ("train", "eval"):
+        raise PluginError(f"algorithm {type(algorithm).__name__} declares backbone_mode = {mode!r}; use 'train' or 'eval'")
+    return mode == "train"
+
+
+@contextmanager
+def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Every submodule of `modules` (None skipped) in eval mode for the block; each gets its own mode back after it
+    (so a frozen network inside a module in train mode stays in eval mode)."""
+    present = [m for m in modules if m is not None]
+    saved = [(sub, sub.training) for module in present for sub in module.modules()]
+    for module in present:
+        module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in saved:
+            sub.training = training
 
 
 def install_stop_handlers(callback) -> dict | None:
@@ -432,14 +544,20 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def broadcast_modules(modules: dict[str, torch.nn.Module]) -> None:
-    """Copy rank 0's parameters and buffers to every rank (no-op in one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Copy rank 0's parameters and buffers to every rank (no-op in one process). A status exchange first checks
+    that every rank holds as many tensors, elements and bytes (ranks that built different modules raise
+    `DisagreementError` instead of broadcasting mismatched tensors)."""
+    if agreement.world_size() == 1:
         return
-    seen = set()
+    tensors, seen = [], set()
     for module in modules.values():
         for tensor in list(module.parameters()) + list(module.buffers()):
             if id(tensor) not in seen:
                 seen.add(id(tensor))
-                dist.broadcast(tensor.data, src=0)
+                tensors.append(tensor)
+    sizes = (len(tensors), sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors))
+    agreement.exchange(Point.BROADCAST, tensors[0].device if tensors else "cpu", values=sizes)
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)
 
 

@@ -1,8 +1,16 @@
+"""Test-wide setup. The tests run offline: HF_HUB_OFFLINE=1 is set here (unless the environment sets it), before
+any test module imports rewardtune and through it huggingface_hub, and subprocesses the tests start inherit it.
+huggingface_hub reads the variable once, at import: if a pytest plugin imported it before this file ran, its
+constant is set to match too."""
+
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "huggingface_hub.constants" in sys.modules:  # imported before this file: it read the environment without us
+    sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"].upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def pytest_addoption(parser):

@@ -41,6 +41,7 @@ class Case:
     drop: tuple[str, ...] = ()  # tables removed from the recipe
     run: bool = False  # copy a finished run to {run} first (its files must be unchanged afterwards)
     setup: Callable[[Path], None] | None = None  # then prepare tmp_path (corrupt a checkpoint, write a module, ...)
+    at_build: bool = False  # the error must come before training starts: no progress line before it
 
 
 def run_args(*extra: str) -> tuple[str, ...]:
@@ -147,7 +148,8 @@ CASES: dict[str, Case] = {
     "zero eval samples": Case(run_args("--set", "eval.num_samples=0"), "num_samples must be positive, got 0"),
     "negative steps flag": Case(run_args("--steps", "-1"), "steps must be >= 0, got -1"),
     "keep_best not a metric": Case(
-        run_args("--set", "eval.keep_best=fid"), "eval.keep_best = 'fid' is not a metric of this run"
+        run_args("--set", "eval.keep_best=fid", "--set", "train.eval_every=2"),
+        "eval.keep_best = 'fid' is not a metric of this run (energy_auc, sliced_wasserstein, sliced_wasserstein_std)",
     ),
     # ---- --set ------------------------------------------------------------------------------------------------------
     "--set unknown key": Case(run_args("--set", "train.nope=1"), "[train] unknown key 'nope'"),
@@ -186,20 +188,24 @@ CASES: dict[str, Case] = {
     "plugin wrong shape": Case(
         run_args(),
         "reward 'faulty' returned shape (32, 1) for a batch of 32; expected (32,) at step 1",
-        recipe=f'[reward]\n{FAULTY}\nmode = "shape"',
+        recipe=f'[reward]\n{FAULTY}\nmode = "shape"\nafter = 1',  # call 1: the step-0 evaluation
     ),
     "plugin NaN": Case(
         run_args(),
         "reward 'faulty' returned NaN/inf for 32 of 32 samples at step 3; the last checkpoint is kept",
-        recipe=f'[reward]\n{FAULTY}\nmode = "nan"\nafter = 2',
+        recipe=f'[reward]\n{FAULTY}\nmode = "nan"\nafter = 3',
     ),
     "plugin inf": Case(
         run_args(),
         "reward 'faulty' returned NaN/inf for 32 of 32 samples at step 1",
-        recipe=f'[reward]\n{FAULTY}\nmode = "inf"',
+        recipe=f'[reward]\n{FAULTY}\nmode = "inf"\nafter = 1',
     ),
     "plugin not a tensor": Case(
-        run_args(), "reward 'faulty' returned a list for a batch of 32", recipe=f'[reward]\n{FAULTY}\nmode = "list"'
+        run_args(), "reward 'faulty' returned a list for a batch of 32", recipe=f'[reward]\n{FAULTY}\nmode = "list"\nafter = 1'
+    ),
+    "plugin not a tensor in evaluation": Case(
+        run_args(), "reward 'faulty' returned a list for a batch of 200; expected a Tensor of shape (200,) in the "
+        "evaluation at step 0", recipe=f'[reward]\n{FAULTY}\nmode = "list"'
     ),
     "dxdp without value": Case(
         run_args(), "algorithm 'dxdp' needs a [value] section", recipe=f"[reward]\n{FAULTY}", drop=("value",)
@@ -254,13 +260,16 @@ CASES: dict[str, Case] = {
         ("run", str(TINY), "--out", "{run}", *SETS), "already holds this run; pass --resume", run=True
     ),
     "resume changed recipe": Case(
-        resume_args("--set", "backbone.num_steps=4"),
-        "holds a run of a different recipe; use another --out, or --force",
+        resume_args("--set", "train.steps=8"),
+        "holds a run of a different recipe (train.steps changed); use another --out, or --force",
         run=True,
     ),
-    "resume T mismatch, forced": Case(
+    "resume changes T": Case(
+        resume_args("--set", "backbone.num_steps=4"), "--resume cannot change backbone.num_steps (3 -> 4)", run=True
+    ),
+    "resume changes T, forced": Case(
         resume_args("--set", "backbone.num_steps=4", "--force"),
-        "checkpoint does not fit module 'backbone': size mismatch",
+        "--resume cannot change backbone.num_steps (3 -> 4): the checkpoint holds the sampler of the old architecture",
         run=True,
     ),
     # ---- checkpoints --------------------------------------------------------------------------------------------
@@ -300,10 +309,254 @@ CASES: dict[str, Case] = {
     ),
     "resume other optimisers, forced": Case(
         resume_args("--set", "backbone.learn_sigma=false", "--force"),
-        "does not fit this recipe's optimisers or algorithm",
+        "--resume cannot change backbone.learn_sigma (True -> False)",
         run=True,
     ),
+    "resume other seed, forced": Case(
+        resume_args("--set", "train.seed=1", "--force"), "--resume cannot change train.seed (0 -> 1)", run=True
+    ),
 }
+
+
+# ---- plugins failing in their own code, or returning the wrong thing (tests/faulty_plugins.py) -------------------------
+PLUGINS = "faulty_plugins:"
+KEPT = "; the last checkpoint is kept"
+IMAGES = '[data]\nkind = "digits"\n[eval]\nnum_samples = 20\nfeature_extractor = "digits"\nplot = false\n'
+TERMS = '[reward]\nkind = "composite"\n[[reward.terms]]\nkind = "energy"\nshare_with_value = false\n[[reward.terms]]\n'
+
+
+def image_args(*extra: str) -> tuple[str, ...]:
+    """A 2-step run on 8x8 digits (IMAGES), checkpoint at every step."""
+    return ("run", "{recipe}", "--out", "{tmp}/out", "--set", "train.steps=2", "--set", "train.checkpoint_every=1", *extra)
+
+
+def plugin(table: str, factory: str, **options) -> str:
+    """A recipe patch: `[table]` made by faulty_plugins.<factory> with `options`."""
+    lines = [f"[{table}]", f'kind = "{PLUGINS}{factory}"', *(f"{k} = {v!r}".replace("'", '"') for k, v in options.items())]
+    return "\n".join(lines) + "\n"
+
+
+def png(path: str, mode: str, size: int = 8) -> Callable[[Path], None]:
+    """Write a `size` x `size` PNG (mode "L" grey, "RGB") to tmp/`path`."""
+
+    def setup(tmp: Path) -> None:
+        from PIL import Image
+
+        (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new(mode, (size, size), color=128 if mode == "L" else (10, 120, 240)).save(tmp / path)
+
+    return setup
+
+
+def folder_of_pngs(count: int, mode: str, size: int = 8) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        for i in range(count):
+            png(f"imgs/{i}.png", mode, size)(tmp)
+
+    return setup
+
+
+PLUGIN_FAILURE_CASES: dict[str, Case] = {
+    # a factory failing in its own code, for each kind of plugin table (and a composite's term)
+    "reward factory raises": Case(
+        run_args(), f"[reward] kind '{PLUGINS}build_reward_missing_weights' failed while the recipe was built "
+        "(FileNotFoundError: [Errno 2] No such file or directory: 'no/such/dir/weights.pt')",
+        recipe=plugin("reward", "build_reward_missing_weights"), at_build=True,
+    ),
+    "data factory raises": Case(
+        run_args(), f"[data] kind '{PLUGINS}build_data_missing_files' failed while the recipe was built (FileNotFoundError",
+        recipe=plugin("data", "build_data_missing_files"), at_build=True,
+    ),
+    "composite term factory raises": Case(
+        run_args(), f"[[reward.terms]] #2 kind '{PLUGINS}build_reward_missing_weights' failed while the recipe was built",
+        recipe=TERMS + f'kind = "{PLUGINS}build_reward_missing_weights"\n', at_build=True,
+    ),
+    "feature extractor factory raises": Case(
+        image_args("--set", "eval.feature_extractor=rt_bad_features:build"),
+        "feature extractor 'rt_bad_features:build': calling 'rt_bad_features:build' failed: OSError: features.pt: gone",
+        recipe=IMAGES, setup=write("plugins/rt_bad_features.py", "def build():\n    raise OSError('features.pt: gone')\n"),
+        at_build=True,
+    ),
+    # a factory returning something that is not a plugin of its kind
+    "reward factory returns None": Case(
+        run_args(), f"[reward] kind '{PLUGINS}build_reward_none' returned None, not a Reward",
+        recipe=plugin("reward", "build_reward_none"), at_build=True,
+    ),
+    "reward factory returns a function": Case(
+        run_args(), "returned the function faulty_plugins.build_reward_function.<locals>.ring, not a Reward",
+        recipe=plugin("reward", "build_reward_function"), at_build=True,
+    ),
+    "composite term returns None": Case(
+        run_args(), f"term 'build_reward_none' (kind '{PLUGINS}build_reward_none'): returned NoneType, not a Reward",
+        recipe=TERMS + f'kind = "{PLUGINS}build_reward_none"\n', at_build=True,
+    ),
+    "backbone factory returns None": Case(
+        run_args(), f"[backbone] kind '{PLUGINS}build_backbone_none' returned None, not a GaussianChainPolicy",
+        recipe=plugin("backbone", "build_backbone_none"), at_build=True,
+    ),
+    "value factory returns a function": Case(
+        run_args(), f"[value] kind '{PLUGINS}build_value_function' returned the function", recipe=plugin("value", "build_value_function"),
+        at_build=True,
+    ),
+    "data without sample_shape": Case(
+        run_args(), "returned a build_data_without_shape.<locals>.NoShape, not a data source",
+        recipe=plugin("data", "build_data_without_shape"), at_build=True,
+    ),
+    "algorithm without update": Case(
+        run_args(), "not an algorithm (needs_rollout, update, modules, optimizers, state_dict, load_state_dict; "
+        "docs/architecture.md); it lacks update, optimizers, state_dict, load_state_dict",
+        recipe=plugin("algorithm", "build_algorithm_without_update"), at_build=True,
+    ),
+    # plugin code failing while training (the step) and while evaluating
+    "reward forward raises in training": Case(
+        run_args(), f"[reward] kind '{PLUGINS}build_failing_reward' failed at step 2 (RuntimeError: forward exploded){KEPT}",
+        recipe=plugin("reward", "build_failing_reward", fail_at=3),  # call 1: the step-0 evaluation's reward_mean
+    ),
+    "learning reward update raises": Case(
+        run_args(), f"[reward] kind '{PLUGINS}build_failing_energy' failed at step 2 (KeyError: 'energy/missing'){KEPT}",
+        recipe=plugin("reward", "build_failing_energy", fail_at=2),
+    ),
+    "composite term raises in training": Case(  # calls 1, 2: the energy AUC of the step-0 evaluation
+        run_args(), f"[[reward.terms]] #2 kind '{PLUGINS}build_failing_reward' failed at step 1 (RuntimeError",
+        recipe=TERMS + f'kind = "{PLUGINS}build_failing_reward"\nfail_at = 3\n' + "[eval]\nnum_samples = 20\nrepeats = 1\nplot = false\n",
+    ),
+    "data sample raises in training": Case(
+        run_args(), f"[data] kind '{PLUGINS}build_failing_data' failed at step 2 (RuntimeError: data shard unreadable){KEPT}",
+        recipe=plugin("data", "build_failing_data", fail_at=4),
+    ),
+    "data sample raises in evaluation": Case(
+        run_args(), f"[data] kind '{PLUGINS}build_failing_data' failed in the evaluation at step 0 (RuntimeError",
+        recipe=plugin("data", "build_failing_data", fail_at=1),
+    ),
+    "backbone network raises": Case(
+        run_args(), f"[backbone] kind '{PLUGINS}build_failing_backbone' failed at step 2 (RuntimeError: backbone network exploded)",
+        recipe=plugin("backbone", "build_failing_backbone", fail_at=8),
+    ),
+    "value network raises": Case(
+        run_args(), f"[value] kind '{PLUGINS}build_failing_value' failed at step 1 (RuntimeError: backbone network exploded)",
+        recipe=plugin("value", "build_failing_value", fail_at=3),
+    ),
+    "algorithm update raises": Case(
+        run_args(), f"[algorithm] kind '{PLUGINS}build_failing_algorithm' failed at step 2 (ZeroDivisionError: division by zero){KEPT}",
+        recipe=plugin("algorithm", "build_failing_algorithm", fail_at=2),
+    ),
+    "reward evaluation_metrics raises": Case(
+        image_args(), f"[reward] kind '{PLUGINS}build_failing_reward' failed in the evaluation at step 0 (RuntimeError: "
+        "evaluation_metrics exploded)",
+        recipe=IMAGES + plugin("reward", "build_failing_reward", fail_in="evaluation_metrics", fail_at=1),
+    ),
+    "reward forward raises in evaluation": Case(
+        image_args(), f"[reward] kind '{PLUGINS}build_failing_reward' failed in the evaluation at step 0 (RuntimeError",
+        recipe=IMAGES + plugin("reward", "build_failing_reward", fail_at=1),
+    ),
+}
+
+EVALUATION_CASES: dict[str, Case] = {  # settings the evaluator cannot honour for this data: refused before training
+    "digits features on RGB images": Case(
+        image_args("--set", "data.path={tmp}/imgs"),
+        "eval.feature_extractor = 'digits' takes 1x8x8 grey digits, but this data's images are 3x8x8",
+        recipe=IMAGES.replace('kind = "digits"', 'kind = "image_folder"\nsize = 8\nchannels = 3'),
+        setup=folder_of_pngs(4, "RGB"), at_build=True,
+    ),
+    "digits features on 16x16 grey images": Case(
+        image_args("--set", "data.path={tmp}/imgs"),
+        "takes 1x8x8 grey digits, but this data's images are 1x16x16",
+        recipe=IMAGES.replace('kind = "digits"', 'kind = "image_folder"\nsize = 16\nchannels = 1'),
+        setup=folder_of_pngs(4, "L", 16), at_build=True,
+    ),
+    "too few samples for precision/recall": Case(
+        image_args("--set", "eval.num_samples=3"), "precision/recall needs at least 4 samples (eval.num_samples), got 3",
+        recipe=IMAGES, at_build=True,
+    ),
+    "too few reference images": Case(
+        image_args("--set", "data.path={tmp}/imgs"), "precision/recall needs at least 4 reference images (the data's), got 2",
+        recipe=IMAGES.replace('kind = "digits"', 'kind = "image_folder"\nsize = 8\nchannels = 1'),
+        setup=folder_of_pngs(2, "L"), at_build=True,
+    ),
+    "feature extractor returns the wrong shape": Case(
+        image_args("--set", f"eval.feature_extractor={PLUGINS}build_wrong_shape_features"),
+        f"feature extractor '{PLUGINS}build_wrong_shape_features' returned (2, 1, 8, 8) for 2 images of shape (1, 8, 8); "
+        "expected features [2, F]", recipe=IMAGES, at_build=True,
+    ),
+    "feature extractor raises": Case(
+        image_args("--set", f"eval.feature_extractor={PLUGINS}build_failing_features"),
+        "failed on images of shape (1, 8, 8) (RuntimeError: feature network exploded)", recipe=IMAGES, at_build=True,
+    ),
+    "guidance without a value function": Case(
+        run_args("--set", "eval.guidance_scale=0.5"),
+        "eval.guidance_scale = 0.5: value guidance needs a cost-to-go value function (dxdp); policy_gradient's is a baseline",
+        recipe='[algorithm]\nkind = "policy_gradient"', at_build=True,
+    ),
+    "guidance with ddpm": Case(
+        run_args("--set", "eval.guidance_scale=1"), "eval.guidance_scale = 1.0: value guidance needs an algorithm with a value",
+        recipe='[algorithm]\nkind = "ddpm"', drop=("reward", "value"), at_build=True,
+    ),
+    "keep_best names no metric of images": Case(
+        image_args("--set", "eval.keep_best=sliced_wasserstein", "--set", "train.eval_every=1"),
+        "eval.keep_best = 'sliced_wasserstein' is not a metric of this run (frechet_distance, precision, recall)",
+        recipe=IMAGES, at_build=True,
+    ),
+    "repeats on images": Case(image_args("--set", "eval.repeats=3"), "eval.repeats = 3 applies to vector data", recipe=IMAGES, at_build=True),
+    "image features on vectors": Case(
+        run_args("--set", "eval.feature_extractor=digits"), "eval.feature_extractor applies to images (C, H, W); this data "
+        "gives samples of shape (2,)", at_build=True,
+    ),
+    "reference samples on vectors": Case(run_args("--set", "eval.reference_samples=10"), "eval.reference_samples applies to images", at_build=True),
+    "plot of one coordinate": Case(
+        run_args("--set", "eval.plot=true"), "eval.plot draws the first two coordinates, but samples have shape (1,)",
+        recipe=plugin("data", "build_scalar_data"), at_build=True,
+    ),
+    "matrix samples": Case(
+        run_args(), "evaluation takes vectors (D,) or images (C, H, W); this data gives samples of shape (2, 2)",
+        recipe=plugin("data", "build_matrix_data"), at_build=True,
+    ),
+}
+
+IGNORED_SETTING_CASES: dict[str, Case] = {  # a setting the rest of the recipe would silently ignore
+    "best_mode without keep_best": Case(run_args("--set", "eval.best_mode=max"), "[eval] best_mode applies to keep_best", at_build=True),
+    "keep_best without periodic evaluations": Case(
+        run_args("--set", "eval.keep_best=sliced_wasserstein"), "train.eval_every = 0 makes none: set train.eval_every",
+        at_build=True,
+    ),
+    "lr_final_fraction without cosine": Case(
+        run_args("--set", "train.lr_final_fraction=0.1"), "[train] lr_final_fraction applies to lr_schedule = 'cosine'",
+        at_build=True,
+    ),
+    "teacher that no plugin uses": Case(
+        run_args("--set", "distill.teacher={tmp}"), "[distill] names a teacher (or --teacher was given), but no plugin of "
+        "this recipe uses one (algorithm 'dxdp')", at_build=True,
+    ),
+    "distill --teacher on an ordinary recipe": Case(
+        ("distill", "{recipe}", "--teacher", "{tmp}", "--out", "{tmp}/out"), "but no plugin of this recipe uses one",
+        at_build=True,
+    ),
+    "distill without a teacher": Case(
+        ("distill", "{recipe}", "--out", "{tmp}/out"), "has no [distill] table naming the teacher, and no --teacher",
+        at_build=True,
+    ),
+    "sample --guidance with ddpm": Case(
+        ("sample", "{run}", "--guidance", "1", "-o", "{tmp}/s.npz"), "--guidance = 1.0: value guidance needs", run=True,
+        setup=lambda tmp: ddpm_run(tmp / "run"), at_build=True,
+    ),
+}
+
+ALL_CASES = {**CASES, **PLUGIN_FAILURE_CASES, **EVALUATION_CASES, **IGNORED_SETTING_CASES}
+
+
+def ddpm_run(run: Path) -> None:
+    """Replace tmp/run by a finished 1-step `ddpm` pretraining run (no value function)."""
+    import tomllib
+
+    import rewardtune as rt
+    from rewardtune.recipe import parse_recipe
+
+    shutil.rmtree(run)
+    raw = {**tomllib.loads(TINY.read_text()), "algorithm": {"kind": "ddpm"}}
+    for table in ("value", "reward"):
+        raw.pop(table)
+    raw["train"].update(steps=1, checkpoint_every=1)
+    raw["eval"].update(num_samples=50, repeats=1, plot=False)
+    rt.run_recipe(parse_recipe(raw), run)
 
 
 @pytest.fixture(scope="module")
@@ -339,12 +592,12 @@ def make_recipe(case: Case, tmp: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(ALL_CASES))
 def test_bad_input_exits_2_with_one_line(name: str, tmp_path: Path, capsys, monkeypatch, request):
-    case = CASES[name]
+    case = ALL_CASES[name]
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
-    for module in ("rt_explodes", "rt_needs_dep"):
+    for module in ("rt_explodes", "rt_needs_dep", "rt_bad_features"):
         monkeypatch.delitem(sys.modules, module, raising=False)
     if case.run:
         shutil.copytree(request.getfixturevalue("finished_run"), tmp_path / "run")
@@ -365,6 +618,7 @@ def test_bad_input_exits_2_with_one_line(name: str, tmp_path: Path, capsys, monk
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], err  # one error line, and it is the last
     assert all(line.startswith(PROGRESS) for line in lines[:-1]), err  # anything before it is progress
+    assert not (case.at_build and lines[:-1]), err  # checked before training: nothing ran before the error
     assert case.expected.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
     if before is not None:
         assert snapshot(tmp_path / "run") == before  # the run directory is as it was

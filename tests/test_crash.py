@@ -103,14 +103,15 @@ def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(tmp_p
 
 NON_FINITE = {
     # tiny_8gaussians' [reward] holds only its kind, so --set swaps in the faulty plugin (tests/faulty_rewards.py).
-    # A reward turning NaN at its 26th call (one call per step): the run stops in step 26; checkpoint 20 is kept.
+    # A reward turning NaN at its 27th call (one call in the step-0 evaluation's reward_mean, then one per step): the
+    # run stops in step 26; checkpoint 20 is kept.
     "reward NaN": (
-        ["reward.kind=faulty_rewards:build_faulty_reward", 'reward.mode="nan"', "reward.after=25"],
+        ["reward.kind=faulty_rewards:build_faulty_reward", 'reward.mode="nan"', "reward.after=26"],
         "reward 'faulty' returned NaN/inf for 32 of 32 samples at step 26",
         20,
     ),
     "reward inf": (
-        ["reward.kind=faulty_rewards:build_faulty_reward", 'reward.mode="inf"', "reward.after=12"],
+        ["reward.kind=faulty_rewards:build_faulty_reward", 'reward.mode="inf"', "reward.after=13"],
         "reward 'faulty' returned NaN/inf for 32 of 32 samples at step 13",
         10,
     ),

@@ -23,6 +23,7 @@ from rewardtune.algorithms.dxdp import (
     DxDP,
     DxDPConfig,
     avr_update,
+    evaluation_mode,
     td_target,
     time_cost,
     velocity_cost,
@@ -437,3 +438,106 @@ def test_terminal_reward_scores_only_the_last_transitions():
     assert reward.batches == [2]
     algo.policy_loss(x, torch.tensor([0, 1, 1, 0, 0]), torch.zeros(5, D))
     assert reward.batches == [2]  # no transition ends at T in this batch: the reward is not called
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the TD step's batch, per-dimension weights, and a normalising composite updated once per iteration
+# ---------------------------------------------------------------------------------------------------------------------
+def _moved_policy_and_algo(per_dimension: bool, td_mode: str = "sequential", **cfg) -> tuple[LinearPolicy, DxDP]:
+    """T = 3 on (2, 2) samples (D = 4), a hand-set quadratic value, and a policy moved away from its KL reference."""
+    policy = LinearPolicy((2, 2), torch.tensor([0.75, 1.25, 0.5]), torch.zeros(3, 2, 2), torch.tensor([0.6, 0.4, 0.2]), learn_mean=True)
+    net = QuadraticValueNet(4, 4, alpha=torch.tensor([0.2, 0.5, 1.0, 0.5]), beta=0.3, gamma=torch.tensor([0.0, 0.1, -0.3, 0.2]))
+    options = {"tau_entropy": 0.3, "tau_velocity": 0.7, "kl_weight": 0.4, "avr": False, "td_mode": td_mode}
+    config = DxDPConfig(**{**options, "per_dimension": per_dimension, **cfg})
+    algo = DxDP(policy, QuadraticCost(torch.ones(2, 2)), ValueFunction(net, lr=1e-2), config=config)
+    algo.s2 = torch.tensor([0.25, 0.5, 2.0])
+    with torch.no_grad():
+        policy.b += torch.tensor([0.25, -0.5, 0.125]).view(3, 1, 1)
+        policy.log_sigma += torch.tensor([0.2, -0.1, 0.3])
+    return policy, algo
+
+
+@pytest.mark.parametrize("per_dimension", [False, True])
+def test_td_batch_hand_computed(per_dimension):
+    """Every term of the TD target at each t, computed by hand: V(x_{t+1}, t+1) + R(t) + tau1 log pi + tau2 vel
+    + beta (log pi - log pi_ref), with the weights divided by D = 4 under per_dimension. The sigmoid time cost is
+    centred at 0.5 so that R(t) differs from R(t + 1) at every t of T = 3 (R = 0.245, 0.195, 0.106)."""
+    policy, algo = _moved_policy_and_algo(per_dimension, time_cost="sigmoid", sigmoid_time_cost_center=0.5)
+    trajectory = policy.sample(6, torch.Generator().manual_seed(0))
+    kl = algo.value_kl(trajectory)
+    scale = 0.25 if per_dimension else 1.0
+    a_ref, sigma_ref = torch.tensor([0.75, 1.25, 0.5]), torch.tensor([0.6, 0.4, 0.2])
+    rows = []
+    for t in range(3):
+        x, x_next = trajectory.states[t].flatten(1), trajectory.states[t + 1].flatten(1)
+        value_next = [0.2, 0.5, 1.0, 0.5][t + 1] * x_next.pow(2).sum(1) + 0.3 * x_next.sum(1) + [0.0, 0.1, -0.3, 0.2][t + 1]
+        r_t = 1 / (1 + math.exp(t - 0.5)) - 1 / (1 + math.exp(t + 0.5))  # sig(0.5 - t) - sig(0.5 - t - 1)
+        log_pi = trajectory.log_probs[t]
+        log_ref = -(x_next - a_ref[t] * x).pow(2).sum(1) / (2 * sigma_ref[t] ** 2) - 4 * math.log(sigma_ref[t]) - 2 * math.log(2 * math.pi)
+        velocity = (x_next - x).pow(2).sum(1) / (2 * algo.s2[t])
+        expected = value_next + r_t + scale * (0.3 * log_pi + 0.7 * velocity + 0.4 * (log_pi - log_ref))
+        _, tt, target = algo.td_batch(trajectory, t, kl)
+        assert torch.equal(tt, torch.full((6,), t))
+        torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-5)  # float32 sums of O(1)-O(10) terms
+        rows.append(expected)
+    _, tt, target = algo.td_batch(trajectory, None, kl)  # td_mode = "batched": all times at once, t-major
+    assert torch.equal(tt, torch.arange(3).repeat_interleave(6))
+    torch.testing.assert_close(target, torch.cat(rows), rtol=1e-5, atol=1e-5)  # as above
+
+
+def _three_iterations(per_dimension: bool, tau1: float, tau2: float, beta: float):
+    """The losses of three DxDP iterations [3, 2] and the final parameters (policy and value)."""
+    policy, algo = _moved_policy_and_algo(per_dimension, tau_entropy=tau1, tau_velocity=tau2, kl_weight=beta, avr=True)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(3):
+        metrics = algo.update(None, policy.sample(16, gen), gen)
+        losses.append([metrics["value/td_loss"], metrics["policy/loss"]])
+    return torch.tensor(losses, dtype=torch.float64), [p.detach().clone() for p in [*policy.parameters(), *algo.value.parameters()]]
+
+
+def test_per_dimension_divides_every_weight_by_the_sample_dimension():
+    """per_dimension = true with (tau1, tau2, beta) is DxDP with (tau1/D, tau2/D, beta/D), D = 4 here, through whole
+    iterations (TD targets, policy loss, the KL); and not DxDP with the undivided weights."""
+    losses, params = _three_iterations(True, 0.3, 0.7, 0.4)
+    losses_divided, params_divided = _three_iterations(False, 0.3 / 4, 0.7 / 4, 0.4 / 4)
+    losses_undivided, _ = _three_iterations(False, 0.3, 0.7, 0.4)
+    # float32, the same operations up to the rounding of tau * (1/D) against tau / D
+    torch.testing.assert_close(losses, losses_divided, rtol=1e-5, atol=1e-6)
+    for p, q in zip(params, params_divided):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # as above
+    assert ((losses - losses_undivided).abs() > 0.05 * losses.abs()).any()  # the undivided weights differ visibly
+
+
+def test_evaluation_mode_restores_every_flag_and_keeps_gradients():
+    reward = QuadraticCost(torch.zeros(2))
+    reward.pinned = torch.nn.Linear(2, 2).eval()  # a submodule that stays in evaluation mode (a frozen network)
+    x = torch.ones(3, 2, requires_grad=True)
+    with evaluation_mode(reward):
+        assert not reward.training and not reward.pinned.training
+        (grad,) = torch.autograd.grad(reward(x).sum(), x)
+    torch.testing.assert_close(grad, -x.detach(), rtol=0, atol=0)  # d/dx of -||x||^2 / 2
+    assert reward.training and not reward.pinned.training  # restored as they were, not all set to train
+
+
+@pytest.mark.parametrize("terminal", ["value", "reward"])
+def test_a_normalising_composite_is_updated_once_per_iteration(terminal):
+    """DxDP scores the iteration's sampled x_T once with the statistics on (the terminal cost); with
+    terminal = "reward" the policy loss re-scores the rows that end at T without moving them. After N iterations the
+    composite has N updates, and its running mean is the moving average of the N sampled batches' mean rewards."""
+    from rewardtune.rewards.composite import CompositeReward
+
+    policy = _initial_policy()
+    composite = CompositeReward({"quad": (QuadraticCost(TARGET), 1.0)}, normalize=True, momentum=0.5)
+    cfg = DxDPConfig(terminal=terminal, policy_batch=64, sampler_lr=1e-2)
+    algo = DxDP(policy, composite, ValueFunction(QuadraticValueNet(D, T + 1), lr=1e-2), config=cfg)
+    gen = torch.Generator().manual_seed(0)
+    expected_mean = None
+    for n in range(1, 6):
+        trajectory = policy.sample(32, gen)
+        batch_mean = float(QuadraticCost(TARGET)(trajectory.final).double().mean())
+        expected_mean = batch_mean if expected_mean is None else expected_mean + 0.5 * (batch_mean - expected_mean)
+        algo.update(None, trajectory, gen)
+        assert int(composite.num_updates) == n
+    assert composite.training  # the policy loss's evaluation mode did not leak
+    torch.testing.assert_close(composite.running_mean, torch.tensor([expected_mean], dtype=torch.float64), rtol=1e-6, atol=0)

@@ -3,6 +3,7 @@ finishes without hanging, and a run stopped by SIGTERM resumes to exactly the un
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -132,22 +133,124 @@ def test_sigterm_stops_both_ranks_at_one_checkpoint_and_resume_is_exact(straight
 
 def test_a_signal_handled_during_the_stop_all_reduce_is_not_lost(monkeypatch):
     """The race behind the test above, made deterministic: SIGTERM handled while this rank waits in should_stop's
-    all-reduce (the other rank saw no signal) must stop both ranks at the next iteration, not be overwritten."""
+    status exchange (the other rank saw no signal) must stop both ranks at the next iteration, not be overwritten."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
 
     from rewardtune.trainer import Trainer
 
-    trainer = SimpleNamespace(stop_signal=None, device="cpu")
+    trainer = SimpleNamespace(stop_signal=None, device="cpu", step=3)
 
-    def all_reduce(flag, op=None):  # the other rank's flag is 0; the signal arrives before this call returns
+    def all_reduce(status, op=None, async_op=False):  # the other rank's status equals this one's; the signal arrives meanwhile
         trainer.stop_signal = signal.SIGTERM
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    assert Trainer.should_stop(trainer) is False  # the ranks agreed on "go on" this iteration ...
+    assert Trainer.should_stop(trainer, (0, 10)) is False  # the ranks agreed on "go on" this iteration ...
     assert trainer.stop_signal == signal.SIGTERM  # ... and the request is kept
-    monkeypatch.setattr(dist, "all_reduce", lambda flag, op=None: None)  # next iteration: the flag carries it
-    assert Trainer.should_stop(trainer) is True
+    monkeypatch.setattr(dist, "all_reduce", lambda status, op=None, async_op=False: None)  # next iteration: the status carries it
+    assert Trainer.should_stop(trainer, (0, 10)) is True
+
+
+# ---- agreement: rank-dependent inputs at every branch point (rewardtune/agreement.py) ---------------------------
+AGREEMENT_ENV = {**ENV, "PYTHONPATH": "tests"}
+SCENARIOS = ["issue", "noisy_eval", "nan_reward", "nan_metric", "eval_raises", "checkpoint_fails", "extra_collective"]
+
+
+def launch_in_own_group(args: list[str], timeout: float) -> tuple[int, str]:
+    """Run `accelerate launch ARGS` in a process group of its own; on timeout (processes that wait for each other
+    forever) kill the whole group and fail. Returns (exit code, stderr)."""
+    launcher = subprocess.Popen(
+        [*LAUNCH, *args], cwd=ROOT, env=AGREEMENT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in children(launcher.pid):  # torchrun starts each worker in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        pytest.fail(f"accelerate launch {' '.join(args[:2])} did not finish in {timeout} s: the ranks hang")
+    return launcher.returncode, err
+
+
+@pytest.fixture(scope="module")
+def agreement_runs(tmp_path_factory) -> Path:
+    """Every scenario of tests/multiprocess_agreement.py, one after another in one 2-process launch."""
+    out = tmp_path_factory.mktemp("agreement")
+    code, err = launch_in_own_group(["tests/multiprocess_agreement.py", str(out), *SCENARIOS], timeout=240)
+    (out / "launch.log").write_text(err)
+    assert code == 0, f"{out / 'launch.log'}: {err[-3000:]}"
+    return out
+
+
+def verdicts(root: Path, scenario: str) -> list[dict]:
+    return [json.loads((root / scenario / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def latest_step(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+
+
+@pytest.mark.parametrize("scenario", ["issue", "noisy_eval"])
+def test_ranks_that_would_rank_checkpoints_differently_keep_the_same_best(agreement_runs: Path, scenario: str):
+    """issue: composite reward, normalize = true, keep_best = reward_mean, eval_every = 1 (the issue's reproduction;
+    the trainer before the fix hangs on it). noisy_eval: evaluation n adds +10 n to rank 0's reward and -10 n to rank
+    1's, so each rank alone would keep another checkpoint. Both ranks finish, with the main process's metrics, best
+    step and checkpoints, and the same composite statistics."""
+    run_dir = agreement_runs / scenario
+    rank0, rank1 = verdicts(agreement_runs, scenario)
+    assert rank0["error"] is None and rank1["error"] is None
+    assert rank0["result"] == rank1["result"] == json.loads((run_dir / "eval.json").read_text())
+    assert rank0["best"] == rank1["best"] == json.loads((run_dir / "checkpoints" / "best" / "best.json").read_text())
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    best = max(evals, key=lambda e: e["eval"]["reward_mean"])  # the periodic evaluations the main process logged
+    assert rank0["best"] == {"step": best["step"], "metric": "reward_mean", "value": best["eval"]["reward_mean"]}
+    assert rank0["identical_to_rank0"] and rank1["identical_to_rank0"]
+    assert rank0["running_mean"] == rank1["running_mean"] and rank0["running_var"] == rank1["running_var"]
+    assert latest_step(run_dir) == rank0["step"] == rank1["step"] == 4
+
+
+@pytest.mark.parametrize(
+    ("scenario", "error", "last_good"),
+    [
+        ("nan_reward", "PluginError: reward 'rank' returned NaN/inf for 16 of 16 samples at step 3*(on rank 1 of 2)", 2),
+        ("nan_metric", "NonFiniteError: rank/fake_reward became nan at step 3*(on rank 1 of 2)", 2),
+        ("eval_raises", "PluginError: *rank reward failed on evaluation call 3*(on rank 1 of 2)", 1),  # step 2's
+        # an OSError's message has two parts: it does not name the rank
+        ("checkpoint_fails", "OSError: [[]Errno 28] No space left on device", 1),  # rank 1 cannot write at step 2
+        ("extra_collective", "DisagreementError: the processes disagree at an all_mean: the dtype is *", 2),
+    ],
+)
+def test_a_failure_on_one_rank_is_the_same_error_on_both(agreement_runs: Path, scenario: str, error: str, last_good: int):
+    """Rank 1 alone: a NaN reward, a NaN training metric, a reward raising in evaluation, a checkpoint it cannot write,
+    one collective more than rank 0. Both ranks raise the same error (naming rank 1 when it is rank 1's), the last
+    checkpoint before the failure is kept, and the process group still works afterwards (the next scenario ran)."""
+    rank0, rank1 = verdicts(agreement_runs, scenario)
+    assert rank0["error"] == rank1["error"] and fnmatch.fnmatchcase(rank0["error"], error), rank0["error"]
+    assert rank0["identical_to_rank0"] and rank1["identical_to_rank0"]
+    assert latest_step(agreement_runs / scenario) == last_good
+    assert not (agreement_runs / scenario / "eval.json").exists()
+
+
+def test_cli_a_reward_raising_on_one_rank_stops_both_with_the_same_error_line(tmp_path: Path):
+    """`rewardtune run` under accelerate, a reward plugin raising RuntimeError on rank 1's third training call: both
+    ranks print the same one-line error (the plugin named, rank 1 named) and exit 2, no hang, and the last checkpoint
+    (step 2) is kept."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from multiprocess_agreement import BASE
+    finally:
+        sys.path.pop(0)
+    recipe = tmp_path / "raise.toml"
+    recipe.write_text(BASE.replace('mode = "noisy_eval"', 'mode = "raise"\nat = 3'))
+    code, err = launch_in_own_group(["-m", "rewardtune", "run", str(recipe), "--out", str(tmp_path / "run")], timeout=120)
+    lines = [line for line in err.splitlines() if "rank reward failed" in line]
+    assert len(lines) == 2 and lines[0] == lines[1], err[-3000:]
+    assert lines[0].startswith("error: ") and lines[0].endswith("(on rank 1 of 2)"), lines[0]
+    assert code == 1 and "2" in re.findall(r"exitcode\s*:\s*(-?\d+)", err), err[-3000:]  # torchrun's verdict: 1
+    assert latest_step(tmp_path / "run") == 2

@@ -37,10 +37,78 @@ def test_running_costs_are_the_entropy_and_velocity_terms_of_eq8():
     traj = policy.sample(5, gen)
     s2 = torch.tensor([0.3, 0.7])
     costs = running_costs(traj, s2, 0.5, 0.25)
+    kl = torch.rand(T, 5, generator=gen)
+    with_kl = running_costs(traj, s2, 0.5, 0.25, kl=kl, kl_weight=0.125)
     for t in range(T):
         vel = velocity_cost(traj.states[t], traj.states[t + 1], s2[t])
         log_prob = policy.log_prob(traj.states[t + 1], traj.states[t], torch.full((5,), t))
         torch.testing.assert_close(costs[t], 0.5 * log_prob + 0.25 * vel)
+        torch.testing.assert_close(with_kl[t], costs[t] + 0.125 * kl[t])  # the KL safeguard's running cost
+
+
+def test_the_soft_return_carries_the_sampled_kl_to_the_reference():
+    """With kl_weight, G_t subtracts beta sum_{u >= t} (log pi_old - log pi_ref)(x_{u+1} | x_u); checked through the
+    baseline regression: with a zero baseline net and lr 0, value/loss = mean G_t^2."""
+    gen = torch.Generator().manual_seed(0)
+    policy = _initial_policy()
+    cfg = PolicyGradientConfig(tau_entropy=0.0, kl_weight=0.5, value_warmup=10)
+    algo = build_policy_gradient(policy, QuadraticCost(TARGET), ValueFunction(QuadraticValueNet(D, T + 1), lr=0.0), config=cfg)
+    with torch.no_grad():  # move away from the reference so that the log-ratio is not zero
+        policy.b += 0.5
+        policy.log_sigma += 0.2
+    traj = policy.sample(64, gen)
+    metrics = algo.update(None, traj, gen)
+    log_ratio = torch.stack(
+        [traj.log_probs[t] - algo.reference.log_prob(traj.states[t + 1], traj.states[t], torch.full((64,), t)) for t in range(T)]
+    )
+    returns = QuadraticCost(TARGET)(traj.final) - 0.5 * log_ratio.flip(0).cumsum(0).flip(0)  # [T, B]
+    assert metrics["value/loss"] == pytest.approx(float(returns.pow(2).mean()), rel=1e-5)  # float32
+    assert metrics["policy/path_kl"] == pytest.approx(float(log_ratio.sum(0).mean()), rel=1e-5)  # float32
+
+
+def test_advantages_use_the_baseline_before_its_own_update():
+    """A_t = G_t - V(x_t, t) with V as it was when the batch was drawn: the baseline's regression step on these same
+    returns comes after (else the advantage would partly subtract the returns from themselves)."""
+    gen = torch.Generator().manual_seed(0)
+    policy = _initial_policy()
+    net = QuadraticValueNet(D, T + 1, alpha=0.3, beta=torch.tensor([0.5, -0.5]), gamma=-1.0)
+    cfg = PolicyGradientConfig(normalize_advantages=False)
+    algo = build_policy_gradient(policy, QuadraticCost(TARGET), ValueFunction(net, lr=0.1), config=cfg)
+    traj = policy.sample(32, gen)
+    returns = torch.randn(T, 32, generator=gen)
+    x, t = traj.states[:-1].flatten(0, 1), torch.arange(T).repeat_interleave(32)
+    with torch.no_grad():
+        before = algo.value(x, t).view(T, 32)
+    advantage, _ = algo.advantages(traj, returns)
+    with torch.no_grad():
+        after = algo.value(x, t).view(T, 32)
+    assert (after - before).abs().max() > 0.05  # the baseline did take its (lr 0.1) step
+    torch.testing.assert_close(advantage, returns - before, rtol=0, atol=1e-6)  # float32 subtraction
+
+
+def test_per_dimension_divides_every_weight_by_the_sample_dimension():
+    """per_dimension = true with (tau1, tau2, beta) is the policy gradient with (tau1/D, tau2/D, beta/D); D = 2."""
+
+    def two_iterations(per_dimension, tau1, tau2, beta):
+        torch.manual_seed(0)
+        policy = _initial_policy()
+        cfg = PolicyGradientConfig(
+            tau_entropy=tau1, tau_velocity=tau2, kl_weight=beta, per_dimension=per_dimension, sampler_lr=1e-2, sigma_lr=1e-2
+        )
+        algo = build_policy_gradient(policy, QuadraticCost(TARGET), ValueFunction(QuadraticValueNet(D, T + 1), lr=1e-2), config=cfg)
+        with torch.no_grad():
+            policy.b += 0.3  # a non-zero KL to the reference from the first iteration on
+        gen = torch.Generator().manual_seed(1)
+        losses = [algo.update(None, policy.sample(32, gen), gen)["value/loss"] for _ in range(2)]
+        return torch.tensor(losses, dtype=torch.float64), [p.detach().clone() for p in policy.parameters()]
+
+    losses, params = two_iterations(True, 0.5, 0.25, 0.75)
+    losses_divided, params_divided = two_iterations(False, 0.25, 0.125, 0.375)
+    losses_undivided, _ = two_iterations(False, 0.5, 0.25, 0.75)
+    torch.testing.assert_close(losses, losses_divided, rtol=1e-5, atol=1e-6)  # float32, tau * (1/D) vs tau / D
+    for p, q in zip(params, params_divided):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # as above
+    assert ((losses - losses_undivided).abs() > 0.05 * losses.abs()).any()  # the undivided weights differ visibly
 
 
 def test_ppo_surrogate_is_reinforce_at_ratio_one_and_clips_beyond_the_range():
@@ -143,13 +211,17 @@ def test_policy_gradient_feeds_a_normalising_composite_its_statistics():
     iteration), or normalisation would silently stay at mean 0, variance 1."""
     from rewardtune.rewards.composite import CompositeReward
 
-    composite = CompositeReward({"quad": (QuadraticCost(TARGET), 1.0)}, normalize=True)
-    algo = build_policy_gradient(_initial_policy(), composite, None, config=PolicyGradientConfig(value_warmup=10))
-    traj = algo.backbone.sample(64, torch.Generator().manual_seed(0))
-    algo.update(None, traj, None)
-    assert int(composite.num_updates) == 1
-    raw = QuadraticCost(TARGET)(traj.final).double()
-    torch.testing.assert_close(composite.running_mean, raw.mean().view(1), rtol=1e-6, atol=0)
+    composite = CompositeReward({"quad": (QuadraticCost(TARGET), 1.0)}, normalize=True, momentum=0.5)
+    algo = build_policy_gradient(_initial_policy(), composite, None, config=PolicyGradientConfig(sampler_lr=1e-2))
+    gen = torch.Generator().manual_seed(0)
+    expected_mean = None
+    for n in range(1, 5):  # once per iteration, policy steps included
+        traj = algo.backbone.sample(64, gen)
+        batch_mean = float(QuadraticCost(TARGET)(traj.final).double().mean())
+        expected_mean = batch_mean if expected_mean is None else expected_mean + 0.5 * (batch_mean - expected_mean)
+        algo.update(None, traj, gen)
+        assert int(composite.num_updates) == n
+    torch.testing.assert_close(composite.running_mean, torch.tensor([expected_mean], dtype=torch.float64), rtol=1e-6, atol=0)
 
 
 def test_knn_bonus_with_too_few_samples_per_process_is_a_recipe_error():

@@ -26,9 +26,11 @@ def ddpm_loss(backbone: EpsilonChainPolicy, x0: torch.Tensor, generator: torch.G
 
 
 class DDPMPretrain:
-    """Trains `backbone.eps_net` with the DDPM loss."""
+    """Trains `backbone.eps_net` with the DDPM loss, in train mode (`backbone_mode`): dropout, where the network has
+    it, regularises the denoising loss, as in DDPM pretraining."""
 
     needs_rollout = False
+    backbone_mode = "train"  # the trainer's mode for the backbone during `update`
 
     def __init__(self, backbone: EpsilonChainPolicy, *, lr: float = 1e-3, grad_clip: float | None = None) -> None:
         if not isinstance(backbone, EpsilonChainPolicy):

@@ -81,7 +81,10 @@ def set_sigma(student: GaussianChainPolicy, sigma: float) -> None:
 
 
 class Distill:
-    """Regression on teacher pairs, then DxDP at T = 1 against the teacher's reward."""
+    """Regression on teacher pairs, then DxDP at T = 1 against the teacher's reward; the student is optimised in eval
+    mode in both phases (`backbone_mode`), as it is sampled (the frozen teacher stays in eval mode)."""
+
+    backbone_mode = "eval"  # the trainer's mode for the backbone during `update`
 
     def __init__(
         self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction, teacher: Teacher, *, config: DistillConfig

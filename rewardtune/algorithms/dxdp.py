@@ -4,6 +4,9 @@ The sampler is optimised for the control problem of Eq. (8),
 
     min_phi E_pi[ E(x_T) + tau1 sum_t log pi(x_{t+1} | x_t) + tau2 sum_t ||x_{t+1} - x_t||^2 / (2 s_t^2) ],
 
+plus, with the KL safeguard (`kl_weight` = beta > 0), the running cost beta KL(pi_phi(. | x_t) || pi_ref(. | x_t)) at
+every step against a frozen reference policy (the starting one): a KL-regularised objective, so the cost enters the
+TD target and the policy loss alike (docs/algorithm.md, section 4, "The KL safeguard"). It is solved
 without back-propagation through time, by alternating
 - policy evaluation: temporal-difference regression of the value V(x_t, t) (Eq. (10), or Eq. (12) with a time cost);
 - policy improvement: one reparameterised transition from states of the sampled trajectory (Eq. (11));
@@ -12,13 +15,16 @@ without back-propagation through time, by alternating
 Conventions. Every term is a SUM over the D dimensions of a sample (log-probs, the entropy D log sigma_t and
 ||.||^2), so tau multiplies per-sample quantities as in Eq. (8). The official DxMI code averages the running costs
 over dimensions instead, which is the same as tau_sum = tau_mean / D; `per_dimension = true` applies that conversion
-so recipes can quote the official temperatures (the effective temperatures are `DxDP.tau1`, `DxDP.tau2`). Costs are minimised: V is a cost-to-go, V(., T) is the terminal cost
--r(x_T) (for DxMI, the energy). Reductions over the batch are means.
+so recipes can quote the official temperatures (the effective weights are `DxDP.tau1`, `DxDP.tau2` and, for the KL
+safeguard's beta, `DxDP.kl_weight`). Costs are minimised: V is a cost-to-go, V(., T) is the terminal cost -r(x_T)
+(for DxMI, the energy). Reductions over the batch are means.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,11 +48,13 @@ class DxDPConfig:
 
     tau_entropy: float = 0.1  # tau1: weight of the entropy running cost tau1 log pi(x_{t+1}|x_t)
     tau_velocity: float = 0.1  # tau2: weight of the velocity running cost tau2 ||x_{t+1}-x_t||^2 / (2 s_t^2)
-    per_dimension: bool = False  # temperatures are per dimension (official code's convention): divide them by D
+    per_dimension: bool = False  # tau1, tau2 and kl_weight are per dimension (official code's convention): divide
+    # them by D
     entropy_in_value: bool = True  # Eq. (10): the entropy cost enters the TD target (false: Algorithm 2)
     velocity_in_value: bool = True  # Eq. (10): the velocity cost enters the TD target (false: Algorithm 2)
-    value_entropy: Literal["sample", "closed_form"] = "sample"  # TD target uses log pi of the sampled transition,
-    # or its conditional expectation -H = -(D log sigma_t + D/2 log 2 pi e) (same fixed point, less variance)
+    value_entropy: Literal["sample", "closed_form"] = "sample"  # the TD target's log-density terms are those of the
+    # sampled transition (log pi; with the KL safeguard also log pi - log pi_ref), or their conditional expectations
+    # given x_t (-H = -(D log sigma_t + D/2 log 2 pi e); the exact KL): same fixed point, less variance
     time_cost: Literal["none", "linear", "sigmoid"] = "none"  # R(t) added to the TD target (Eq. (12))
     linear_time_cost: float = 0.05  # c of the linear time cost R(t) = c
     sigmoid_time_cost_scale: float = 1.0  # scale of the sigmoid time cost
@@ -61,8 +69,10 @@ class DxDPConfig:
     policy_batch: int | None = None  # transitions per policy-improvement step, drawn uniformly from the B*T
     # sampled ones (None: B)
     value_warmup: int = 0  # iterations of energy/value updates before the first policy-improvement step
-    kl_weight: float = 0.0  # beta of the KL safeguard beta ||mean_phi(x_t, t) - mean_init(x_t, t)||^2 / (2 sigma_t^2)
-    # against a frozen copy of the starting backbone (in policy improvement only; 0: off)
+    kl_weight: float = 0.0  # beta of the KL safeguard, the running cost beta KL(pi_phi(.|x_t) || pi_ref(.|x_t)) against a
+    # frozen copy of the starting backbone (exact Gaussian KL, sigma included; 0: off)
+    kl_in_value: bool = True  # the KL cost enters the TD target (the KL-regularised objective; false: policy
+    # improvement only, a greedy safeguard, as the running costs are under Algorithm 2)
     terminal: Literal["value", "reward"] = "value"  # what policy improvement differentiates at t+1 = T: the value
     # V(., T) (which learns -r(x_T); works for non-differentiable rewards) or the reward itself (needs gradients)
 
@@ -96,33 +106,104 @@ def td_target(
     config: DxDPConfig,
     tau1: float | None = None,
     tau2: float | None = None,
+    *,
+    kl: torch.Tensor | None = None,
+    kl_weight: float | None = None,
 ) -> torch.Tensor:
-    """Eq. (10)/(12): sg[V(x_{t+1}, t+1)] + tau1 log pi(x_{t+1}|x_t) + tau2 vel + R(t) (switched terms dropped).
+    """Eq. (10)/(12): sg[V(x_{t+1}, t+1)] + tau1 log pi(x_{t+1}|x_t) + tau2 vel + R(t) + beta kl (switched terms dropped).
 
-    tau1/tau2 default to the config's temperatures (pass the effective ones when `per_dimension` is set).
+    `kl` [B] is the KL safeguard's cost of the transitions (`transition_kl`; None: no safeguard). tau1, tau2 and
+    kl_weight = beta default to the config's (pass the effective ones when `per_dimension` is set).
     """
     tau1 = config.tau_entropy if tau1 is None else tau1
     tau2 = config.tau_velocity if tau2 is None else tau2
+    kl_weight = config.kl_weight if kl_weight is None else kl_weight
     target = v_next.detach() + time_cost_t.to(v_next.dtype)
     if config.entropy_in_value:
         target = target + tau1 * log_prob
     if config.velocity_in_value:
         target = target + tau2 * velocity
+    if config.kl_in_value and kl is not None:
+        target = target + kl_weight * kl
     return target.detach()
 
 
-def kl_to_reference(mean: torch.Tensor, reference_mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, sigma^2 I) || N(reference_mean, sigma^2 I)) = ||mean - reference_mean||^2 / (2 sigma^2): [B].
+def gaussian_kl(
+    mean: torch.Tensor, sigma: torch.Tensor, reference_mean: torch.Tensor, reference_sigma: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mean, sigma^2 I) || N(reference_mean, reference_sigma^2 I)) over the D event dimensions: [B].
 
-    The KL safeguard against reward hacking: the tuned transition's divergence from the starting one at equal sigma.
+        KL = D [log(sigma_ref / sigma) + sigma^2 / (2 sigma_ref^2) - 1/2] + ||mean - reference_mean||^2 / (2 sigma_ref^2)
+
+    The sigma part is computed as D/2 (expm1(u) - u), u = 2 log(sigma / sigma_ref), exact to round-off near
+    sigma = sigma_ref. Differentiable in `mean` and `sigma`; the reference is a constant.
+
+    Args:
+        mean, reference_mean: [B, *event_shape], the transition means m_phi(x_t, t) and m_ref(x_t, t).
+        sigma, reference_sigma: [B], the per-sample noise levels sigma_t and sigma_ref,t.
     """
-    return (mean - reference_mean.detach()).flatten(1).pow(2).sum(1) / (2 * sigma**2)
+    d = math.prod(mean.shape[1:])
+    reference_sigma = reference_sigma.detach()
+    u = 2 * (sigma.log() - reference_sigma.log())  # [B]
+    spread = 0.5 * d * (torch.expm1(u) - u)
+    offset = (mean - reference_mean.detach()).flatten(1).pow(2).sum(1) / (2 * reference_sigma**2)
+    return spread + offset
 
 
-def effective_temperatures(tau1: float, tau2: float, per_dimension: bool, event_dim: int) -> tuple[float, float]:
-    """The temperatures that multiply per-sample sums: tau / D when they were given per dimension."""
-    scale = 1.0 / event_dim if per_dimension else 1.0
-    return tau1 * scale, tau2 * scale
+@torch.no_grad()
+def transition_kl(
+    policy: GaussianChainPolicy, reference: GaussianChainPolicy, trajectory: Trajectory, *, sampled: bool
+) -> torch.Tensor:
+    """The KL safeguard's running cost of each transition x_t -> x_{t+1} of `trajectory` (no gradient): [T, B].
+
+    sampled = True: the single-sample estimate log pi(x_{t+1}|x_t) - log pi_ref(x_{t+1}|x_t) (the trajectory's own
+    log-probs, so it needs them; one reference forward per state). sampled = False: the exact conditional
+    KL(pi(.|x_t) || pi_ref(.|x_t)) (`gaussian_kl`; one forward of each policy per state). Given x_t both have the
+    expectation KL(pi(.|x_t) || pi_ref(.|x_t)), so a value regressed on either has the same fixed point.
+    """
+    if sampled and trajectory.log_probs is None:
+        raise ValueError("the sampled KL needs the trajectory's log-probs (a trajectory drawn without guidance)")
+    states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
+    sigma, reference_sigma = policy.sigma(), reference.sigma()  # [T], [T]
+    rows = []
+    for t in range(T):
+        tt = torch.full((B,), t, dtype=torch.long, device=states.device)
+        x, x_next = states[t], states[t + 1]
+        if sampled:
+            rows.append(trajectory.log_probs[t] - reference.log_prob(x_next, x, tt))
+        else:
+            rows.append(gaussian_kl(policy.mean(x, tt), sigma[tt], reference.mean(x, tt), reference_sigma[tt]))
+    return torch.stack(rows)  # [T, B]
+
+
+def frozen_reference(backbone: GaussianChainPolicy, kl_weight: float) -> GaussianChainPolicy | None:
+    """The KL safeguard's reference pi_ref: a frozen copy of `backbone` as it is now (None when kl_weight is 0)."""
+    if kl_weight < 0:
+        raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+    return copy.deepcopy(backbone).requires_grad_(False).eval() if kl_weight > 0 else None
+
+
+def effective_temperatures(config, event_dim: int) -> tuple[float, float, float]:
+    """(tau1, tau2, beta) as they multiply per-sample sums: the config's `tau_entropy`, `tau_velocity` and
+    `kl_weight`, divided by D = `event_dim` when `per_dimension` is set (the official code's per-dimension
+    convention: it averages every running cost over dimensions)."""
+    scale = 1.0 / event_dim if config.per_dimension else 1.0
+    return config.tau_entropy * scale, config.tau_velocity * scale, config.kl_weight * scale
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: torch.nn.Module):
+    """`module` and its submodules in evaluation mode for the block, each flag restored after (set directly, so a
+    submodule that pins its own mode, like a frozen network inside a reward, keeps it). Gradients still flow: this
+    only freezes mode-dependent state, such as a normalising composite reward's running statistics."""
+    flags = [(m, m.training) for m in module.modules()]
+    for m, _ in flags:
+        m.training = False
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def sampler_optimizer(
@@ -155,10 +236,12 @@ def avr_update(s2: torch.Tensor, trajectory: Trajectory, alpha: float) -> torch.
 class DxDP:
     """The DxDP optimiser over (backbone, reward, value); `update` is one iteration of Algorithm 1/2 minus the EBM step.
 
-    The learning reward's own update (Algorithm 1, line 4) is done by the trainer before this is called.
+    The learning reward's own update (Algorithm 1, line 4) is done by the trainer before this is called. The backbone
+    is optimised in eval mode (`backbone_mode`): the policy improved is the one sampled, without dropout.
     """
 
     needs_rollout = True
+    backbone_mode = "eval"  # the trainer's mode for the backbone during `update`
 
     def __init__(
         self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction, *, config: DxDPConfig
@@ -166,14 +249,12 @@ class DxDP:
         if config.terminal == "reward" and not reward.differentiable:
             raise ValueError("algorithm.terminal = 'reward' needs a differentiable reward; use terminal = 'value'")
         self.backbone, self.reward, self.value, self.config = backbone, reward, value, config
-        self.tau1, self.tau2 = effective_temperatures(
-            config.tau_entropy, config.tau_velocity, config.per_dimension, backbone.event_dim
-        )
+        self.tau1, self.tau2, self.kl_weight = effective_temperatures(config, backbone.event_dim)
         self.sampler_optimizer = sampler_optimizer(backbone, config.sampler_lr, config.sigma_lr, config.sampler_grad_clip)
         self.s2 = initial_velocity_scale(backbone)
         self.iteration = 0
         # KL safeguard: the starting policy, frozen (rebuilt identically on resume from the same initial weights).
-        self.reference = copy.deepcopy(backbone).requires_grad_(False).eval() if config.kl_weight > 0 else None
+        self.reference = frozen_reference(backbone, config.kl_weight)
         # With a shared network V(., T) *is* the energy, so the terminal value needs no regression of its own.
         self.terminal_shared = reward_shares_value(reward, value)
 
@@ -185,7 +266,18 @@ class DxDP:
             self.reference.load_state_dict(self.backbone.state_dict())
 
     # ---- Eq. (10)/(12): policy evaluation ----------------------------------------------------------------------
+    def value_at(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """V(x, t): [N] for states x [N, ...] at per-row times t [N]. Rows at the terminal time T are scored on the
+        sample the user gets, `backbone.output(x_T)`: V(., T) stands for the terminal cost -r(output(x_T)) (with a
+        shared DxMI energy it *is* E(output(x_T)), the energy trained on those outputs), so neither the TD target nor
+        policy improvement reads the value, or its gradient, at pixels outside the output range."""
+        if self.backbone.output_range is not None:
+            last = (t == self.backbone.num_steps).view(-1, *([1] * (x.dim() - 1)))
+            x = torch.where(last, self.backbone.output(x), x)
+        return self.value(x, t)
+
     def terminal_cost(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.backbone.output(x)  # the reward scores the sample the user gets, not the raw state x_T
         return check_reward_output(reward_name(self.reward), self.reward.cost(x), x.shape[0]).detach()
 
     def evaluate_policy(self, trajectory: Trajectory) -> dict[str, float]:
@@ -194,29 +286,58 @@ class DxDP:
         losses = {}
         if not self.terminal_shared:  # V(x_T, T) regresses on the terminal cost -r(x_T)
             target = self.terminal_cost(states[-1])
-            loss = (self.value(states[-1], self._times(T, B, dev)) - target).pow(2).mean()
+            loss = (self.value_at(states[-1], self._times(T, B, dev)) - target).pow(2).mean()
             self.value.optimizer.step(loss)
             losses["value/terminal_loss"] = loss.item()
+        kl = self.value_kl(trajectory)  # [T, B] or None; the policy does not change during evaluation
+        if kl is not None:
+            losses["policy/path_kl"] = float(all_mean(kl.sum(0).mean()))  # E sum_t KL_t: the KL of the chains
         if self.config.td_mode == "sequential":
-            td = [self._td_step(trajectory, t) for t in range(T - 1, -1, -1)]
+            td = [self._td_step(trajectory, t, kl) for t in range(T - 1, -1, -1)]
             losses["value/td_loss"] = sum(td) / T
         else:
-            losses["value/td_loss"] = self._td_step(trajectory, None)
+            losses["value/td_loss"] = self._td_step(trajectory, None, kl)
         return losses
 
-    def _td_step(self, trajectory: Trajectory, t: int | None) -> float:
-        """One Adam step on the squared Bellman residual at time t (all times when t is None)."""
+    def value_kl(self, trajectory: Trajectory) -> torch.Tensor | None:
+        """The KL safeguard's cost of each sampled transition for the TD target: [T, B] (None without the safeguard
+        or with `kl_in_value = false`). Like the entropy term it follows `value_entropy`: the sampled log-ratio
+        log pi - log pi_ref, or with "closed_form" (and for trajectories without log-probs) the exact conditional KL."""
+        if self.reference is None or not self.config.kl_in_value:
+            return None
+        sampled = self.config.value_entropy == "sample" and trajectory.log_probs is not None
+        return transition_kl(self.backbone, self.reference, trajectory, sampled=sampled)
+
+    def td_batch(
+        self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The regression batch of one TD step at time t (all T times when None): the states x_t [N, ...], their
+        times [N] and the targets of Eq. (10)/(12) plus the KL cost [N] (no gradient); N = B, or T*B.
+
+        Args:
+            trajectory: the sampled chains.
+            t: the transition x_t -> x_{t+1} to regress, or None for all of them.
+            kl: the KL safeguard's cost of every transition [T, B] (`value_kl`), or None.
+        """
         states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
         steps = range(T) if t is None else [t]
         x = torch.cat([states[u] for u in steps])
         x_next = torch.cat([states[u + 1] for u in steps])
         tt = torch.cat([self._times(u, B, x.device) for u in steps])
         with torch.no_grad():
-            v_next = self.value(x_next, tt + 1)
+            v_next = self.value_at(x_next, tt + 1)
             log_prob = self._transition_log_prob(trajectory, steps, tt)
             velocity = velocity_cost(x, x_next, self.s2[tt])
             cost_t = time_cost(self.config.time_cost, tt, T, self.config)
-            target = td_target(v_next, log_prob, velocity, cost_t, self.config, self.tau1, self.tau2)
+            kl_t = None if kl is None else torch.cat([kl[u] for u in steps])
+            target = td_target(
+                v_next, log_prob, velocity, cost_t, self.config, self.tau1, self.tau2, kl=kl_t, kl_weight=self.kl_weight
+            )
+        return x, tt, target
+
+    def _td_step(self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None = None) -> float:
+        """One Adam step on the squared Bellman residual at time t (all times when t is None)."""
+        x, tt, target = self.td_batch(trajectory, t, kl)
         loss = (self.value(x, tt) - target).pow(2).mean()
         self.value.optimizer.step(loss)
         return loss.item()
@@ -228,26 +349,33 @@ class DxDP:
 
     # ---- Eq. (11): policy improvement --------------------------------------------------------------------------
     def policy_loss(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """mean[ V(x_{t+1}(phi), t+1) - tau1 D log sigma_t + tau2 ||x_t - x_{t+1}(phi)||^2 / (2 s_t^2) ].
+        """mean[ V(x_{t+1}(phi), t+1) - tau1 D log sigma_t + tau2 ||x_t - x_{t+1}(phi)||^2 / (2 s_t^2)
+                 + beta KL(pi_phi(.|x_t) || pi_ref(.|x_t)) ].
 
         tau1 log pi(x_{t+1}|x_t) is replaced by its expectation -tau1 H = -tau1 (D log sigma_t + const), which has
-        the same gradient under the reparameterisation (Algorithm 2, line 10).
+        the same gradient under the reparameterisation (Algorithm 2, line 10). The KL is exact (`gaussian_kl`), a
+        function of x_t differentiable in the mean and sigma_t. With `terminal = "reward"` the reward re-scores the
+        rows that end at T in evaluation mode: a normalising composite folds only the iteration's sampled x_T
+        (`terminal_cost`) into its statistics, once per iteration.
         """
         cfg, T = self.config, self.backbone.num_steps
         sigma = self.backbone.sigma()[t]  # [N]
         mean = self.backbone.mean(x, t)
         x_next = mean + sigma.view(-1, *([1] * (x.dim() - 1))) * noise  # = backbone.step(x, t, noise)
-        next_value = self.value(x_next, t + 1)
+        next_value = self.value_at(x_next, t + 1)
         if cfg.terminal == "reward":  # the last transition differentiates the reward itself, scored on those rows only
             last = t + 1 == T
             if last.any():
                 next_value = next_value.clone()
-                next_value[last] = self.reward.cost(x_next[last]).to(next_value.dtype)
+                with evaluation_mode(self.reward):
+                    next_value[last] = self.reward.cost(self.backbone.output(x_next[last])).to(next_value.dtype)
         entropy = self.backbone.event_dim * sigma.log()
         velocity = velocity_cost(x, x_next, self.s2[t])
         loss = next_value - self.tau1 * entropy + self.tau2 * velocity
         if self.reference is not None:
-            loss = loss + cfg.kl_weight * kl_to_reference(mean, self.reference.mean(x, t), sigma.detach())
+            with torch.no_grad():
+                reference_mean = self.reference.mean(x, t)
+            loss = loss + self.kl_weight * gaussian_kl(mean, sigma, reference_mean, self.reference.sigma()[t])
         return loss.mean()
 
     def improve_policy(self, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
@@ -283,7 +411,7 @@ class DxDP:
         def apply(x: torch.Tensor, t_next: int, sigma: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)
-                v = self.value(x, self._times(t_next, x.shape[0], x.device)).sum()
+                v = self.value_at(x, self._times(t_next, x.shape[0], x.device)).sum()
                 (grad,) = torch.autograd.grad(v, x)
             return (x - scale * sigma * grad).detach()
 

@@ -4,12 +4,18 @@
 Every iteration the trainer samples B chains (no gradient, with their per-step log-probs log pi_old). The return of
 transition t of chain i is the soft reward-to-go
 
-    G_t = r(x_T) + beta_knn * h_knn(x_T) - sum_{u >= t} [tau1 log pi_old(x_{u+1} | x_u) + tau2 ||x_{u+1} - x_u||^2 / (2 s_u^2)],
+    G_t = r(x_T) + beta_knn * h_knn(x_T) - sum_{u >= t} [tau1 log pi_old(x_{u+1} | x_u) + tau2 ||x_{u+1} - x_u||^2 / (2 s_u^2)
+                                                         + beta (log pi_old(x_{u+1} | x_u) - log pi_ref(x_{u+1} | x_u))],
 
 where h_knn is GCD's per-sample k-nearest-neighbour (Kozachenko-Leonenko) marginal-entropy term log rho_k(x_T)
 (optional). The running costs make the objective the same one DxDP optimises (Eq. (8): entropy and velocity costs,
 s_u adapted by AVR); without the velocity cost an energy that is still flat lets the entropy term inflate sigma_t
-without bound (measured: sigma_0 0.6 -> 81 in 3,000 iterations on 8 Gaussians). The advantage A_t = G_t - b(x_t, t) uses a learned value baseline b = V(x_t, t)
+without bound (measured: sigma_0 0.6 -> 81 in 3,000 iterations on 8 Gaussians). The last term is DxDP's KL safeguard
+(`kl_weight` = beta, against a frozen copy of the starting policy) as the sampled log-ratio, whose expectation given
+x_u is KL(pi_old(.|x_u) || pi_ref(.|x_u)): like the sampled log pi of the entropy cost, its own gradient has
+expectation zero, so the score-function gradient of the return is the whole gradient of the KL-regularised objective
+(the exact KL as a function of x_u would need its direct gradient added to the loss). The advantage
+A_t = G_t - b(x_t, t) uses a learned value baseline b = V(x_t, t)
 (regressed on G_t; the batch mean of G_t per t without a [value] section) and is normalised over the batch.
 Policy improvement is PPO's clipped surrogate on the per-step Gaussian log-probs,
 
@@ -28,8 +34,10 @@ import torch
 from rewardtune.algorithms.dxdp import (
     avr_update,
     effective_temperatures,
+    frozen_reference,
     sampler_optimizer,
     sigma_metrics,
+    transition_kl,
     velocity_cost,
 )
 from rewardtune.backbones.base import GaussianChainPolicy
@@ -51,10 +59,12 @@ class PolicyGradientConfig:
 
     tau_entropy: float = 0.1  # tau1 of the soft return -tau1 sum log pi (0: plain reward maximisation)
     tau_velocity: float = 0.0  # tau2 of the velocity running cost tau2 ||x_{t+1} - x_t||^2 / (2 s_t^2)
-    per_dimension: bool = False  # tau1, tau2 are per dimension (divided by D), DxDP's convention
+    per_dimension: bool = False  # tau1, tau2 and kl_weight are per dimension (divided by D), DxDP's convention
     avr: bool = True  # adapt s_t as DxDP's AVR does (false: s_t = sigma_t at initialisation)
     avr_alpha: float = 0.99  # AVR moving-average rate
     value_warmup: int = 0  # iterations that fit only the baseline (and the learned reward) before policy steps
+    kl_weight: float = 0.0  # beta of the KL safeguard's running cost beta (log pi - log pi_ref) against a frozen copy of
+    # the starting backbone (0: off)
     knn_entropy: float = 0.0  # beta_knn: weight of GCD's kNN marginal-entropy bonus log rho_k(x_T) (0: off)
     knn_k: int = 5  # k of the nearest-neighbour distance rho_k (within each process's batch)
     clip_range: float = 0.2  # eps of PPO's clipped ratio
@@ -83,11 +93,21 @@ def soft_returns(terminal_reward: torch.Tensor, running_costs: torch.Tensor) -> 
     return terminal_reward.unsqueeze(0) - to_go
 
 
-def running_costs(trajectory: Trajectory, s2: torch.Tensor, tau1: float, tau2: float) -> torch.Tensor:
-    """c_t = tau1 log pi(x_{t+1} | x_t) + tau2 ||x_{t+1} - x_t||^2 / (2 s_t^2) of the sampled transitions: [T, B]."""
+def running_costs(
+    trajectory: Trajectory,
+    s2: torch.Tensor,
+    tau1: float,
+    tau2: float,
+    *,
+    kl: torch.Tensor | None = None,
+    kl_weight: float = 0.0,
+) -> torch.Tensor:
+    """c_t = tau1 log pi(x_{t+1} | x_t) + tau2 ||x_{t+1} - x_t||^2 / (2 s_t^2) + beta kl_t of the sampled transitions:
+    [T, B]. `kl` [T, B] is the KL safeguard's cost of each transition (`transition_kl`), or None (no safeguard)."""
     states = trajectory.states
     velocity = torch.stack([velocity_cost(states[t], states[t + 1], s2[t]) for t in range(trajectory.num_steps)])
-    return tau1 * trajectory.log_probs + tau2 * velocity
+    costs = tau1 * trajectory.log_probs + tau2 * velocity
+    return costs if kl is None else costs + kl_weight * kl
 
 
 def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: torch.Tensor, clip_range: float):
@@ -104,18 +124,22 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage:
 
 
 class PolicyGradient:
-    """PPO-clip on the sampler's per-step Gaussian log-probs, with a learned value baseline."""
+    """PPO-clip on the sampler's per-step Gaussian log-probs, with a learned value baseline.
+
+    The backbone is optimised in eval mode (`backbone_mode`), the mode it was sampled in: the log-probs recomputed on
+    the first pass equal the sampled ones (ratio 1), which dropout active in only one of the two would break."""
 
     needs_rollout = True
+    backbone_mode = "eval"  # the trainer's mode for the backbone during `update`
 
     def __init__(
         self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction | None, *, config: PolicyGradientConfig
     ) -> None:
         self.backbone, self.reward, self.value, self.config = backbone, reward, value, config
-        self.tau1, self.tau2 = effective_temperatures(
-            config.tau_entropy, config.tau_velocity, config.per_dimension, backbone.event_dim
-        )
+        self.tau1, self.tau2, self.kl_weight = effective_temperatures(config, backbone.event_dim)
         self.s2 = backbone.sigma().detach().pow(2).clone()  # [T], s_t of the velocity cost (AVR), as in DxDP
+        # KL safeguard: the starting policy, frozen (rebuilt identically on resume from the same initial weights).
+        self.reference = frozen_reference(backbone, config.kl_weight)
         self.sampler_optimizer = sampler_optimizer(backbone, config.sampler_lr, config.sigma_lr, config.sampler_grad_clip)
         self.iteration = 0
 
@@ -124,6 +148,7 @@ class PolicyGradient:
 
         The reward is scored with gradients enabled (as DxDP's terminal cost is): a composite reward with `normalize`
         updates its running statistics only then, and treats a `torch.no_grad()` call as an evaluation."""
+        x = self.backbone.output(x)  # reward and kNN bonus score the sample the user gets, not the raw state x_T
         r = -check_reward_output(reward_name(self.reward), self.reward.cost(x.detach()), x.shape[0]).detach()
         if self.config.knn_entropy > 0:
             try:
@@ -187,9 +212,16 @@ class PolicyGradient:
         if trajectory.log_probs is None:
             raise ValueError("policy_gradient needs the sampled log-probs (a trajectory drawn without guidance)")
         self.s2 = self.s2.to(trajectory.states.device)
+        kl = None
+        if self.reference is not None:
+            self.reference.to(trajectory.states.device)
+            kl = transition_kl(self.backbone, self.reference, trajectory, sampled=True)  # [T, B]
         r = self.terminal_reward(trajectory.final)
-        returns = soft_returns(r, running_costs(trajectory, self.s2, self.tau1, self.tau2))
+        costs = running_costs(trajectory, self.s2, self.tau1, self.tau2, kl=kl, kl_weight=self.kl_weight)
+        returns = soft_returns(r, costs)
         advantage, metrics = self.advantages(trajectory, returns)
+        if kl is not None:
+            metrics["policy/path_kl"] = float(all_mean(kl.sum(0).mean()))  # E sum_t KL_t: the KL of the chains
         if self.iteration >= self.config.value_warmup:
             metrics.update(self.improve_policy(trajectory, advantage.detach(), generator))
         if self.config.avr:

@@ -5,6 +5,10 @@
 with mean_phi(x_t, t) = a_t x_t + mu_phi(x_t, t) supplied by a subclass and learnable log sigma_t owned here.
 Log-probabilities and entropies are SUMS over the D event dimensions (so the entropy is D log sigma_t + const and
 temperatures multiply per-sample, not per-dimension, quantities).
+
+The chain's last state x_T is the policy's state; the sample a user receives is `output(x_T)`, the backbone's
+declared output transform (image backbones clamp to [-1, 1], vector backbones keep x_T as it is). Rewards, metrics
+and written samples see `output(x_T)`; the value function sees the state x_T.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import torch
 from torch import nn
 
 from rewardtune.types import Trajectory
+
+IMAGE_RANGE = (-1.0, 1.0)
+"""The pixel range of every image source (data/images.py) and so the output range of the image backbones."""
 
 Guide = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 """guide(x_{t+1}, t+1, sigma_t) -> adjusted x_{t+1}; used for value guidance at sampling time."""
@@ -40,6 +47,7 @@ class GaussianChainPolicy(nn.Module):
         fix_last_sigma: keep sigma_{T-1} at its initial value even when the others learn.
         sigma_floor: lower bound on the initial sigma_t (a deterministic schedule step gets this much noise).
         prior: the distribution of x_0 (standard normal by default).
+        output_range: (low, high) that `output` clamps the final state to (images: (-1, 1)); None: x_T as it is.
     """
 
     def __init__(
@@ -51,9 +59,13 @@ class GaussianChainPolicy(nn.Module):
         fix_last_sigma: bool = False,
         sigma_floor: float = 1e-3,
         prior: nn.Module | None = None,
+        output_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
+        if output_range is not None and not output_range[0] < output_range[1]:
+            raise ValueError(f"output_range must be (low, high) with low < high, got {output_range}")
         self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
         log_sigma = initial_sigma.to(torch.float64).clamp_min(sigma_floor).log().float()
         self.fix_last_sigma = fix_last_sigma
         self.log_sigma = nn.Parameter(log_sigma, requires_grad=learn_sigma)  # [T]
@@ -78,6 +90,15 @@ class GaussianChainPolicy(nn.Module):
     def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """mean_phi(x_t, t) = a_t x_t + mu_phi(x_t, t) for per-sample integer times t [B]."""
         raise NotImplementedError
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The sample the user gets from final states x_T [B, *sample_shape]: x_T clamped to `output_range`, or x_T
+        itself when there is none. A plain clamp (as DDPO and AlignProp clamp decoded images): its gradient is 1
+        inside the range and 0 for every coordinate outside it, so a reward of the output never pushes on
+        out-of-range pixels."""
+        if self.output_range is None:
+            return x
+        return x.clamp(*self.output_range)
 
     def sigma(self) -> torch.Tensor:
         """sigma_t for t = 0..T-1: [T]. With `fix_last_sigma` the last entry carries no gradient."""

@@ -13,8 +13,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rewardtune.backbones.base import IMAGE_RANGE
 from rewardtune.backbones.epsilon import EpsilonChainPolicy
 from rewardtune.errors import PluginError
+from rewardtune.quiet import quiet_libraries
 
 
 class UNetEps(nn.Module):
@@ -33,7 +35,8 @@ def load_unet(pretrained: str, subfolder: str | None = None) -> nn.Module:
     from diffusers import UNet2DModel
 
     try:
-        return UNet2DModel.from_pretrained(pretrained, subfolder=subfolder)
+        with quiet_libraries():  # offline, huggingface_hub and diffusers warn and log before failing
+            return UNet2DModel.from_pretrained(pretrained, subfolder=subfolder)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PluginError(
@@ -62,6 +65,7 @@ def build_ddpm_backbone(
     """A pretrained (or, with `unet` and pretrained = "", randomly initialised) DDPM UNet as a T-step policy.
 
     `unet` is a UNet2DModel config (its constructor arguments) for a random network; it excludes `pretrained`.
+    The sample (`output`) is x_T clamped to the data's pixel range [-1, 1].
     """
     if unet is not None and pretrained:
         raise ValueError("set either pretrained (load weights) or unet (random init, with pretrained = \"\"), not both")
@@ -89,4 +93,5 @@ def build_ddpm_backbone(
         fix_last_sigma=fix_last_sigma,
         sigma_floor=sigma_floor,
         prediction=prediction,
+        output_range=IMAGE_RANGE,
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rewardtune.backbones.base import GaussianChainPolicy
+from rewardtune.backbones.base import IMAGE_RANGE, GaussianChainPolicy
 from rewardtune.backbones.ddpm import UNetEps, load_unet
 from rewardtune.backbones.schedules import ancestral_split, karras_sigmas
 
@@ -102,7 +102,8 @@ def build_edm_backbone(
 ) -> EDMChainPolicy:
     """Backbone `edm`. Exactly one of: `pretrained` (UNet2DModel.from_pretrained id or folder), `unet` (a random
     UNet2DModel config) or `network` ("package.module:factory" returning F(x, c_noise)). `noise_scale` is 0.25 for
-    EDM's own networks and 250 for the consistency-models ImageNet-64 UNet DxMI used."""
+    EDM's own networks and 250 for the consistency-models ImageNet-64 UNet DxMI used. The sample (`output`) is x_T
+    clamped to the data's pixel range [-1, 1]."""
     chosen = [name for name, v in (("pretrained", pretrained), ("unet", unet), ("network", network)) if v]
     if len(chosen) != 1:
         raise ValueError(f"set exactly one of pretrained, unet, network (got {', '.join(chosen) or 'none'})")
@@ -121,5 +122,5 @@ def build_edm_backbone(
     return EDMChainPolicy(
         net, tuple(sample_shape), num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         stochastic_last=stochastic_last, noise_scale=noise_scale, learn_sigma=learn_sigma,
-        fix_last_sigma=fix_last_sigma, sigma_floor=sigma_floor,
+        fix_last_sigma=fix_last_sigma, sigma_floor=sigma_floor, output_range=IMAGE_RANGE,
     )

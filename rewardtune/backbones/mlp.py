@@ -28,7 +28,8 @@ def build_mlp_backbone(
     """A T-step policy around TimeMLP(x, k) with a 128-d sinusoidal embedding of the DDPM timestep k.
 
     `schedule` picks the T-step sub-schedule of the K-step DDPM ("strided" from pure noise, or "fastdpm");
-    `prediction` what the network outputs ("epsilon", or "sample" for a one-step student).
+    `prediction` what the network outputs ("epsilon", or "sample" for a one-step student). The sample (`output`) is
+    x_T itself: vectors have no range to clamp to.
     """
     dim = 1
     for s in sample_shape:

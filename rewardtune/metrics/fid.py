@@ -8,6 +8,9 @@ Feature extractors map images in [-1, 1], [B, C, H, W], to features [B, F]:
   are downloaded by clean-fid on first use, so offline it fails with a one-line error);
 - `digits_features`: the 64-d penultimate layer of the digits classifier (offline, for sklearn digits);
 - any module or `"package.module:factory"` returning such a module.
+
+`check_feature_extractor(name, sample_shape)` says before training whether an extractor takes the data's images: the
+digits network only 1x8x8, Inception grey or RGB, and a user's module is built and tried on a batch of two images.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewardtune.errors import PluginError
+from rewardtune.errors import PluginError, RecipeError
+from rewardtune.quiet import quiet_libraries
+
+DIGITS_SHAPE = (1, 8, 8)  # what the digits classifier takes (sklearn's 8x8 grey digits)
+INCEPTION_CHANNELS = (1, 3)  # grey images are repeated to RGB; Inception's resize takes any height and width
 
 
 def gaussian_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +57,8 @@ class InceptionFeatures(nn.Module):
         from cleanfid.resize import build_resizer
 
         try:
-            self.model = build_feature_extractor("clean", device=torch.device(device), use_dataparallel=False)
+            with quiet_libraries():  # offline, the one-line error below is all that is printed
+                self.model = build_feature_extractor("clean", device=torch.device(device), use_dataparallel=False)
         except Exception as err:  # noqa: BLE001 (download and load errors of several types)
             raise PluginError(
                 f"cannot build clean-fid's Inception ({type(err).__name__}: {str(err)[:120]}); offline, set "
@@ -96,3 +104,42 @@ def build_feature_extractor(name: str, device: torch.device | str = "cpu") -> nn
             raise PluginError(f"feature extractor {name!r} returned {type(module).__name__}, not a module")
         return module
     raise PluginError(f"unknown feature extractor {name!r}: use 'inception', 'digits' or \"package.module:factory\"")
+
+
+def check_feature_extractor(name: str, sample_shape: tuple[int, ...]) -> nn.Module | None:
+    """Raise a one-line error unless extractor `name` takes images of `sample_shape` (C, H, W) and returns [B, F].
+
+    'digits' and 'inception' are checked from the shape alone (nothing is downloaded; None is returned). A
+    "package.module:factory" is built and tried on two images; the module is returned, for the evaluator to keep.
+    """
+    if name == "digits":
+        if tuple(sample_shape) != DIGITS_SHAPE:
+            raise RecipeError(
+                f"eval.feature_extractor = 'digits' takes 1x8x8 grey digits, but this data's images are "
+                f"{'x'.join(map(str, sample_shape))}: use 'inception' or a \"package.module:factory\""
+            )
+        return None
+    if name == "inception":
+        if sample_shape[0] not in INCEPTION_CHANNELS:
+            raise RecipeError(
+                f"eval.feature_extractor = 'inception' takes grey or RGB images, but this data's have {sample_shape[0]} "
+                "channels: use a \"package.module:factory\" for them"
+            )
+        return None
+    module = build_feature_extractor(name)
+    probe = torch.zeros(2, *sample_shape)  # [2, C, H, W]
+    try:
+        with torch.no_grad():
+            features = module(probe)
+    except Exception as err:  # a user module may raise anything
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise PluginError(
+            f"feature extractor {name!r} failed on images of shape {tuple(sample_shape)} ({type(err).__name__}: {reason})"
+        ) from err
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape[0] != 2:
+        got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise PluginError(
+            f"feature extractor {name!r} returned {got} for 2 images of shape {tuple(sample_shape)}; expected "
+            "features [2, F]"
+        )
+    return module

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+NEIGHBOURS = 3  # k of the k-NN manifolds (the paper's default); a set needs at least k + 1 points
+
 
 def knn_radii(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
     """Distance from each point to its k-th nearest other point: [N]."""
@@ -28,7 +30,7 @@ def coverage(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, 
     return float(torch.cat(inside).float().mean())
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = NEIGHBOURS) -> tuple[float, float]:
     real, fake = real.double(), fake.double()
     precision = coverage(fake, real, knn_radii(real, k))
     recall = coverage(real, fake, knn_radii(fake, k))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewardtune.errors import PluginError
+from rewardtune.quiet import quiet_libraries
 from rewardtune.rewards.base import Reward, keep_out_of_checkpoints
 from rewardtune.rewards.clip import ClipImageEncoder, check_image_shape, load_open_clip
 
@@ -72,7 +73,8 @@ def fetch_head(source: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # this process's own: parallel first uses do not collide
     try:
-        torch.hub.download_url_to_file(source, str(tmp), progress=False)
+        with quiet_libraries():
+            torch.hub.download_url_to_file(source, str(tmp), progress=False)
     except Exception as err:  # noqa: BLE001 (URLError, HTTPError, timeouts)
         tmp.unlink(missing_ok=True)
         raise PluginError(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewardtune.errors import PluginError
+from rewardtune.quiet import quiet_libraries
 from rewardtune.rewards.base import Reward, keep_out_of_checkpoints
 
 OFFLINE_HINT = "offline, point model at \"local-dir:/path\" (a folder with open_clip_config.json and the weights)"
@@ -39,11 +40,12 @@ def load_open_clip(model: str, pretrained: str, *, cache_dir: str = "", who: str
     has_schema = model.startswith(("local-dir:", "hf-hub:"))
     tag = {} if has_schema or not pretrained else open_clip.get_pretrained_cfg(model, pretrained)
     try:
-        net = open_clip.create_model(
-            model, pretrained=None if has_schema else (pretrained or None), require_pretrained=True,
-            cache_dir=cache_dir or None, force_quick_gelu=bool(tag.get("quick_gelu", False)),
-        )
-        tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir or None)
+        with quiet_libraries():  # offline, open_clip and huggingface_hub log and warn before failing
+            net = open_clip.create_model(
+                model, pretrained=None if has_schema else (pretrained or None), require_pretrained=True,
+                cache_dir=cache_dir or None, force_quick_gelu=bool(tag.get("quick_gelu", False)),
+            )
+            tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir or None)
     except Exception as err:  # noqa: BLE001 (RuntimeError (download), FileNotFoundError, ValueError (config) and friends)
         lines = str(err).strip().splitlines()
         reason = lines[0][:200] if lines else type(err).__name__

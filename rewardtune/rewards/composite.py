@@ -5,9 +5,12 @@
 
 m_k, v_k are exponential moving averages of each term's batch mean and variance (rate `momentum`; the first batch
 sets them), kept in buffers so checkpoints and resume cover them. Like batch norm, they are updated by forward
-calls in training mode with gradients enabled (DxDP's terminal cost, once per iteration) and frozen under
-`torch.no_grad()` or `.eval()` (evaluation). They are treated as constants by the gradient, and each process keeps
-its own (they are not averaged across processes).
+calls in training mode with gradients enabled and frozen under `torch.no_grad()` or `.eval()` (evaluation). The
+algorithms score each iteration's sampled x_T once that way (DxDP's terminal cost, the policy gradient's terminal
+reward), so the statistics move once per iteration; DxDP's policy loss with `terminal = "reward"` re-scores its
+rows in evaluation mode (`dxdp.evaluation_mode`), with gradients but without a second update. They are treated as
+constants by the gradient. With several processes the batch statistics are those of all processes' samples
+together (sums averaged with `optim.all_mean`), so every rank keeps the same m_k, v_k and normalises alike.
 
 The composite is differentiable iff every term is, and learns iff some term does; `update` then trains the learning
 terms (its metrics include `last_terms`). `last_terms` holds {"reward/<name>": mean raw reward of the last batch}
@@ -36,6 +39,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from rewardtune.optim import all_mean
 from rewardtune.rewards.base import Reward, check_reward_output, reward_shares_value
 from rewardtune.tables import PluginTable
 
@@ -92,9 +96,9 @@ class CompositeReward(Reward):
 
     @torch.no_grad()
     def update_statistics(self, values: torch.Tensor) -> None:
-        """Fold a batch [K, B] into the running mean/variance (mixture of the old estimate and the batch)."""
-        values = values.double()
-        batch_mean, batch_var = values.mean(1), values.var(1, unbiased=False)  # [K], [K]
+        """Fold a batch [K, B] into the running mean/variance (mixture of the old estimate and the batch); with
+        several processes the batch is every process's batch together (a collective: call it on every rank)."""
+        batch_mean, batch_var = pooled_moments(values.double(), self.running_mean)  # [K], [K]
         if int(self.num_updates) == 0:
             self.running_mean.copy_(batch_mean)
             self.running_var.copy_(batch_var)
@@ -134,6 +138,20 @@ class CompositeReward(Reward):
         return found
 
 
+def pooled_moments(values: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance [K] of each row of `values` [K, B] pooled over every process's batch.
+
+    One `all_mean` of the per-process count, sum and sum of squares (ratios of means are ratios of sums, so unequal
+    batch sizes are weighted correctly; a process may hold no samples). Values are taken relative to `shift` [K]
+    (the same on every rank) to keep E[y^2] - E[y]^2 away from cancellation.
+    """
+    y = values - shift[:, None]  # [K, B]
+    count = torch.full_like(shift, float(values.shape[1]))  # [K]
+    count, total, total_sq = all_mean(torch.stack([count, y.sum(1), y.pow(2).sum(1)]))  # [K] each
+    mean_y = total / count
+    return shift + mean_y, (total_sq / count - mean_y.pow(2)).clamp_min(0.0)
+
+
 def term_names(specs: list[RewardTerm]) -> list[str]:
     """The terms' names: `name`, else the kind (its factory name for a dotted path), numbered when repeated."""
     names: list[str] = []
@@ -163,6 +181,8 @@ def build_composite_reward(
     for term_name, spec in zip(term_names(terms), terms):
         try:
             reward = spec.build(context)
+            if not isinstance(reward, Reward):
+                raise TypeError(f"returned {type(reward).__name__}, not a Reward (rewardtune.rewards.base.Reward)")
         except (ValueError, TypeError) as err:
             raise ValueError(f"term {term_name!r} (kind {spec.kind!r}): {err}") from None
         if reward_shares_value(reward, value):
