@@ -62,9 +62,10 @@ class ThreadedGroup:
         self.barrier.wait()  # everyone has read before anyone writes the next collective's value
         return values
 
-    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, **_) -> None:
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = False, **_):
         stacked = torch.stack(self.meet(tensor.clone()))
         tensor.copy_(stacked.amax(0) if op == dist.ReduceOp.MAX else stacked.sum(0))
+        return SimpleNamespace(wait=lambda: True) if async_op else None  # a finished Work
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, **_) -> None:
         tensor.copy_(self.meet(tensor.clone())[src])
