@@ -279,9 +279,9 @@ def test_ci_runs_exactly_the_readme_test_line():
     quick_start = README.read_text().split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     commands = [line.split("  #")[0].strip() for line in quick_start.splitlines() if line.strip()]
     assert len(commands) == 2, "the README's quick start is two commands: the main job, and the tests"
-    assert commands[0].startswith("pip install") and "rewardtune run" in commands[0]
+    assert commands[0].startswith("python3 -m pip install") and "rewardtune run" in commands[0]
     test_line = commands[1]
-    assert test_line.startswith("pip install") and test_line.endswith("&& pytest")
+    assert test_line.startswith("python3 -m pip install") and test_line.endswith("&& python3 -m pytest")
     for plugin in sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").is_file()):
         assert f"-e plugins/{plugin}" in test_line  # every example plugin the tests use is installed
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
