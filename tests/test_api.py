@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import LinearPolicy, QuadraticCost
+from test_cli import cli
 
 import rewardtune as rt
 from rewardtune.algorithms.dxdp import DxDP, DxDPConfig
@@ -133,22 +134,6 @@ def test_seed_everything_seeds_python_and_numpy_too():
 
 # ---- recipes from Python, run directories the CLI reads -----------------------------------------------------------
 SMALL_EVAL = ["eval.num_samples=300", "eval.repeats=2"]
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """`rewardtune ARGS...` in this process; (exit code, stdout, stderr)."""
-    from rewardtune.cli import main
-
-    old, sys.argv = sys.argv, ["rewardtune", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def readme_tiny_tables() -> dict:
