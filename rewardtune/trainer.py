@@ -21,8 +21,6 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -42,6 +40,7 @@ from rewardtune.errors import (
     RecipeError,
 )
 from rewardtune.evaluation import round_metrics
+from rewardtune.modes import eval_mode
 from rewardtune.plugin_failures import PluginOwners
 
 
@@ -501,21 +500,6 @@ def update_mode_is_train(algorithm) -> bool:
     if mode not in ("train", "eval"):
         raise PluginError(f"algorithm {type(algorithm).__name__} declares backbone_mode = {mode!r}; use 'train' or 'eval'")
     return mode == "train"
-
-
-@contextmanager
-def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
-    """Every submodule of `modules` (None skipped) in eval mode for the block; each gets its own mode back after it
-    (so a frozen network inside a module in train mode stays in eval mode)."""
-    present = [m for m in modules if m is not None]
-    saved = [(sub, sub.training) for module in present for sub in module.modules()]
-    for module in present:
-        module.eval()
-    try:
-        yield
-    finally:
-        for sub, training in saved:
-            sub.training = training
 
 
 def install_stop_handlers(callback) -> dict | None:

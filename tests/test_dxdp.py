@@ -23,11 +23,11 @@ from rewardtune.algorithms.dxdp import (
     DxDP,
     DxDPConfig,
     avr_update,
-    evaluation_mode,
     td_target,
     time_cost,
     velocity_cost,
 )
+from rewardtune.modes import eval_mode
 from rewardtune.nets.value import ValueFunction
 from rewardtune.types import Trajectory
 
@@ -509,11 +509,11 @@ def test_per_dimension_divides_every_weight_by_the_sample_dimension():
     assert ((losses - losses_undivided).abs() > 0.05 * losses.abs()).any()  # the undivided weights differ visibly
 
 
-def test_evaluation_mode_restores_every_flag_and_keeps_gradients():
+def test_eval_mode_restores_every_flag_and_keeps_gradients():
     reward = QuadraticCost(torch.zeros(2))
     reward.pinned = torch.nn.Linear(2, 2).eval()  # a submodule that stays in evaluation mode (a frozen network)
     x = torch.ones(3, 2, requires_grad=True)
-    with evaluation_mode(reward):
+    with eval_mode(reward):
         assert not reward.training and not reward.pinned.training
         (grad,) = torch.autograd.grad(reward(x).sum(), x)
     torch.testing.assert_close(grad, -x.detach(), rtol=0, atol=0)  # d/dx of -||x||^2 / 2

@@ -22,7 +22,6 @@ safeguard's beta, `DxDP.kl_weight`). Costs are minimised: V is a cost-to-go, V(.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Literal
 import torch
 
 from rewardtune.backbones.base import GaussianChainPolicy
+from rewardtune.modes import eval_mode
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep, all_mean
 from rewardtune.rewards.base import (
@@ -189,21 +189,6 @@ def effective_temperatures(config, event_dim: int) -> tuple[float, float, float]
     convention: it averages every running cost over dimensions)."""
     scale = 1.0 / event_dim if config.per_dimension else 1.0
     return config.tau_entropy * scale, config.tau_velocity * scale, config.kl_weight * scale
-
-
-@contextlib.contextmanager
-def evaluation_mode(module: torch.nn.Module):
-    """`module` and its submodules in evaluation mode for the block, each flag restored after (set directly, so a
-    submodule that pins its own mode, like a frozen network inside a reward, keeps it). Gradients still flow: this
-    only freezes mode-dependent state, such as a normalising composite reward's running statistics."""
-    flags = [(m, m.training) for m in module.modules()]
-    for m, _ in flags:
-        m.training = False
-    try:
-        yield module
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def sampler_optimizer(
@@ -367,7 +352,7 @@ class DxDP:
             last = t + 1 == T
             if last.any():
                 next_value = next_value.clone()
-                with evaluation_mode(self.reward):
+                with eval_mode(self.reward):
                     next_value[last] = self.reward.cost(self.backbone.output(x_next[last])).to(next_value.dtype)
         entropy = self.backbone.event_dim * sigma.log()
         velocity = velocity_cost(x, x_next, self.s2[t])

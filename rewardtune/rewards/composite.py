@@ -8,7 +8,7 @@ sets them), kept in buffers so checkpoints and resume cover them. Like batch nor
 calls in training mode with gradients enabled and frozen under `torch.no_grad()` or `.eval()` (evaluation). The
 algorithms score each iteration's sampled x_T once that way (DxDP's terminal cost, the policy gradient's terminal
 reward), so the statistics move once per iteration; DxDP's policy loss with `terminal = "reward"` re-scores its
-rows in evaluation mode (`dxdp.evaluation_mode`), with gradients but without a second update. They are treated as
+rows in evaluation mode (`modes.eval_mode`), with gradients but without a second update. They are treated as
 constants by the gradient. With several processes the batch statistics are those of all processes' samples
 together (sums averaged with `optim.all_mean`), so every rank keeps the same m_k, v_k and normalises alike.
 
