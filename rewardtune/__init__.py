@@ -6,6 +6,8 @@ The Python API (README.md, docs/recipes.md "Python API") runs a recipe, builds i
     result = rt.run_recipe("recipes/dxmi_8gaussians.toml", "runs/dxmi")            # what `rewardtune run` does
     trainer = rt.build_trainer(rt.load_recipe(path, ["train.steps=200"]), "runs/mine", reporter=rt.RichReporter())
     trainer.fit()                                          # runs/mine is a run directory `rewardtune eval` reads
+    samples, conditions = rt.sample("runs/mine", 1000)     # what `rewardtune sample` draws (conditions: None
+                                                           # unless the recipe has [conditions])
 """
 
 from rewardtune.algorithms.ddpm import DDPMPretrain
@@ -15,6 +17,7 @@ from rewardtune.api import (
     load_run,
     make_recipe,
     run_recipe,
+    sample,
     seed_everything,
 )
 from rewardtune.backbones.base import GaussianChainPolicy
@@ -34,6 +37,6 @@ __all__ = [
     "DDPMPretrain", "DxDP", "DxDPConfig", "EightGaussians", "EnergyReward", "EpsilonChainPolicy", "EvalConfig",
     "GaussianChainPolicy", "Reward", "RewardtuneError", "RichReporter", "ToyEvaluator", "TrainConfig", "Trainer",
     "ValueFunction", "build_energy_reward", "build_mlp_backbone", "build_time_mlp_value", "build_trainer",
-    "load_recipe", "load_run", "make_recipe", "run_recipe", "seed_everything",
+    "load_recipe", "load_run", "make_recipe", "run_recipe", "sample", "seed_everything",
 ]
 __version__ = "0.1.0"

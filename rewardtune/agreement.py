@@ -67,6 +67,7 @@ class Point(enum.IntEnum):
     CHECKPOINT_COMMIT = 9  # after the main process committed a checkpoint
     BEST = 10  # after the main process copied the best checkpoint
     FIT_END = 11  # the end of Trainer.fit
+    GATHER = 12  # gather_objects, before every rank's objects are gathered
 
 
 POINT_NAMES = {
@@ -81,6 +82,7 @@ POINT_NAMES = {
     Point.CHECKPOINT_COMMIT: "a checkpoint's commit",
     Point.BEST: "the best checkpoint's copy",
     Point.FIT_END: "the end of training",
+    Point.GATHER: "a gather of every rank's objects",
 }
 VALUE_NAMES = {
     Point.GRADIENTS: ("the number of gradient elements", "the gradient dtype"),
@@ -255,6 +257,19 @@ def together(point: Point, device: torch.device | str) -> Iterator[None]:
         exchange(point, device)
     except (Exception, PeerFailure) as err:  # noqa: BLE001 (any error on one rank must reach every rank)
         raise_together(err, device)
+
+
+def gather_objects(obj: Any, device: torch.device | str) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank, after a status exchange ([obj] in one process)."""
+    if world_size() == 1:
+        return [obj]
+    try:
+        exchange(Point.GATHER, device)
+    except PeerFailure as err:
+        raise_together(err, device)
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_from_main(obj: Any, device: torch.device | str) -> Any:

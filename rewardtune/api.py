@@ -1,5 +1,5 @@
-"""Running recipes from Python: `run_recipe`, `build_trainer`, `load_run`, `make_recipe`, `seed_everything`. The CLI
-is a thin layer over these."""
+"""Running recipes from Python: `run_recipe`, `build_trainer`, `load_run`, `sample`, `make_recipe`,
+`seed_everything`. The CLI is a thin layer over these."""
 
 from __future__ import annotations
 
@@ -161,6 +161,7 @@ def make_trainer(experiment: Experiment, out_dir: Path | None, reporter, acceler
         reporter=reporter,
         accelerator=accelerator,
         plugin_owners=experiment.plugin_owners,
+        conditions=experiment.conditions,
     )
 
 
@@ -217,6 +218,73 @@ def load_run(
     trainer = make_trainer(build_experiment(recipe), run_dir, reporter, accelerator or make_accelerator())
     trainer.load(latest)
     return trainer
+
+
+# ---- sampling a run ------------------------------------------------------------------------------------------------
+def sample(
+    run_dir: str | Path,
+    n: int,
+    *,
+    labels=None,
+    prompts=None,
+    seed: int = 0,
+    best: bool = False,
+    guidance: float = 0.0,
+):
+    """Samples of a run's latest (or best) checkpoint, what `rewardtune sample` writes.
+
+    An unconditional run draws `n` samples. A conditional run draws `n` samples per condition: per class label in
+    `labels` (a label-conditioned run), per prompt in `prompts` (a prompt-conditioned run; prompts it was not trained
+    on are embedded by its text encoder), or, with neither, per training condition of the run. Repeated conditions
+    count once.
+
+    Args:
+        run_dir: a run directory (`rewardtune run`, `run_recipe`, `build_trainer(...).fit()`).
+        n: samples (per condition for a conditional run), >= 1.
+        labels: class labels in 0..K-1, or None.
+        prompts: prompts, or None.
+        seed: the sampling seed.
+        best: sample checkpoints/best instead of the latest checkpoint.
+        guidance: value guidance scale lambda (0: none; needs a value function).
+    Returns:
+        (samples [N, *sample_shape] on the CPU, the condition of each sample (N rows, on the CPU; prompts come with
+        their embeddings) or None for an unconditional run). Samples of one condition are consecutive rows.
+    Raises:
+        RewardtuneError: conditions an unconditional run cannot take, labels for a prompt run (or prompts for a
+            label run), a label out of range, an empty prompt; a run directory that cannot be loaded.
+    """
+    trainer = load_run(run_dir, best=best)
+    return sample_trainer(trainer, n, labels=labels, prompts=prompts, seed=seed, guidance=guidance, run=str(run_dir))
+
+
+def sample_trainer(trainer: Trainer, n: int, *, labels=None, prompts=None, seed: int = 0, guidance: float = 0.0,
+                   run: str = "this run"):
+    """`sample` from a loaded trainer (`load_run`); `run` names it in messages."""
+    import torch
+
+    from rewardtune.build import value_guide
+    from rewardtune.sampling import requested_conditions
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    wanted = requested_conditions(trainer.conditions, labels, prompts, run)  # one row per condition, or None
+    backbone = trainer.evaluated_backbone()
+    guide = value_guide(trainer.algorithm, guidance, "--guidance") if guidance else None
+    gen = torch.Generator(device=backbone.device).manual_seed(seed)
+    with trainer.plugin_owners.attributing("while sampling"):
+        if wanted is None:
+            return trainer.evaluator.draw(backbone, n, gen, guide), None
+        rows = wanted.select(torch.arange(len(wanted)).repeat_interleave(n))  # condition i in rows i*n .. i*n+n-1
+        condition = trainer.conditions.encode(rows, backbone.device)
+        samples = trainer.evaluator.draw(backbone, len(condition), gen, guide, condition)
+    return samples, condition.to("cpu")
+
+
+def is_conditional_run(run_dir: str | Path) -> bool:
+    """Whether the run in `run_dir` is conditional (its recipe has a [conditions] table)."""
+    run_dir = Path(run_dir)
+    require_recipe(run_dir)
+    return "conditions" in read_run_recipe(run_dir)
 
 
 # ---- the Python path: recipes from dicts, trainers that write CLI-readable run directories, seeding --------------

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from rewardtune import checkpoint as ckpt
+from rewardtune.condition_supply import build_condition_supply
 from rewardtune.errors import CheckpointError, RecipeError, RewardtuneError
 from rewardtune.plugin_failures import PluginOwners
 from rewardtune.recipe import PluginSpec, Recipe, parse_recipe, read_toml
@@ -46,6 +47,7 @@ class Experiment:
     algorithm: object
     evaluator: object
     plugin_owners: PluginOwners = field(default_factory=PluginOwners)  # who failed, when plugin code raises
+    conditions: object = None  # a conditional run's condition_supply.ConditionSupply (None: unconditional)
 
 
 def call_factory(section: str, spec: PluginSpec, context: dict, owners: PluginOwners | None = None) -> object:
@@ -110,7 +112,12 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
     plugins, owners = recipe.plugins, PluginOwners()
     data = call_factory("data", plugins["data"], {}, owners)
     evaluator = make_evaluator(data, recipe, owners)  # before any pretraining: a bad [eval] fails fast
-    context: dict = {"sample_shape": tuple(data.sample_shape), "teacher": teacher}
+    supply = build_condition_supply(recipe.conditions, data, recipe.base_dir())
+    context: dict = {
+        "sample_shape": tuple(data.sample_shape),
+        "teacher": teacher,
+        "conditioning": None if supply is None else supply.conditioning,
+    }
     backbone = call_factory("backbone", plugins["backbone"], context, owners)
     context.update(backbone=backbone, num_steps=backbone.num_steps, value=None, reward=None)
     init_from = plugins["backbone"].extra.get("init_from")
@@ -124,11 +131,49 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
     if "reward" in plugins:
         context["reward"] = call_factory("reward", plugins["reward"], context, owners)
     algorithm = call_factory("algorithm", plugins["algorithm"], context, owners)
+    if supply is not None:
+        check_conditional(plugins, context, algorithm)
+        check_groups(algorithm, supply, recipe.train.batch_size)
     if recipe.eval.guidance_scale:
         value_guide(algorithm, recipe.eval.guidance_scale, "eval.guidance_scale")
     with owners.attributing("while the recipe was built"):  # keep_best may probe the reward's evaluation_metrics
         check_keep_best(recipe.eval, evaluator, context["reward"])
-    return Experiment(recipe, data, backbone, context["value"], context["reward"], algorithm, evaluator, owners)
+    return Experiment(recipe, data, backbone, context["value"], context["reward"], algorithm, evaluator, owners, supply)
+
+
+def check_groups(algorithm, supply, batch_size: int) -> None:
+    """An algorithm that draws its rollouts in groups per condition (`rollout_group_size`, GRPO) needs a batch that
+    is a whole number of groups and a source it may draw from."""
+    group = int(getattr(algorithm, "rollout_group_size", 1))
+    if group <= 1:
+        return
+    if batch_size % group:
+        raise RecipeError(f"train.batch_size = {batch_size} is not a multiple of algorithm.group_size = {group}")
+    if getattr(supply.source, "from_data", False):
+        raise RecipeError("algorithm.group_size: group advantages draw their own conditions; set [conditions] "
+                          "distribution = \"uniform\" (not \"data\")")
+
+
+def check_conditional(plugins: dict, context: dict, algorithm) -> None:
+    """In a conditional recipe, the backbone, the value and a learning reward must take the condition (their factory
+    asks for `conditioning`), and the algorithm must declare `conditional = True`: a table that would silently
+    ignore the condition is a RecipeError."""
+    needed = ["backbone", *(["value"] if "value" in plugins else [])]
+    reward = context.get("reward")
+    if reward is not None and getattr(reward, "learns", False):
+        needed.append("reward")
+    for section in needed:
+        factory = REGISTRIES[section].get(plugins[section].kind)
+        if "conditioning" not in context_parameters(factory):
+            raise RecipeError(
+                f"[{section}] kind {plugins[section].kind!r} does not take a condition, but the recipe has [conditions] "
+                "(its factory has no `conditioning` parameter)"
+            )
+    if not getattr(algorithm, "conditional", False):
+        raise RecipeError(
+            f"[algorithm] kind {plugins['algorithm'].kind!r} does not train conditional samplers (it does not declare "
+            "conditional = True); drop [conditions]"
+        )
 
 
 def value_guide(algorithm, scale: float, option: str):

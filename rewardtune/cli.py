@@ -200,38 +200,76 @@ def sample(
     run_dir: RunDirArgument,
     n: Annotated[
         int | None,
-        typer.Option("-n", help="Number of samples [default: 64 for a .png grid, else 1000].", min=1, metavar="N", show_default=False),
+        typer.Option(
+            "-n",
+            help="Number of samples [default: 64 for a .png grid, else 1000]; for a conditional run, per condition "
+            "[default: 16 for .png grids, else 100].",
+            min=1, metavar="N", show_default=False,
+        ),
     ] = None,
     output: Annotated[
         Path,
-        typer.Option("-o", "--output", help="A .npz/.npy file, a .png grid (images), or a folder for one PNG per image.", metavar="PATH"),
+        typer.Option(
+            "-o", "--output",
+            help="A .npz/.npy file, a .png grid (images), or a folder for one PNG per image. For a conditional run: "
+            "one .png grid per condition (<stem>_<i>_<slug>.png when there are several), one subfolder per "
+            "condition, or one .npz that also holds each sample's condition (labels or prompts).",
+            metavar="PATH",
+        ),
     ] = Path("samples.npz"),
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.", metavar="N")] = 0,
     guidance: Annotated[
         float, typer.Option("--guidance", help="Value guidance scale lambda (0: none; needs a value function).", metavar="SCALE")
     ] = 0.0,
     best: Annotated[bool, typer.Option("--best", help="Use checkpoints/best instead of the latest checkpoint.")] = False,
+    label: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--label", help="Sample class label K, 0 to the number of classes - 1 (repeatable; label-conditioned runs).",
+            metavar="K",
+        ),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", help="Sample this prompt (repeatable; prompt-conditioned runs; unseen prompts too).", metavar="TEXT"),
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option("--prompts", help="Sample the prompts of this file, one per line (with --prompt: both).", metavar="FILE"),
+    ] = None,
 ) -> None:
-    """Draw samples from a run's latest (or best) checkpoint."""
-    import torch
+    """Draw samples from a run's latest (or best) checkpoint.
 
-    from rewardtune.api import load_run
-    from rewardtune.build import value_guide
+    A conditional run is sampled under the class labels (--label) or prompts (--prompt, --prompts) given, -n samples
+    each; with none of these options, every training condition of the run equally.
+    """
+    from rewardtune import api
     from rewardtune.errors import RewardtuneError
-    from rewardtune.sampling import default_sample_count, write_samples
+    from rewardtune.sampling import (
+        default_sample_count,
+        read_prompt_lines,
+        write_conditional_samples,
+        write_samples,
+    )
 
-    n = n if n is not None else default_sample_count(output)
-    trainer = load_run(run_dir, best=best)
-    backbone = trainer.evaluated_backbone()
-    guide = value_guide(trainer.algorithm, guidance, "--guidance") if guidance else None
-    gen = torch.Generator(device=backbone.device).manual_seed(seed)
-    with trainer.plugin_owners.attributing("while sampling"):
-        samples = trainer.evaluator.draw(backbone, n, gen, guide)
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        prompts += read_prompt_lines(prompts_file, "--prompts: ")
+    if n is None:
+        n = default_sample_count(output, conditional=api.is_conditional_run(run_dir))
+    samples, condition = api.sample(
+        run_dir, n, labels=label or None, prompts=prompts or None, seed=seed, best=best, guidance=guidance
+    )
+    shape = tuple(samples.shape[1:])
     try:
-        written = write_samples(samples, output)
+        if condition is None:
+            written = [(write_samples(samples, output), "", samples.shape[0])]
+        else:
+            written = write_conditional_samples(samples, condition, output)
     except OSError as err:
         raise RewardtuneError(f"cannot write {output}: {err.strerror or err}") from None
-    print_error(f"wrote {n} samples of shape {tuple(samples.shape[1:])} to {written}")
+    for path, what, count in written:
+        print_error(f"wrote {count} samples of shape {shape}" + (f" for {what}" if what else "") + f" to {path}")
 
 
 @app.command(cls=Command)
@@ -279,12 +317,31 @@ def report(
 
 
 def print_result(result: dict, out_dir: Path) -> None:
+    """The pooled metrics (with their starting values), then, for a conditional run, a table of the per-condition
+    metrics ("<metric>/<condition>" keys) and one of the held-out conditions' ("held_out/<metric>/<condition>")."""
+    from rewardtune.report import condition_rows, pooled_metrics
+
     console = Console()
     console.print(f"[bold]{out_dir}[/bold] step {result['step']}")
     initial = result.get("initial_metrics") or {}
-    for key, value in result["metrics"].items():
+    for key, value in pooled_metrics(result["metrics"]).items():
         start = f"  (start {initial[key]:.4f})" if key in initial else ""
         console.print(f"  {key:28s} {value:.4f}{start}")
+    for held_out, title in ((False, "per condition"), (True, "held-out conditions")):
+        names, rows = condition_rows(result["metrics"], held_out=held_out)
+        if rows:
+            console.print(condition_table(title, names, rows))
+
+
+def condition_table(title: str, names: list[str], rows: dict[str, dict[str, float]]):
+    """A rich Table: one row per condition, one column per metric ("-" where a condition lacks it)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("condition", *names, title=title, title_justify="left")
+    for condition, values in rows.items():  # Text: a prompt is shown as written, never read as markup
+        table.add_row(Text(condition), *(f"{values[m]:.4f}" if m in values else "-" for m in names))
+    return table
 
 
 def print_error(text: str) -> None:

@@ -14,6 +14,14 @@ from pathlib import Path
 import torch
 
 from rewardtune.backbones.base import GaussianChainPolicy, Guide
+from rewardtune.conditional_evaluation import (
+    class_accuracy,
+    conditional_reward_metrics,
+    evaluated_splits,
+    per_condition_count,
+    prefixed,
+)
+from rewardtune.conditions import Conditions
 from rewardtune.metrics.auc import energy_auc, uniform_box
 from rewardtune.metrics.sliced_wasserstein import sliced_wasserstein
 from rewardtune.rewards.base import Reward, check_reward_output, reward_name
@@ -40,26 +48,44 @@ class ToyEvaluator:
     auc_half_width: float = 4.1
     sample_batch: int = 10000
 
-    def draw(self, backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None = None) -> torch.Tensor:
-        return draw_samples(backbone, n, generator, guide, self.sample_batch)
+    def draw(
+        self, backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None = None, condition=None
+    ) -> torch.Tensor:
+        return draw_samples(backbone, n, generator, guide, self.sample_batch, condition)
 
     def evaluate(
-        self, backbone: GaussianChainPolicy, reward: Reward | None, seed: int, guide: Guide | None = None
+        self, backbone: GaussianChainPolicy, reward: Reward | None, seed: int, guide: Guide | None = None,
+        conditions=None,
     ) -> dict[str, float]:
-        """Metrics of `backbone` (and `reward`); every random draw derives from `seed`."""
+        """Metrics of `backbone` (and `reward`); every random draw derives from `seed`. A conditional run's samples
+        cover its training conditions equally (`conditions`, the run's ConditionSupply), and add `class_accuracy`
+        when the data can classify, and the reward's metrics under each sample's condition."""
         cpu_gen, gen = generators(seed, backbone.device)
+        condition = None
+        if conditions is not None:
+            per = per_condition_count(self.num_samples, conditions)
+            condition = conditions.evaluation_conditions("train", per, backbone.device)
+        n = self.num_samples if condition is None else len(condition)
         sws = []
         for _ in range(self.repeats):
-            fake = self.draw(backbone, self.num_samples, gen, guide)
-            real = self.data.sample(self.num_samples, cpu_gen)
+            fake = self.draw(backbone, n, gen, guide, condition)
+            real = self.data.sample(n, cpu_gen)
             sws.append(sliced_wasserstein(fake, real, num_projections=self.num_projections, generator=cpu_gen))
         sw = torch.tensor(sws, dtype=torch.float64)
         metrics = {
             "sliced_wasserstein": float(sw.mean()),
             "sliced_wasserstein_std": float(sw.std(unbiased=False)) if len(sws) > 1 else 0.0,
         }
+        if condition is not None and condition.labels is not None and hasattr(self.data, "classify"):
+            metrics.update(class_accuracy(self.data.classify(fake), condition))
         if reward is not None and getattr(reward, "learns", False):
-            metrics["energy_auc"] = self.auc(backbone, reward, cpu_gen)
+            if condition is None:  # the AUC of an unconditional energy: data against uniform noise
+                metrics["energy_auc"] = self.auc(backbone, reward, cpu_gen)
+        elif reward is not None and condition is not None:
+            for split, prefix in evaluated_splits(conditions):
+                c = condition if split == "train" else conditions.evaluation_conditions(split, per, backbone.device)
+                x = fake if split == "train" else self.draw(backbone, len(c), gen, guide, c)
+                metrics.update(prefixed(conditional_reward_metrics(reward, x.to(backbone.device), c), prefix))
         elif reward is not None:
             metrics.update(reward_metrics(reward, fake.to(backbone.device)))
         return metrics
@@ -84,15 +110,18 @@ class ToyEvaluator:
         e_real, e_noise = (reward.cost(backbone.output(x)).cpu() for x in (real, noise))
         return energy_auc(e_real, e_noise)
 
-    def plot(self, backbone: GaussianChainPolicy, reward: Reward | None, path: Path, seed: int, title: str = "") -> None:
+    def plot(
+        self, backbone: GaussianChainPolicy, reward: Reward | None, path: Path, seed: int, title: str = "",
+        conditions=None,
+    ) -> None:
         """Write `figure(...)` to `path` (PNG)."""
         import matplotlib.pyplot as plt
 
-        fig = self.figure(backbone, reward, seed, title)
+        fig = self.figure(backbone, reward, seed, title, conditions)
         fig.savefig(path)
         plt.close(fig)
 
-    def figure(self, backbone: GaussianChainPolicy, reward: Reward | None, seed: int, title: str = ""):
+    def figure(self, backbone: GaussianChainPolicy, reward: Reward | None, seed: int, title: str = "", conditions=None):
         """The paper's Figure 2: `PLOT_SAMPLES` samples over the energy heat map (with a colour bar) when the reward
         is a learned energy, over data otherwise, in the window [-w, w]^2 (w = `auc_half_width`). Samples outside
         the window are drawn on its border as crosses, counted in the legend and the title."""
@@ -102,9 +131,13 @@ class ToyEvaluator:
         import matplotlib.pyplot as plt
 
         cpu_gen, gen = generators(seed, backbone.device)
-        fake = self.draw(backbone, PLOT_SAMPLES, gen)
+        condition = None
+        if conditions is not None:  # every condition equally; an energy is drawn without one (its null condition)
+            per = per_condition_count(PLOT_SAMPLES, conditions)
+            condition = conditions.evaluation_conditions("train", per, backbone.device)
+        fake = self.draw(backbone, PLOT_SAMPLES if condition is None else len(condition), gen, None, condition)
         w = self.auc_half_width
-        energy = reward is not None and getattr(reward, "learns", False)
+        energy = reward is not None and getattr(reward, "learns", False) and condition is None
         fig, ax = plt.subplots(figsize=(5.8 if energy else 5, 5), dpi=100, layout="constrained")
         if energy:
             image = ax.imshow(
@@ -162,12 +195,24 @@ def reward_metrics(reward: Reward, samples: torch.Tensor) -> dict[str, float]:
     rewards = check_reward_output(reward_name(reward), reward(head), head.shape[0])
     return {"reward_mean": float(rewards.mean()), **reward.evaluation_metrics(samples)}
 
-def draw_samples(backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None, batch: int) -> torch.Tensor:
+def draw_samples(
+    backbone: GaussianChainPolicy,
+    n: int,
+    generator,
+    guide: Guide | None,
+    batch: int,
+    condition: Conditions | None = None,
+) -> torch.Tensor:
     """n samples `backbone.output(x_T)` [n, *sample_shape] on the CPU (what metrics, rewards and `rewardtune sample`
-    see), drawn `batch` chains at a time; `generator` lives on the backbone's device."""
+    see), drawn `batch` chains at a time, chain i under row i of `condition` (n rows, or None); `generator` lives on
+    the backbone's device."""
+    if condition is not None and len(condition) != n:
+        raise ValueError(f"{len(condition)} conditions for {n} samples")
     chunks = []
     for start in range(0, n, batch):
-        x = backbone.sample(min(batch, n - start), generator, guide=guide).final
+        stop = min(start + batch, n)
+        c = None if condition is None else condition.select(list(range(start, stop)))
+        x = backbone.sample(stop - start, generator, guide=guide, condition=c).final
         chunks.append(backbone.output(x).cpu())
     return torch.cat(chunks)
 

@@ -8,6 +8,11 @@ they use at most `PR_MAX_FEATURES` features per side: of the reference, a unifor
 fixed seed (`fixed_subset`), the same at every evaluation of a run and across runs of the same data; of the samples,
 the first ones, which are already iid draws. (Taking the reference's first rows instead would follow the data's
 file order, e.g. one class of a folder sorted by class.)
+
+A conditional run (`conditions`) samples every training condition equally (conditional_evaluation.py). The pooled
+metrics compare all samples with the reference; with class labels and labelled data each class also gets its
+Fréchet distance against that class's data images ("frechet_distance/class k"), and a feature extractor that can
+classify (the digits classifier) gives `class_accuracy`. The grid shows one row per condition.
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ from pathlib import Path
 import torch
 
 from rewardtune.backbones.base import GaussianChainPolicy, Guide
+from rewardtune.conditional_evaluation import (
+    class_accuracy,
+    conditional_reward_metrics,
+    evaluated_splits,
+    per_condition_count,
+    prefixed,
+)
+from rewardtune.conditions import Conditions
 from rewardtune.evaluation import draw_samples, generators
 from rewardtune.metrics.fid import build_feature_extractor, frechet_distance
 from rewardtune.metrics.precision_recall import precision_recall
@@ -49,10 +62,14 @@ class ImageEvaluator:
     _extractor: torch.nn.Module | None = field(default=None, repr=False)
     _reference: torch.Tensor | None = field(default=None, repr=False)
     _pr_reference: torch.Tensor | None = field(default=None, repr=False)
+    _class_reference: dict | None = field(default=None, repr=False)
 
-    def draw(self, backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None = None) -> torch.Tensor:
-        """n images `backbone.output(x_T)` on the CPU (the image backbones clamp to [-1, 1])."""
-        return draw_samples(backbone, n, generator, guide, self.sample_batch)
+    def draw(
+        self, backbone: GaussianChainPolicy, n: int, generator, guide: Guide | None = None, condition=None
+    ) -> torch.Tensor:
+        """n images `backbone.output(x_T)` on the CPU (the image backbones clamp to [-1, 1]), chain i under row i of
+        `condition` (or unconditional)."""
+        return draw_samples(backbone, n, generator, guide, self.sample_batch, condition)
 
     def features(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         if self._extractor is None:
@@ -75,21 +92,59 @@ class ImageEvaluator:
             self._pr_reference = fixed_subset(self.reference(device), PR_MAX_FEATURES)
         return self._pr_reference
 
+    def class_reference(self, label: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Features of the data images of class `label` (labelled data only)."""
+        if self._class_reference is None:
+            self._class_reference = {}
+        if label not in self._class_reference:
+            self._class_reference[label] = self.features(self.data.images[self.data.labels == label], device)
+        return self._class_reference[label]
+
     def evaluate(
-        self, backbone: GaussianChainPolicy, reward: Reward | None, seed: int, guide: Guide | None = None
+        self, backbone: GaussianChainPolicy, reward: Reward | None, seed: int, guide: Guide | None = None,
+        conditions=None,
     ) -> dict[str, float]:
         _, gen = generators(seed, backbone.device)
-        fake = self.draw(backbone, self.num_samples, gen, guide)
+        condition = None
+        if conditions is not None:
+            per = per_condition_count(self.num_samples, conditions)
+            condition = conditions.evaluation_conditions("train", per, backbone.device)
+        fake = self.draw(backbone, self.num_samples if condition is None else len(condition), gen, guide, condition)
         fake_features = self.features(fake, backbone.device)
         real_features = self.reference(backbone.device)
         precision, recall = precision_recall(
             self.precision_recall_reference(backbone.device), fake_features[:PR_MAX_FEATURES]
         )
         metrics = {"frechet_distance": frechet_distance(real_features, fake_features), "precision": precision, "recall": recall}
+        if condition is not None:
+            metrics.update(self.per_class_metrics(fake, fake_features, condition, backbone.device))
+            if reward is not None and not reward.learns:
+                for split, prefix in evaluated_splits(conditions):
+                    c = condition if split == "train" else conditions.evaluation_conditions(split, per, backbone.device)
+                    x = fake if split == "train" else self.draw(backbone, len(c), gen, guide, c)
+                    metrics.update(prefixed(conditional_reward_metrics(reward, x.to(backbone.device), c), prefix))
+            return metrics
         if reward is not None and not reward.learns:
             with torch.no_grad():
                 metrics["reward_mean"] = float(reward(fake[:2000].to(backbone.device)).mean())
             metrics.update(reward.evaluation_metrics(fake.to(backbone.device)))  # e.g. target_class_fraction
+        return metrics
+
+    def per_class_metrics(
+        self, fake: torch.Tensor, fake_features: torch.Tensor, condition: Conditions, device
+    ) -> dict[str, float]:
+        """Class-labelled samples: `frechet_distance/class k` against class k's data images (labelled data), and
+        `class_accuracy` (pooled and per class) when the feature extractor can classify."""
+        metrics: dict[str, float] = {}
+        if condition.labels is None:
+            return metrics
+        labels = condition.labels.cpu()
+        if getattr(self.data, "labels", None) is not None:
+            for k in labels.unique().tolist():
+                reference = self.class_reference(int(k), device)
+                metrics[f"frechet_distance/class {k}"] = frechet_distance(reference, fake_features[labels == k])
+        if hasattr(self._extractor, "classify"):
+            metrics.update(class_accuracy(self._extractor.classify(fake), condition))
         return metrics
 
     def metric_names(self, reward: Reward | None) -> set[str]:
@@ -101,14 +156,31 @@ class ImageEvaluator:
                 names |= {"reward_mean", *reward.evaluation_metrics(self.data.images[:8])}
         return names
 
-    def plot(self, backbone: GaussianChainPolicy, reward: Reward | None, path: Path, seed: int, title: str = "") -> None:
-        """A grid of `grid_size` samples."""
-        from torchvision.utils import save_image
+    def plot(
+        self, backbone: GaussianChainPolicy, reward: Reward | None, path: Path, seed: int, title: str = "",
+        conditions=None,
+    ) -> None:
+        """A grid of `grid_size` samples; conditional: one row of samples per condition (up to 16 conditions)."""
 
         _, gen = generators(seed, backbone.device)
+        if conditions is not None:
+            keys = len(conditions.source.train_keys)
+            per = max(1, self.grid_size // min(keys, 16))
+            condition = conditions.evaluation_conditions("train", per, backbone.device)
+            rows = min(len(condition), per * 16)
+            images = self.draw(backbone, rows, gen, None, condition.select(list(range(rows))))
+            save_grid(images, path, nrow=per)
+            return
         images = self.draw(backbone, self.grid_size, gen)
-        scale = max(1, 32 // images.shape[-1])  # small images (8x8 digits) are enlarged so people can see them
-        if scale > 1:
-            images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-        nrow = int(self.grid_size**0.5)
-        save_image((images + 1) / 2, str(path), nrow=nrow, padding=2, pad_value=1.0)
+        save_grid(images, path, nrow=int(self.grid_size**0.5))
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
+    """Images in [-1, 1] as a PNG grid of `nrow` columns; small images (8x8 digits) are enlarged so people can see
+    them."""
+    from torchvision.utils import save_image
+
+    scale = max(1, 32 // images.shape[-1])
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    save_image((images + 1) / 2, str(path), nrow=nrow, padding=2, pad_value=1.0)

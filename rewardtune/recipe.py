@@ -49,6 +49,7 @@ PLUGIN_SECTIONS = ("data", "backbone", "value", "reward", "algorithm")
 REQUIRED_SECTIONS = ("data", "backbone", "algorithm")
 FIXED_SECTIONS: dict[str, type] = {"run": RunConfig, "train": TrainConfig, "eval": EvalConfig}
 OPTIONAL_SECTIONS: dict[str, type] = {"distill": DistillSection}  # in the resolved recipe only when given
+RAW_SECTIONS = ("conditions",)  # tables validated when built (condition_sources.py), kept as written
 EXTRA_KEYS = {"backbone": {"init_from": str}}  # keys a plugin table takes besides its factory's options
 
 
@@ -68,6 +69,7 @@ class Recipe:
     plugins: dict[str, PluginSpec]
     resolved: dict[str, Any]  # the full recipe with defaults, TOML-serialisable
     distill: DistillSection | None = None
+    conditions: dict[str, Any] | None = None  # the [conditions] table (None: an unconditional recipe)
 
     def base_dir(self) -> Path:
         return self.path.parent if self.path is not None else Path.cwd()
@@ -105,7 +107,7 @@ def apply_override(raw: dict, item: str) -> None:
     except tomllib.TOMLDecodeError:
         value = text.strip()
     table, name = parts
-    known = [*FIXED_SECTIONS, *OPTIONAL_SECTIONS, *PLUGIN_SECTIONS]
+    known = [*FIXED_SECTIONS, *OPTIONAL_SECTIONS, *RAW_SECTIONS, *PLUGIN_SECTIONS]
     if table not in known:
         raise RecipeError(f"--set {item!r}: unknown table [{table}]{suggest(table, known)}")
     section = raw.setdefault(table, {})
@@ -116,7 +118,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def parse_recipe(raw: dict, path: Path | None = None) -> Recipe:
     where = str(path) if path is not None else "recipe"
-    known = [*FIXED_SECTIONS, *OPTIONAL_SECTIONS, *PLUGIN_SECTIONS]
+    known = [*FIXED_SECTIONS, *OPTIONAL_SECTIONS, *RAW_SECTIONS, *PLUGIN_SECTIONS]
     for name, value in raw.items():
         if name not in known:
             raise RecipeError(f"{where}: unknown table [{name}]{suggest(name, known)}")
@@ -137,7 +139,24 @@ def parse_recipe(raw: dict, path: Path | None = None) -> Recipe:
     resolved = {name: dataclass_to_dict(obj) for name, obj in {**fixed, **optional}.items()}
     for name, spec in plugins.items():
         resolved[name] = resolved_table(spec.kind, spec.options, spec.extra)
-    return Recipe(path, fixed["run"], fixed["train"], fixed["eval"], plugins, resolved, distill)
+    conditions = raw.get("conditions")
+    if conditions is not None:
+        conditions = with_absolute_paths(conditions, path.parent if path is not None else Path.cwd())
+        resolved["conditions"] = conditions
+    return Recipe(path, fixed["run"], fixed["train"], fixed["eval"], plugins, resolved, distill, conditions)
+
+
+CONDITION_PATH_KEYS = ("path", "held_out_path")  # [conditions] keys naming files, relative to the recipe
+
+
+def with_absolute_paths(table: dict, base_dir: Path) -> dict:
+    """The [conditions] table with its prompt files made absolute (relative to the recipe's folder), so the run
+    directory's recipe.toml names the files the run read, wherever it is loaded from."""
+    table = dict(table)
+    for key in CONDITION_PATH_KEYS:
+        if isinstance(table.get(key), str) and table[key] and not Path(table[key]).is_absolute():
+            table[key] = str((base_dir / table[key]).resolve())
+    return table
 
 
 def check_settings_apply(

@@ -26,7 +26,8 @@ from importlib.metadata import entry_points
 from rewardtune.errors import PluginError, PluginNotFoundError
 from rewardtune.imports import import_object
 
-CONTEXT_NAMES = ("sample_shape", "num_steps", "backbone", "value", "reward", "teacher")  # teacher: [distill]
+CONTEXT_NAMES = ("sample_shape", "num_steps", "backbone", "value", "reward", "teacher", "conditioning")
+# teacher: [distill]; conditioning: what condition a conditional run's networks take ([conditions]; None otherwise)
 
 
 Contract = Callable[[object], str | None]  # what a built object lacks ("a Reward (...)"), or None when it fits
@@ -179,6 +180,7 @@ REWARDS = Registry(
         "aesthetic": "rewardtune.rewards.aesthetic:build_aesthetic_reward",
         "composite": "rewardtune.rewards.composite:build_composite_reward",
         "teacher": "rewardtune.rewards.teacher:build_teacher_reward",
+        "shapes": "rewardtune.rewards.shapes:build_shapes_reward",
     },
     instance_of("rewardtune.rewards.base:Reward", "a Reward (a subclass of rewardtune.rewards.base.Reward; docs/plugins.md)"),
 )
@@ -204,6 +206,7 @@ DATA = Registry(
         "digits": "rewardtune.data.images:build_digits",
         "cifar10": "rewardtune.data.images:build_cifar10",
         "image_folder": "rewardtune.data.images:build_image_folder",
+        "shapes": "rewardtune.data.shapes:build_shapes",
     },
     data_contract,
 )

@@ -2,6 +2,10 @@
 
 A run is a sub-folder with an eval.json; runs named `<group>_s<seed>` are grouped. Wall times are read from an
 optional `wall_times.txt` ("<run name> <seconds>" per line) in the folder.
+
+Conditional runs report flat per-condition keys "<metric>/<condition>" (e.g. "class_accuracy/class 3") and, for
+held-out conditions, "held_out/<metric>" (pooled) and "held_out/<metric>/<condition>". The run and recipe tables
+then hold the pooled metrics, and per-condition tables (mean ± std over seeds, per recipe and condition) follow.
 """
 
 from __future__ import annotations
@@ -58,9 +62,76 @@ def load_runs(root: Path) -> list[dict]:
     return runs
 
 
+HELD_OUT_PREFIX = "held_out/"  # the prefix of the metrics of a run's held-out conditions
+
+
+def split_metric_key(key: str) -> tuple[bool, str, str | None]:
+    """(held out, metric, condition or None for a pooled metric) of an eval metric's key:
+    "class_accuracy/class 3" -> (False, "class_accuracy", "class 3"), "held_out/reward_mean" -> (True,
+    "reward_mean", None). A condition may itself hold "/" (a prompt); metric names hold none."""
+    held_out = key.startswith(HELD_OUT_PREFIX)
+    metric, slash, condition = key[len(HELD_OUT_PREFIX) :].partition("/") if held_out else key.partition("/")
+    return held_out, metric, condition if slash else None
+
+
+def pooled_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics that are not per condition (held-out pooled ones included), in their order."""
+    return {k: v for k, v in metrics.items() if split_metric_key(k)[2] is None}
+
+
+def condition_rows(metrics: dict[str, float], *, held_out: bool) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """The per-condition metrics of the training (or the held-out) conditions: (metric names, sorted; {condition:
+    {metric: value}} in the order the conditions first appear). Empty for an unconditional run."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        split, metric, condition = split_metric_key(key)
+        if condition is not None and split == held_out:
+            rows.setdefault(condition, {})[metric] = value
+    return sorted({m for values in rows.values() for m in values}), rows
+
+
 def markdown_tables(runs: list[dict]) -> str:
-    """One row per run (final and starting value of each metric) and one per group (mean ± std over seeds)."""
-    keys = sorted({k for r in runs for k in r["metrics"] if not k.endswith("_std")})
+    """One row per run (final and starting value of each metric) and one per group (mean ± std over seeds); for
+    conditional runs, these tables hold the pooled metrics, and per-condition tables follow."""
+    text = pooled_tables(runs)
+    for held_out, title in ((False, "Per condition"), (True, "Held-out conditions")):
+        table = condition_tables(runs, held_out=held_out)
+        if table:
+            text += f"\n\n{title} (mean ± std over seeds):\n\n{table}"
+    return text
+
+
+def condition_tables(runs: list[dict], *, held_out: bool) -> str:
+    """One row per group and condition: each per-condition metric's mean ± std over the group's seeds ("" when no
+    run has per-condition metrics)."""
+    groups: dict[str, dict[str, dict[str, list[float]]]] = {}  # group -> condition -> metric -> values over seeds
+    seeds: dict[tuple[str, str], int] = {}
+    for r in runs:
+        _, rows = condition_rows(r["metrics"], held_out=held_out)
+        for condition, values in rows.items():
+            seeds[r["group"], condition] = seeds.get((r["group"], condition), 0) + 1
+            for metric, value in values.items():
+                groups.setdefault(r["group"], {}).setdefault(condition, {}).setdefault(metric, []).append(value)
+    names = sorted({m for conditions in groups.values() for c in conditions.values() for m in c if not m.endswith("_std")})
+    if not names:
+        return ""
+    lines = ["| recipe | condition | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+    for group, conditions in groups.items():
+        for condition, values in conditions.items():
+            cells = [mean_std(values[m]) if m in values else "-" for m in names]
+            name = condition.replace("|", "\\|")  # a prompt may hold the table's separator
+            lines.append(f"| {group} | {name} | {seeds[group, condition]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_std(values: list[float]) -> str:
+    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4g} ± {sd:.2g}"
+
+
+def pooled_tables(runs: list[dict]) -> str:
+    """The run table and the recipe table of the pooled metrics (every metric of an unconditional run)."""
+    keys = sorted({k for r in runs for k in pooled_metrics(r["metrics"]) if not k.endswith("_std")})
     lines = ["| run | step | " + " | ".join(f"{k} (start)" for k in keys) + " | wall time (s) |"]
     lines.append("|---" * (len(keys) + 3) + "|")
     for r in runs:
@@ -84,15 +155,15 @@ def markdown_tables(runs: list[dict]) -> str:
         cells = []
         for k in keys:
             values = [m["metrics"][k] for m in members if k in m["metrics"]]
-            sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.4g} ± {sd:.2g}" if values else "-")
+            cells.append(mean_std(values) if values else "-")
         lines.append(f"| {group} | {len(members)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_curves(runs: list[dict], path: Path, references: dict[str, list[tuple[float, str]]] | None = None) -> bool:
-    """Each metric (one panel) against training time, from the eval records of every run's metrics.jsonl. Returns
-    whether there was anything to plot (nothing is written otherwise)."""
+    """Each pooled metric (one panel; per-condition metrics are left to the tables) against training time, from the
+    eval records of every run's metrics.jsonl. Returns whether there was anything to plot (nothing is written
+    otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +180,7 @@ def plot_curves(runs: list[dict], path: Path, references: dict[str, list[tuple[f
         if timed and r["step"] > 0:
             start = (0.0, r.get("initial_metrics") or {})
             series.append((r["name"], [start, *evals, (timed[-1]["time_s"], r["metrics"])]))
-    keys = sorted({k for _, pts in series for _, m in pts for k in m if not k.endswith("_std")})
+    keys = sorted({k for _, pts in series for _, m in pts for k in pooled_metrics(m) if not k.endswith("_std")})
     if not keys:
         return False
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)

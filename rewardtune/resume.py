@@ -107,6 +107,7 @@ RESUME_POLICY: dict[str, Rule] = {
             "time_cost", "linear_time_cost", "sigmoid_time_cost_scale", "sigmoid_time_cost_center", "td_mode", "avr",
             "avr_alpha", "policy_batch", "value_warmup", "terminal", "clip_range", "ppo_epochs", "minibatches",
             "normalize_advantages", "knn_entropy", "knn_k", "regression_steps", "teacher_noise", "restart_lr_schedule",
+            "stat_buffer_size", "stat_min_count", "p_uncond",
         )
     },
     "algorithm.kl_weight": applied(
@@ -115,6 +116,8 @@ RESUME_POLICY: dict[str, Rule] = {
     ),
     "algorithm.regression_sigma": refused("it sets sigma_s when the student is built; the checkpoint's sigma_s replaces it"),
     "algorithm.kind": refused("the checkpoint holds another algorithm's optimisers and state"),
+    "algorithm.advantage": refused("the checkpoint's value baseline or per-condition statistics belong to the old one"),
+    "algorithm.group_size": refused("groups per condition shape every batch's advantages; start a new run to change it"),
     # [value]
     "value.lr": applied(LR, kinds=VALUES),
     "value.grad_clip": applied(EVERY_STEP, kinds=VALUES),
@@ -131,6 +134,7 @@ RESUME_POLICY: dict[str, Rule] = {
     "backbone.*": refused("the checkpoint holds the sampler of the old architecture, schedule and starting weights"),
     "data.*": refused("the training data (and the evaluation's reference) would change under the run"),
     "distill.*": refused("the teacher and the student's starting weights are the run's"),
+    "conditions.*": refused("the networks were built and trained for the run's conditions (classes, prompts, text encoder)"),
 }
 
 

@@ -4,6 +4,10 @@ One iteration: data batch -> `backbone.sample(B)` (no grad) -> learning reward `
 Algorithm 1, line 4) -> `algorithm.update(real, trajectory)` (value, policy improvement, AVR) -> EMA -> log / eval /
 checkpoint. The trainer is the only code that knows about devices, processes, checkpoints and progress reporting.
 
+Conditional runs (`conditions`, a `ConditionSupply`): the data batch comes with its own conditions, the rollouts are
+drawn under conditions from the supply (`Trajectory.condition`), a learning reward is updated on both with their
+conditions, the algorithm gets the data's conditions as `real_condition`, and the evaluator gets the supply.
+
 Modes: the trainer sets the backbone's train/eval mode before each phase. Rollouts and evaluation run it in eval
 mode; `algorithm.update` runs it in the mode the algorithm declares (`backbone_mode`); between phases it rests in
 eval mode. Evaluation puts every module it uses in eval mode and restores each submodule's mode afterwards.
@@ -144,6 +148,7 @@ class Trainer:
         plugin_owners: which packages are plugin code, to name a plugin that fails in training or evaluation
             (`build_experiment` makes them from the recipe; default: the classes of the objects given here).
         accelerator: an `accelerate.Accelerator` (created here when None).
+        conditions: a conditional run's `condition_supply.ConditionSupply` (None: unconditional).
     """
 
     def __init__(
@@ -160,6 +165,7 @@ class Trainer:
         reporter: Reporter | None = None,
         accelerator=None,
         plugin_owners: PluginOwners | None = None,
+        conditions=None,
     ) -> None:
         if accelerator is None:
             from accelerate import Accelerator
@@ -168,6 +174,7 @@ class Trainer:
         self.accelerator = accelerator
         self.backbone, self.algorithm, self.reward = backbone, algorithm, reward
         self.data, self.evaluator = data, evaluator
+        self.conditions = conditions
         self.config, self.eval_config = config, eval_config or EvalConfig()
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.reporter = reporter or SilentReporter()
@@ -293,9 +300,12 @@ class Trainer:
                 guide = None
                 if self.eval_config.guidance_scale:
                     guide = self.algorithm.guide(self.eval_config.guidance_scale)
-                metrics = round_metrics(self.evaluator.evaluate(backbone, self.reward, seed, guide))
+                given = {} if self.conditions is None else {"conditions": self.conditions}
+                metrics = round_metrics(self.evaluator.evaluate(backbone, self.reward, seed, guide, **given))
                 if self.is_main and plot_name and self.eval_config.plot and self.out_dir is not None:
-                    self.evaluator.plot(backbone, self.reward, self.out_dir / plot_name, seed, title=f"step {self.step}")
+                    self.evaluator.plot(
+                        backbone, self.reward, self.out_dir / plot_name, seed, title=f"step {self.step}", **given
+                    )
             metrics = agreement.broadcast_from_main(metrics, self.device)
         return metrics
 
@@ -456,6 +466,19 @@ class Trainer:
             with log_file.open("a") as fh:
                 fh.write(json.dumps({"step": self.step, "time_s": round(elapsed, 3), "eval": result}) + "\n")
 
+    def real_batch(self, n: int):
+        """A data batch [n, ...] and its conditions (None for an unconditional run or data without conditions)."""
+        if self.conditions is None:
+            return self.data.sample(n, self.data_gen, device=self.device), None
+        return self.conditions.real_batch(self.data, n, self.data_gen, self.device)
+
+    def rollout_conditions(self, n: int, real_condition):
+        """The conditions of this iteration's n chains (None: unconditional), drawn from the data stream."""
+        if self.conditions is None:
+            return None
+        group_size = int(getattr(self.algorithm, "rollout_group_size", 1))  # an algorithm that needs groups says so
+        return self.conditions.rollout_conditions(n, self.data_gen, real_condition, self.device, group_size)
+
     def train_step(self, window: tuple[int, int] | None = None) -> dict[str, float]:
         """One iteration (see the module docstring) with the lr schedule over `window` (default: this step's
         `lr_schedule_window()`); returns the metrics of this rank."""
@@ -467,15 +490,21 @@ class Trainer:
         trajectory = None
         metrics: dict[str, float] = {}
         try:
-            real = self.data.sample(cfg.batch_size, self.data_gen, device=self.device)
+            real, real_condition = self.real_batch(cfg.batch_size)
             if self.algorithm.needs_rollout:
                 self.backbone.eval()  # rollouts sample the policy that is evaluated and optimised: no dropout
-                trajectory = self.backbone.sample(cfg.batch_size, self.train_gen)
+                condition = self.rollout_conditions(cfg.batch_size, real_condition)
+                trajectory = self.backbone.sample(cfg.batch_size, self.train_gen, condition=condition)
                 if self.reward is not None and self.reward.learns:
-                    metrics.update(self.reward.update(real, self.backbone.output(trajectory.final)))
+                    fake = self.backbone.output(trajectory.final)
+                    if condition is None:
+                        metrics.update(self.reward.update(real, fake))
+                    else:  # E(x, c): the data with their conditions against the samples with theirs
+                        metrics.update(self.reward.update(real, fake, real_condition, condition))
             self.backbone.train(self.backbone_training)  # the mode the algorithm's update declares
             try:
-                metrics.update(self.algorithm.update(real, trajectory, self.train_gen))
+                given = {} if self.conditions is None else {"real_condition": real_condition}
+                metrics.update(self.algorithm.update(real, trajectory, self.train_gen, **given))
             finally:
                 self.backbone.eval()  # at rest
         except Exception as err:  # a plugin failing in its own code or breaking its contract: name it and say when

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rewardtune.conditions import Conditions
+
 
 @dataclass(frozen=True)
 class Trajectory:
@@ -18,13 +20,15 @@ class Trajectory:
     Attributes:
         states: [T+1, B, *event_shape], states[t] = x_t (states[0] is the prior draw, states[-1] the sample).
         sigmas: [T], the noise level sigma_t used by each transition.
-        log_probs: [T, B], log pi(x_{t+1} | x_t) of each sampled transition (summed over dimensions); None when the
-            states were altered after the draw (value guidance).
+        log_probs: [T, B], log pi(x_{t+1} | x_t, c) of each sampled transition (summed over dimensions); None when
+            the states were altered after the draw (value guidance).
+        condition: the condition c of each chain (B rows), or None for an unconditional sampler.
     """
 
     states: torch.Tensor
     sigmas: torch.Tensor
     log_probs: torch.Tensor | None = None
+    condition: Conditions | None = None
 
     @property
     def num_steps(self) -> int:

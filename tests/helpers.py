@@ -157,15 +157,20 @@ def tiny_features() -> TinyFeatures:
 
 
 class TinyEDMNetwork(nn.Module):
-    """F(x, c_noise) for EDM recipes in tests: one 3x3 convolution plus a learned per-noise-level shift."""
+    """F(x, c_noise[, class_labels]) for EDM recipes in tests: one 3x3 convolution plus a learned per-noise-level
+    shift, and a per-class shift (up to 16 classes; label -1: none) when given labels."""
 
     def __init__(self, channels: int = 3) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.shift = nn.Linear(1, channels)
+        self.classes = nn.Embedding(17, channels)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) + self.shift(c_noise.view(-1, 1).to(x.dtype))[:, :, None, None]
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x) + self.shift(c_noise.view(-1, 1).to(x.dtype))[:, :, None, None]
+        if class_labels is not None:
+            out = out + self.classes(class_labels.clamp_min(-1) + 1)[:, :, None, None]
+        return out
 
 
 def tiny_edm_network() -> TinyEDMNetwork:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,13 @@ def test_digits_distillation_recipes_run(tmp_path: Path, capsys, monkeypatch):
 def test_edm_recipe_runs_with_a_local_network(tmp_path: Path, capsys, monkeypatch, tiny_cifar):  # noqa: F811
     monkeypatch.chdir(ROOT)
     _, images = tiny_cifar
+    classes = tmp_path / "classes"  # ImageNet's layout: one folder per class (the recipe is class-conditional)
+    for i, image in enumerate(sorted(images.glob("*.png"))):
+        (classes / f"n{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, classes / f"n{i % 2}" / image.name)
     out = tmp_path / "edm"
     code, _, err = cli(capsys, "run", "recipes/dxmi_edm_imagenet64.toml", "--out", str(out), "--steps", "2", *TINY,
-                       "--set", f"data.path={images}", "--set", "data.size=16",
+                       "--set", f"data.path={classes}", "--set", "data.size=16", "--set", "conditions.num_classes=2",
                        "--set", "backbone.network=helpers:tiny_edm_network",
                        "--set", "eval.feature_extractor=helpers:tiny_features")
     assert code == 0, err

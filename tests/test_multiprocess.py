@@ -258,3 +258,12 @@ def test_cli_a_reward_raising_on_one_rank_stops_both_with_the_same_error_line(tm
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", err)
     assert code == 1 and codes and set(codes) <= {"2", "-6", "-15"}, err[-3000:]
     assert latest_step(tmp_path / "run") == 2
+
+
+def test_per_condition_advantage_statistics_agree_across_ranks(tmp_path: Path):
+    """Each rank draws its own prompts, but the per-prompt return buffers are filled from both ranks' returns, so
+    both ranks standardise with the same statistics."""
+    result = launch("tests/multiprocess_conditions.py", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"conditions_rank{r}.json").read_text())["buffers"] for r in (0, 1)]
+    assert ranks[0] == ranks[1] and set(ranks[0]) == {"left", "right", "up", "down"}

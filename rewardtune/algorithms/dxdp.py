@@ -18,6 +18,10 @@ over dimensions instead, which is the same as tau_sum = tau_mean / D; `per_dimen
 so recipes can quote the official temperatures (the effective weights are `DxDP.tau1`, `DxDP.tau2` and, for the KL
 safeguard's beta, `DxDP.kl_weight`). Costs are minimised: V is a cost-to-go, V(., T) is the terminal cost -r(x_T)
 (for DxMI, the energy). Reductions over the batch are means.
+
+Conditional sampling (a [conditions] table): the condition c of a chain is part of its state, so every term is
+conditioned on it: V(x_t, t, c), pi(x_{t+1} | x_t, c), the terminal cost -r(x_T, c) and, with a KL safeguard,
+KL(pi(.|x_t, c) || pi_ref(.|x_t, c)). The conditions come with the trajectory (`Trajectory.condition`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Literal
 import torch
 
 from rewardtune.backbones.base import GaussianChainPolicy
+from rewardtune.conditions import Conditions
 from rewardtune.modes import eval_mode
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep, all_mean
@@ -165,14 +170,15 @@ def transition_kl(
         raise ValueError("the sampled KL needs the trajectory's log-probs (a trajectory drawn without guidance)")
     states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
     sigma, reference_sigma = policy.sigma(), reference.sigma()  # [T], [T]
+    c = trajectory.condition
     rows = []
     for t in range(T):
         tt = torch.full((B,), t, dtype=torch.long, device=states.device)
         x, x_next = states[t], states[t + 1]
         if sampled:
-            rows.append(trajectory.log_probs[t] - reference.log_prob(x_next, x, tt))
+            rows.append(trajectory.log_probs[t] - reference.log_prob(x_next, x, tt, c))
         else:
-            rows.append(gaussian_kl(policy.mean(x, tt), sigma[tt], reference.mean(x, tt), reference_sigma[tt]))
+            rows.append(gaussian_kl(policy.mean_at(x, tt, c), sigma[tt], reference.mean_at(x, tt, c), reference_sigma[tt]))
     return torch.stack(rows)  # [T, B]
 
 
@@ -227,6 +233,7 @@ class DxDP:
 
     needs_rollout = True
     backbone_mode = "eval"  # the trainer's mode for the backbone during `update`
+    conditional = True  # conditions come with the trajectory; `real_condition` is not needed
 
     def __init__(
         self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction, *, config: DxDPConfig
@@ -251,27 +258,30 @@ class DxDP:
             self.reference.load_state_dict(self.backbone.state_dict())
 
     # ---- Eq. (10)/(12): policy evaluation ----------------------------------------------------------------------
-    def value_at(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """V(x, t): [N] for states x [N, ...] at per-row times t [N]. Rows at the terminal time T are scored on the
+    def value_at(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
+        """V(x, t, c): [N] for states x [N, ...] at per-row times t [N] under conditions c (N rows, or None). Rows at
+        the terminal time T are scored on the
         sample the user gets, `backbone.output(x_T)`: V(., T) stands for the terminal cost -r(output(x_T)) (with a
         shared DxMI energy it *is* E(output(x_T)), the energy trained on those outputs), so neither the TD target nor
         policy improvement reads the value, or its gradient, at pixels outside the output range."""
         if self.backbone.output_range is not None:
             last = (t == self.backbone.num_steps).view(-1, *([1] * (x.dim() - 1)))
             x = torch.where(last, self.backbone.output(x), x)
-        return self.value(x, t)
+        return self.value(x, t) if condition is None else self.value(x, t, condition)
 
-    def terminal_cost(self, x: torch.Tensor) -> torch.Tensor:
+    def terminal_cost(self, x: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
+        """-r(output(x_T), c): [B], no gradient."""
         x = self.backbone.output(x)  # the reward scores the sample the user gets, not the raw state x_T
-        return check_reward_output(reward_name(self.reward), self.reward.cost(x), x.shape[0]).detach()
+        return check_reward_output(reward_name(self.reward), self.reward.cost(x, condition), x.shape[0]).detach()
 
     def evaluate_policy(self, trajectory: Trajectory) -> dict[str, float]:
         states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
         dev = states.device
         losses = {}
-        if not self.terminal_shared:  # V(x_T, T) regresses on the terminal cost -r(x_T)
-            target = self.terminal_cost(states[-1])
-            loss = (self.value_at(states[-1], self._times(T, B, dev)) - target).pow(2).mean()
+        c = trajectory.condition
+        if not self.terminal_shared:  # V(x_T, T, c) regresses on the terminal cost -r(x_T, c)
+            target = self.terminal_cost(states[-1], c)
+            loss = (self.value_at(states[-1], self._times(T, B, dev), c) - target).pow(2).mean()
             self.value.optimizer.step(loss)
             losses["value/terminal_loss"] = loss.item()
         kl = self.value_kl(trajectory)  # [T, B] or None; the policy does not change during evaluation
@@ -310,7 +320,7 @@ class DxDP:
         x_next = torch.cat([states[u + 1] for u in steps])
         tt = torch.cat([self._times(u, B, x.device) for u in steps])
         with torch.no_grad():
-            v_next = self.value_at(x_next, tt + 1)
+            v_next = self.value_at(x_next, tt + 1, rows_condition(trajectory, len(steps)))
             log_prob = self._transition_log_prob(trajectory, steps, tt)
             velocity = velocity_cost(x, x_next, self.s2[tt])
             cost_t = time_cost(self.config.time_cost, tt, T, self.config)
@@ -323,7 +333,8 @@ class DxDP:
     def _td_step(self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None = None) -> float:
         """One Adam step on the squared Bellman residual at time t (all times when t is None)."""
         x, tt, target = self.td_batch(trajectory, t, kl)
-        loss = (self.value(x, tt) - target).pow(2).mean()
+        c = rows_condition(trajectory, 1 if t is not None else trajectory.num_steps)
+        loss = ((self.value(x, tt) if c is None else self.value(x, tt, c)) - target).pow(2).mean()
         self.value.optimizer.step(loss)
         return loss.item()
 
@@ -333,9 +344,12 @@ class DxDP:
         return torch.cat([trajectory.log_probs[u] for u in steps])
 
     # ---- Eq. (11): policy improvement --------------------------------------------------------------------------
-    def policy_loss(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """mean[ V(x_{t+1}(phi), t+1) - tau1 D log sigma_t + tau2 ||x_t - x_{t+1}(phi)||^2 / (2 s_t^2)
-                 + beta KL(pi_phi(.|x_t) || pi_ref(.|x_t)) ].
+    def policy_loss(
+        self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition: Conditions | None = None
+    ) -> torch.Tensor:
+        """mean[ V(x_{t+1}(phi), t+1, c) - tau1 D log sigma_t + tau2 ||x_t - x_{t+1}(phi)||^2 / (2 s_t^2)
+                 + beta KL(pi_phi(.|x_t, c) || pi_ref(.|x_t, c)) ] over rows x_t [N, ...] at times t [N] with
+        conditions c (N rows, or None).
 
         tau1 log pi(x_{t+1}|x_t) is replaced by its expectation -tau1 H = -tau1 (D log sigma_t + const), which has
         the same gradient under the reparameterisation (Algorithm 2, line 10). The KL is exact (`gaussian_kl`), a
@@ -345,21 +359,22 @@ class DxDP:
         """
         cfg, T = self.config, self.backbone.num_steps
         sigma = self.backbone.sigma()[t]  # [N]
-        mean = self.backbone.mean(x, t)
-        x_next = mean + sigma.view(-1, *([1] * (x.dim() - 1))) * noise  # = backbone.step(x, t, noise)
-        next_value = self.value_at(x_next, t + 1)
+        mean = self.backbone.mean_at(x, t, condition)
+        x_next = mean + sigma.view(-1, *([1] * (x.dim() - 1))) * noise  # = backbone.step(x, t, noise, condition)
+        next_value = self.value_at(x_next, t + 1, condition)
         if cfg.terminal == "reward":  # the last transition differentiates the reward itself, scored on those rows only
             last = t + 1 == T
             if last.any():
                 next_value = next_value.clone()
                 with eval_mode(self.reward):
-                    next_value[last] = self.reward.cost(self.backbone.output(x_next[last])).to(next_value.dtype)
+                    c_last = None if condition is None else condition.select(last.nonzero().view(-1).cpu())
+                    next_value[last] = self.reward.cost(self.backbone.output(x_next[last]), c_last).to(next_value.dtype)
         entropy = self.backbone.event_dim * sigma.log()
         velocity = velocity_cost(x, x_next, self.s2[t])
         loss = next_value - self.tau1 * entropy + self.tau2 * velocity
         if self.reference is not None:
             with torch.no_grad():
-                reference_mean = self.reference.mean(x, t)
+                reference_mean = self.reference.mean_at(x, t, condition)
             loss = loss + self.kl_weight * gaussian_kl(mean, sigma, reference_mean, self.reference.sigma()[t])
         return loss.mean()
 
@@ -370,13 +385,18 @@ class DxDP:
         flat = torch.randint(0, T * B, (n,), generator=generator, device=dev)
         t, index = flat // B, flat % B
         x = trajectory.states[t, index]
+        condition = None if trajectory.condition is None else trajectory.condition.select(index.cpu())
         noise = torch.randn(x.shape, generator=generator, device=dev)
-        loss = self.policy_loss(x, t, noise)
+        loss = self.policy_loss(x, t, noise, condition)
         grad_norm = self.sampler_optimizer.step(loss)
         return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm}
 
     # ---- one iteration -------------------------------------------------------------------------------------------
-    def update(self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
+    def update(
+        self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None, real_condition=None
+    ) -> dict[str, float]:
+        """One iteration on the sampled `trajectory` (its conditions ride along in it; the data's, `real_condition`,
+        are not used)."""
         self.s2 = self.s2.to(trajectory.states.device)
         if self.reference is not None:
             self.reference.to(trajectory.states.device)
@@ -393,10 +413,10 @@ class DxDP:
     def guide(self, scale: float):
         """Value guidance (Sec. 5.2): x_{t+1} <- x_{t+1} - scale * sigma_t * grad V(x_{t+1}, t+1); scale > 0 lowers V."""
 
-        def apply(x: torch.Tensor, t_next: int, sigma: torch.Tensor) -> torch.Tensor:
+        def apply(x: torch.Tensor, t_next: int, sigma: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)
-                v = self.value_at(x, self._times(t_next, x.shape[0], x.device)).sum()
+                v = self.value_at(x, self._times(t_next, x.shape[0], x.device), condition).sum()
                 (grad,) = torch.autograd.grad(v, x)
             return (x - scale * sigma * grad).detach()
 
@@ -419,6 +439,12 @@ class DxDP:
     def load_state_dict(self, state: dict) -> None:
         self.s2 = state["s2"].to(self.s2.device)
         self.iteration = int(state["iteration"])
+
+
+def rows_condition(trajectory: Trajectory, times: int) -> Conditions | None:
+    """The conditions of `times` time slices of the trajectory's B chains stacked time-major (T*B rows for a batched TD
+    step), or None for an unconditional trajectory."""
+    return None if trajectory.condition is None else trajectory.condition.repeat(times)
 
 
 def build_dxdp(

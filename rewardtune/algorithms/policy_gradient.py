@@ -23,18 +23,25 @@ Policy improvement is PPO's clipped surrogate on the per-step Gaussian log-probs
 
 for `ppo_epochs` passes over the B*T transitions in `minibatches` shuffled minibatches. Unlike DxDP it needs no
 gradient of the reward or the value: only the score function grad log pi.
+
+Conditional runs can replace the baseline with an advantage that uses each chain's condition (`advantage`, see
+advantages.py): "per_condition" standardises returns by a running per-prompt buffer (DDPO), "group" draws the batch
+as groups of `group_size` chains per condition and standardises within each group (GRPO).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from rewardtune.algorithms.advantages import PerConditionStats, group_advantages
 from rewardtune.algorithms.dxdp import (
     avr_update,
     effective_temperatures,
     frozen_reference,
+    rows_condition,
     sampler_optimizer,
     sigma_metrics,
     transition_kl,
@@ -42,6 +49,7 @@ from rewardtune.algorithms.dxdp import (
 )
 from rewardtune.backbones.base import GaussianChainPolicy
 from rewardtune.errors import RecipeError
+from rewardtune.nets.conditioning import Conditioning
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep, all_mean
 from rewardtune.rewards.base import (
@@ -70,7 +78,13 @@ class PolicyGradientConfig:
     clip_range: float = 0.2  # eps of PPO's clipped ratio
     ppo_epochs: int = 1  # passes over each batch's transitions
     minibatches: int = 1  # minibatches per pass
-    normalize_advantages: bool = True  # standardise A over the batch (and processes)
+    normalize_advantages: bool = True  # advantage = "baseline": standardise A over the batch (and processes)
+    advantage: Literal["baseline", "per_condition", "group"] = "baseline"  # A = G - V (baseline); G standardised
+    # by a per-condition buffer of recent returns (DDPO's per-prompt stat tracking); or within groups of chains
+    # drawn under one condition (GRPO). The last two need [conditions] and no [value]
+    group_size: int = 1  # advantage = "group": chains per condition in a batch (divides train.batch_size)
+    stat_buffer_size: int = 32  # advantage = "per_condition": returns kept per condition
+    stat_min_count: int = 16  # advantage = "per_condition": a condition's own statistics from this many returns
     sampler_lr: float = 1e-5  # Adam lr of the sampler network
     sigma_lr: float = 1e-3  # Adam lr of log sigma_t
     sampler_grad_clip: float | None = None  # clip of the sampler gradient norm
@@ -131,6 +145,7 @@ class PolicyGradient:
 
     needs_rollout = True
     backbone_mode = "eval"  # the trainer's mode for the backbone during `update`
+    conditional = True  # conditions come with the trajectory; `real_condition` is not needed
 
     def __init__(
         self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction | None, *, config: PolicyGradientConfig
@@ -142,14 +157,19 @@ class PolicyGradient:
         self.reference = frozen_reference(backbone, config.kl_weight)
         self.sampler_optimizer = sampler_optimizer(backbone, config.sampler_lr, config.sigma_lr, config.sampler_grad_clip)
         self.iteration = 0
+        self.stats = (
+            PerConditionStats(config.stat_buffer_size, config.stat_min_count) if config.advantage == "per_condition" else None
+        )
+        # the trainer draws the rollouts' conditions in groups of this many chains (GRPO)
+        self.rollout_group_size = config.group_size if config.advantage == "group" else 1
 
-    def terminal_reward(self, x: torch.Tensor) -> torch.Tensor:
-        """r(x_T) plus the optional kNN entropy bonus: [B].
+    def terminal_reward(self, x: torch.Tensor, condition=None) -> torch.Tensor:
+        """r(x_T, c) plus the optional kNN entropy bonus: [B].
 
         The reward is scored with gradients enabled (as DxDP's terminal cost is): a composite reward with `normalize`
         updates its running statistics only then, and treats a `torch.no_grad()` call as an evaluation."""
         x = self.backbone.output(x)  # reward and kNN bonus score the sample the user gets, not the raw state x_T
-        r = -check_reward_output(reward_name(self.reward), self.reward.cost(x.detach()), x.shape[0]).detach()
+        r = -check_reward_output(reward_name(self.reward), self.reward.cost(x.detach(), condition), x.shape[0]).detach()
         if self.config.knn_entropy > 0:
             try:
                 r = r + self.config.knn_entropy * knn_log_distance(x.detach(), self.config.knn_k)
@@ -164,12 +184,20 @@ class PolicyGradient:
         (V(., T) = E) keeps its terminal slot for the energy (a time-independent one is refused at build)."""
         T, B = trajectory.num_steps, trajectory.batch_size
         metrics = {}
+        if self.config.advantage != "baseline":
+            if trajectory.condition is None:
+                raise RecipeError(f"algorithm.advantage = {self.config.advantage!r} needs conditional rollouts ([conditions])")
+            if self.config.advantage == "group":
+                return group_advantages(returns, self.config.group_size), metrics
+            return self.stats.normalize(trajectory.condition.keys(), returns), metrics
         if self.value is not None:
             x = trajectory.states[:-1].flatten(0, 1)  # [T*B, ...]
             t = torch.arange(T, device=x.device).repeat_interleave(B)
+            c = rows_condition(trajectory, T)
+            value = (lambda: self.value(x, t)) if c is None else (lambda: self.value(x, t, c))
             with torch.no_grad():
-                baseline = self.value(x, t).view(T, B)
-            loss = (self.value(x, t) - returns.flatten()).pow(2).mean()
+                baseline = value().view(T, B)
+            loss = (value() - returns.flatten()).pow(2).mean()
             self.value.optimizer.step(loss)
             metrics["value/loss"] = loss.item()
         else:
@@ -189,6 +217,7 @@ class PolicyGradient:
         t = torch.arange(T, device=x.device).repeat_interleave(B)
         old = trajectory.log_probs.flatten()
         adv = advantage.flatten()
+        c = rows_condition(trajectory, T)
         n = T * B
         size = max(1, n // cfg.minibatches)
         losses, clips, kls = [], [], []
@@ -196,7 +225,7 @@ class PolicyGradient:
             order = torch.randperm(n, generator=generator, device=x.device)
             for start in range(0, size * cfg.minibatches, size):
                 idx = order[start : start + size]
-                log_prob = self.backbone.log_prob(x_next[idx], x[idx], t[idx])
+                log_prob = self.backbone.log_prob(x_next[idx], x[idx], t[idx], None if c is None else c.select(idx.cpu()))
                 loss, clip_fraction, approx_kl = ppo_clip_loss(log_prob, old[idx], adv[idx], cfg.clip_range)
                 self.sampler_optimizer.step(loss)
                 losses.append(loss.item())
@@ -208,7 +237,11 @@ class PolicyGradient:
             "policy/approx_kl": sum(kls) / len(kls),
         }
 
-    def update(self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
+    def update(
+        self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None, real_condition=None
+    ) -> dict[str, float]:
+        """One iteration on the sampled `trajectory` (its conditions ride along in it; the data's, `real_condition`,
+        are not used)."""
         if trajectory.log_probs is None:
             raise ValueError("policy_gradient needs the sampled log-probs (a trajectory drawn without guidance)")
         self.s2 = self.s2.to(trajectory.states.device)
@@ -216,7 +249,7 @@ class PolicyGradient:
         if self.reference is not None:
             self.reference.to(trajectory.states.device)
             kl = transition_kl(self.backbone, self.reference, trajectory, sampled=True)  # [T, B]
-        r = self.terminal_reward(trajectory.final)
+        r = self.terminal_reward(trajectory.final, trajectory.condition)
         costs = running_costs(trajectory, self.s2, self.tau1, self.tau2, kl=kl, kl_weight=self.kl_weight)
         returns = soft_returns(r, costs)
         advantage, metrics = self.advantages(trajectory, returns)
@@ -244,19 +277,32 @@ class PolicyGradient:
         return opts
 
     def state_dict(self) -> dict:
-        return {"s2": self.s2.clone(), "iteration": self.iteration}
+        state = {"s2": self.s2.clone(), "iteration": self.iteration}
+        if self.stats is not None:
+            state["condition_stats"] = self.stats.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.s2 = state["s2"].to(self.s2.device)
         self.iteration = int(state["iteration"])
+        if self.stats is not None:
+            self.stats.load_state_dict(state.get("condition_stats", {}))
 
 
 def build_policy_gradient(
-    backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction | None, /, *, config: PolicyGradientConfig
+    backbone: GaussianChainPolicy,
+    reward: Reward,
+    value: ValueFunction | None,
+    conditioning: Conditioning | None = None,
+    /,
+    *,
+    config: PolicyGradientConfig,
 ) -> PolicyGradient:
-    """Algorithm `policy_gradient` (PPO-clip with a value baseline; [value] optional)."""
+    """Algorithm `policy_gradient` (PPO-clip with a value baseline; [value] optional; per-condition or group
+    advantages for conditional runs)."""
     if reward is None:
         raise ValueError("algorithm 'policy_gradient' needs a [reward] section")
+    check_advantage_settings(config, value, conditioning)
     if config.ppo_epochs < 1 or config.minibatches < 1:
         raise ValueError("ppo_epochs and minibatches must be at least 1")
     if not 0 < config.clip_range < 1:
@@ -271,3 +317,22 @@ def build_policy_gradient(
             "same time-independent [value] network; use a time-dependent value or [reward] share_with_value = false"
         )
     return PolicyGradient(backbone, reward, value, config=config)
+
+
+def check_advantage_settings(config: PolicyGradientConfig, value, conditioning) -> None:
+    """`advantage`, `group_size` and the stat-tracking options must fit together and fit the recipe."""
+    if config.advantage == "baseline":
+        if config.group_size != 1:
+            raise ValueError(f"group_size = {config.group_size} applies to advantage = 'group'")
+        return
+    if conditioning is None:
+        raise ValueError(f"advantage = {config.advantage!r} normalises per condition and needs a [conditions] table")
+    if value is not None:
+        raise ValueError(f"advantage = {config.advantage!r} uses no value baseline; drop the [value] table")
+    if config.advantage == "group" and config.group_size < 2:
+        raise ValueError("advantage = 'group' needs group_size >= 2 chains per condition")
+    if config.advantage == "per_condition":
+        if config.group_size != 1:
+            raise ValueError(f"group_size = {config.group_size} applies to advantage = 'group'")
+        if not 2 <= config.stat_min_count <= config.stat_buffer_size:
+            raise ValueError("need 2 <= stat_min_count <= stat_buffer_size")

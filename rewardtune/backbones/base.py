@@ -3,6 +3,9 @@
     x_0 ~ pi(x_0),   x_{t+1} = mean_phi(x_t, t) + sigma_t * eps,   eps ~ N(0, I),   t = 0..T-1,
 
 with mean_phi(x_t, t) = a_t x_t + mu_phi(x_t, t) supplied by a subclass and learnable log sigma_t owned here.
+A conditional sampler's mean also takes the condition c of the chain (`conditions.Conditions`), mean_phi(x_t, t, c):
+the condition is part of the state, drawn once per chain and kept in `Trajectory.condition`; sigma_t do not depend
+on it. `conditioning` says what condition the network takes (None: unconditional).
 Log-probabilities and entropies are SUMS over the D event dimensions (so the entropy is D log sigma_t + const and
 temperatures multiply per-sample, not per-dimension, quantities).
 
@@ -19,13 +22,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from rewardtune.conditions import Conditions
 from rewardtune.types import Trajectory
 
 IMAGE_RANGE = (-1.0, 1.0)
 """The pixel range of every image source (data/images.py) and so the output range of the image backbones."""
 
-Guide = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
-"""guide(x_{t+1}, t+1, sigma_t) -> adjusted x_{t+1}; used for value guidance at sampling time."""
+Guide = Callable[..., torch.Tensor]
+"""guide(x_{t+1}, t+1, sigma_t) -> adjusted x_{t+1} (a conditional chain adds its `Conditions` as a fourth argument);
+used for value guidance at sampling time."""
 
 
 class StandardNormalPrior(nn.Module):
@@ -38,7 +43,10 @@ class StandardNormalPrior(nn.Module):
 class GaussianChainPolicy(nn.Module):
     """Base class of every backbone adapter.
 
-    Subclasses implement `mean(x, t)`. This class owns the noise levels, sampling, log-probs and entropies.
+    Subclasses implement `mean(x, t)`, or `mean(x, t, condition=None)` when they take a condition (and then set
+    `conditioning`). This class owns the noise levels, sampling, log-probs and entropies; everything else calls
+    `mean_at`, which passes a condition only when there is one, so a subclass written for unconditional sampling keeps
+    working.
 
     Args:
         sample_shape: shape of one sample (the event shape), e.g. (2,) or (3, 32, 32).
@@ -71,6 +79,7 @@ class GaussianChainPolicy(nn.Module):
         self.log_sigma = nn.Parameter(log_sigma, requires_grad=learn_sigma)  # [T]
         self.register_buffer("initial_log_sigma", log_sigma.clone())
         self.prior = prior if prior is not None else StandardNormalPrior()
+        self.conditioning = None  # what condition the network takes (nets.conditioning.Conditioning); None: none
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     @property
@@ -87,9 +96,18 @@ class GaussianChainPolicy(nn.Module):
         return self.log_sigma.device
 
     # ---- the policy --------------------------------------------------------------------------------------------
-    def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """mean_phi(x_t, t) = a_t x_t + mu_phi(x_t, t) for per-sample integer times t [B]."""
+    def mean(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
+        """mean_phi(x_t, t, c) = a_t x_t + mu_phi(x_t, t, c) for per-sample integer times t [B] and conditions c (B
+        rows, or None)."""
         raise NotImplementedError
+
+    def mean_at(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
+        """`mean(x, t)`, or `mean(x, t, condition)` when there is a condition: the call every consumer makes."""
+        if condition is None:
+            return self.mean(x, t)
+        if self.conditioning is None:
+            raise ValueError(f"{type(self).__name__} is unconditional but was given conditions")
+        return self.mean(x, t, condition)
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """The sample the user gets from final states x_T [B, *sample_shape]: x_T clamped to `output_range`, or x_T
@@ -107,15 +125,19 @@ class GaussianChainPolicy(nn.Module):
             log_sigma = torch.cat([log_sigma[:-1], self.initial_log_sigma[-1:]])
         return log_sigma.exp()
 
-    def step(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Reparameterised transition x_{t+1} = mean(x_t, t) + sigma_t * noise (differentiable in phi)."""
+    def step(
+        self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition: Conditions | None = None
+    ) -> torch.Tensor:
+        """Reparameterised transition x_{t+1} = mean(x_t, t, c) + sigma_t * noise (differentiable in phi)."""
         sigma = self.sigma()[t].view(-1, *([1] * len(self.sample_shape)))
-        return self.mean(x, t) + sigma * noise
+        return self.mean_at(x, t, condition) + sigma * noise
 
-    def log_prob(self, x_next: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """log pi(x_{t+1} | x_t), summed over dimensions: [B]."""
+    def log_prob(
+        self, x_next: torch.Tensor, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None
+    ) -> torch.Tensor:
+        """log pi(x_{t+1} | x_t, c), summed over dimensions: [B]."""
         sigma = self.sigma()[t]  # [B]
-        sq = (x_next - self.mean(x, t)).flatten(1).pow(2).sum(1)
+        sq = (x_next - self.mean_at(x, t, condition)).flatten(1).pow(2).sum(1)
         d = self.event_dim
         return -0.5 * sq / sigma**2 - d * sigma.log() - 0.5 * d * math.log(2 * math.pi)
 
@@ -130,37 +152,47 @@ class GaussianChainPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, n: int, generator: torch.Generator | None = None, guide: Guide | None = None, x0: torch.Tensor | None = None
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        guide: Guide | None = None,
+        x0: torch.Tensor | None = None,
+        condition: Conditions | None = None,
     ) -> Trajectory:
-        """Roll out n chains without gradients from prior draws (or from the given starts `x0`). Returns the whole
-        trajectory x_0..x_T."""
+        """Roll out n chains without gradients from prior draws (or from the given starts `x0`), each under its row of
+        `condition` (n rows; None: unconditional). Returns the whole trajectory x_0..x_T with its conditions."""
         if x0 is not None and tuple(x0.shape) != (n, *self.sample_shape):
             raise ValueError(f"x0 has shape {tuple(x0.shape)}, expected {(n, *self.sample_shape)}")
+        if condition is not None:
+            if len(condition) != n:
+                raise ValueError(f"{len(condition)} conditions for {n} chains")
+            condition = condition.to(self.device)
         x = self.prior.sample(n, self.sample_shape, generator, self.device) if x0 is None else x0.to(self.device)
         states, log_probs = [x], []
         sigmas = self.sigma()
         d = self.event_dim
         for t in range(self.num_steps):
             noise = torch.randn(x.shape, generator=generator, device=x.device)
-            x = self.step(x, self.times(t, n), noise)
+            x = self.step(x, self.times(t, n), noise, condition)
             # log N(x_{t+1}; mean, sigma^2 I) from the noise that produced it.
             log_probs.append(-0.5 * noise.flatten(1).pow(2).sum(1) - d * sigmas[t].log() - 0.5 * d * math.log(2 * math.pi))
             if guide is not None:
-                x = guide(x, t + 1, sigmas[t])
+                x = guide(x, t + 1, sigmas[t]) if condition is None else guide(x, t + 1, sigmas[t], condition)
             states.append(x)
         return Trajectory(
             states=torch.stack(states),
             sigmas=sigmas.detach().clone(),
             log_probs=None if guide is not None else torch.stack(log_probs),
+            condition=condition,
         )
 
     @torch.no_grad()
-    def mean_path(self, x0: torch.Tensor) -> torch.Tensor:
-        """The chain run from `x0` with its noise switched off: x_{t+1} = mean(x_t, t); returns x_T (a deterministic
-        map of x_0, what one-step distillation regresses on)."""
+    def mean_path(self, x0: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
+        """The chain run from `x0` with its noise switched off: x_{t+1} = mean(x_t, t, c); returns x_T (a
+        deterministic map of x_0, what one-step distillation regresses on)."""
         x = x0.to(self.device)
         for t in range(self.num_steps):
-            x = self.mean(x, self.times(t, x.shape[0]))
+            x = self.mean_at(x, self.times(t, x.shape[0]), condition)
         return x
 
     def sigma_parameters(self) -> list[nn.Parameter]:

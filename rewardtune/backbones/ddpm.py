@@ -4,6 +4,11 @@ The UNet is loaded with `UNet2DModel.from_pretrained` (a hub id such as the defa
 local folder written by `save_pretrained`), or built at random from a `unet` config table (for pretraining a small
 UNet, e.g. on the 8x8 digits). The policy runs it on a few-step sub-schedule of the 1000-step DDPM (FastDPM's VAR
 schedule, as DxMI's CIFAR-10 runs, or a plain strided one); see `EpsilonChainPolicy`.
+
+Conditional (a [conditions] table): the condition's embedding (`ConditionEmbedding`, zero at initialisation) is added to
+the UNet's time embedding through diffusers' class-embedding slot (`class_embedding` = identity, `class_labels` =
+the embedding), for class labels and pooled text embeddings alike; a pretrained unconditional UNet so starts out
+computing exactly what it computed before. `cfg_scale` is the policy's classifier-free guidance scale.
 """
 
 from __future__ import annotations
@@ -16,18 +21,31 @@ from torch import nn
 from rewardtune.backbones.base import IMAGE_RANGE
 from rewardtune.backbones.epsilon import EpsilonChainPolicy
 from rewardtune.errors import PluginError
+from rewardtune.nets.conditioning import ConditionEmbedding, Conditioning
 from rewardtune.quiet import quiet_libraries
 
 
 class UNetEps(nn.Module):
-    """eps(x, k) = unet(x, k).sample for a diffusers UNet2DModel (k: DDPM timesteps [B], possibly fractional)."""
+    """eps(x, k, c) = unet(x, k, class_labels=emb(c)).sample for a diffusers UNet2DModel (k: DDPM timesteps [B],
+    possibly fractional; c: the condition tensor, None for "no condition"; unconditional: unet(x, k).sample)."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, conditioning: Conditioning | None = None) -> None:
         super().__init__()
         self.unet = unet
+        self.condition = None
+        if conditioning is not None:
+            if unet.class_embedding is not None:
+                raise ValueError("the UNet has its own class embedding; drop class_embed_type / num_class_embeds and "
+                                 "let [conditions] condition it")
+            self.condition = ConditionEmbedding(conditioning, unet.time_embedding.linear_2.out_features, zero_init=True)
+            unet.class_embedding = nn.Identity()  # UNet2DModel adds class_embedding(class_labels) to its time embedding
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, k).sample
+    def forward(self, x: torch.Tensor, k: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.condition is None:
+            if c is not None:
+                raise ValueError("this UNet is unconditional but was given a condition")
+            return self.unet(x, k).sample
+        return self.unet(x, k, class_labels=self.condition(c, x.shape[0], x.device)).sample
 
 
 def load_unet(pretrained: str, subfolder: str | None = None) -> nn.Module:
@@ -47,6 +65,7 @@ def load_unet(pretrained: str, subfolder: str | None = None) -> nn.Module:
 
 def build_ddpm_backbone(
     sample_shape: tuple[int, ...],
+    conditioning: Conditioning | None = None,
     /,
     *,
     pretrained: str = "google/ddpm-cifar10-32",
@@ -61,6 +80,7 @@ def build_ddpm_backbone(
     fix_last_sigma: bool = True,
     sigma_floor: float = 1e-3,
     prediction: Literal["epsilon", "sample"] = "epsilon",
+    cfg_scale: float = 1.0,
 ) -> EpsilonChainPolicy:
     """A pretrained (or, with `unet` and pretrained = "", randomly initialised) DDPM UNet as a T-step policy.
 
@@ -82,7 +102,7 @@ def build_ddpm_backbone(
     if tuple(sample_shape) != (channels, size, size):
         raise ValueError(f"the UNet makes {channels}x{size}x{size} images but the data are {'x'.join(map(str, sample_shape))}")
     return EpsilonChainPolicy(
-        UNetEps(model),
+        UNetEps(model, conditioning),
         tuple(sample_shape),
         num_steps=num_steps,
         schedule=schedule,
@@ -94,4 +114,6 @@ def build_ddpm_backbone(
         sigma_floor=sigma_floor,
         prediction=prediction,
         output_range=IMAGE_RANGE,
+        conditioning=conditioning,
+        cfg_scale=cfg_scale,
     )

@@ -11,6 +11,11 @@ Ancestral step sigma_t -> sigma_{t+1} (split into sigma_up, sigma_down; see `sch
 
 with learnable noise s_t initialised to max(sigma_up, 1e-3). The prior is N(0, sigma_max^2 I). F is a diffusers
 UNet2DModel (from_pretrained or a random config) or any module `F(x, c_noise)` named by "package.module:factory".
+
+Conditional (a [conditions] table, e.g. ImageNet 64's class labels, as the DxMI paper's Table 3 runs): F(x, c_noise, c)
+with the chain's condition, a UNet2DModel through its class-embedding slot (`ddpm.UNetEps`); a network named by
+`network` must take the condition tensor as a third argument. With a CFG scale w != 1 the denoiser is the guided
+D_u + w (D_c - D_u).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from torch import nn
 
 from rewardtune.backbones.base import IMAGE_RANGE, GaussianChainPolicy
 from rewardtune.backbones.ddpm import UNetEps, load_unet
+from rewardtune.backbones.epsilon import check_cfg_scale
 from rewardtune.backbones.schedules import ancestral_split, karras_sigmas
+from rewardtune.conditions import Conditions, condition_tensor
+from rewardtune.nets.conditioning import Conditioning, guided_call
 
 SIGMA_DATA = 0.5
 
@@ -56,6 +64,8 @@ class EDMChainPolicy(GaussianChainPolicy):
         rho: float = 7.0,
         stochastic_last: bool = False,
         noise_scale: float = 0.25,
+        conditioning: Conditioning | None = None,
+        cfg_scale: float = 1.0,
         **policy_kwargs,
     ) -> None:
         sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, stochastic_last)
@@ -63,19 +73,22 @@ class EDMChainPolicy(GaussianChainPolicy):
         super().__init__(sample_shape, sigma_up, prior=ScaledNormalPrior(sigma_max), **policy_kwargs)
         self.network = network
         self.noise_scale = noise_scale
+        self.conditioning = conditioning
+        self.cfg_scale = check_cfg_scale(cfg_scale, conditioning)
         self.register_buffer("sigmas", sigmas[:-1].float())  # [T], the level each step starts from
         self.register_buffer("sigma_down", sigma_down.float())  # [T]
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """D(x; sigma) for per-sample sigma [B]."""
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
+        """D(x; sigma, c) for per-sample sigma [B], guided at the policy's CFG scale."""
         view = (-1, *([1] * len(self.sample_shape)))
         c_skip, c_out, c_in = (c.view(view) for c in edm_preconditioning(sigma))
-        return c_skip * x + c_out * self.network(c_in * x, self.noise_scale * sigma.log())
+        f = guided_call(self.network, c_in * x, self.noise_scale * sigma.log(), condition_tensor(condition), self.cfg_scale)
+        return c_skip * x + c_out * f
 
-    def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def mean(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
         view = (-1, *([1] * len(self.sample_shape)))
         sigma = self.sigmas[t]
-        d = (x - self.denoise(x, sigma)) / sigma.view(view)
+        d = (x - self.denoise(x, sigma, condition)) / sigma.view(view)
         return x + d * (self.sigma_down[t] - sigma).view(view)
 
     def network_state(self) -> dict[str, torch.Tensor]:
@@ -84,6 +97,7 @@ class EDMChainPolicy(GaussianChainPolicy):
 
 def build_edm_backbone(
     sample_shape: tuple[int, ...],
+    conditioning: Conditioning | None = None,
     /,
     *,
     pretrained: str = "",
@@ -99,6 +113,7 @@ def build_edm_backbone(
     learn_sigma: bool = True,
     fix_last_sigma: bool = True,
     sigma_floor: float = 1e-3,
+    cfg_scale: float = 1.0,
 ) -> EDMChainPolicy:
     """Backbone `edm`. Exactly one of: `pretrained` (UNet2DModel.from_pretrained id or folder), `unet` (a random
     UNet2DModel config) or `network` ("package.module:factory" returning F(x, c_noise)). `noise_scale` is 0.25 for
@@ -118,9 +133,10 @@ def build_edm_backbone(
             model = UNet2DModel(**unet)
         else:
             model = load_unet(pretrained, subfolder or None)
-        net = UNetEps(model)
+        net = UNetEps(model, conditioning)
     return EDMChainPolicy(
         net, tuple(sample_shape), num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         stochastic_last=stochastic_last, noise_scale=noise_scale, learn_sigma=learn_sigma,
         fix_last_sigma=fix_last_sigma, sigma_floor=sigma_floor, output_range=IMAGE_RANGE,
+        conditioning=conditioning, cfg_scale=cfg_scale,
     )

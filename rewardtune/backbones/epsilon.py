@@ -8,6 +8,10 @@ runs it on a T-step sub-schedule with DDIM(eta = 1) transitions (see `schedules.
 so a_t x_t + c_t eps_theta is the policy mean of the DxMI paper's Eq. (1) with mu_phi = c_t eps_theta. The mean
 coefficient c_t always uses the schedule's sigma, not the learned one (as the official DxMI code does), so
 learning sigma_t changes only the injected noise.
+
+Conditional: eps_theta(x, k, c) with the chain's condition c; with a CFG scale w != 1 the policy's eps is the
+classifier-free guided one, eps_u + w (eps_c - eps_u) (`nets.conditioning.guided_call`), so the guided mean is the
+policy mean whose log-probs, values and improvements DxDP and PPO use.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from rewardtune.backbones.schedules import (
     fastdpm_ddpm_schedule,
     strided_ddpm_schedule,
 )
+from rewardtune.conditions import Conditions, condition_tensor
+from rewardtune.nets.conditioning import Conditioning, guided_call
 
 SCHEDULES = {"strided": strided_ddpm_schedule, "fastdpm": fastdpm_ddpm_schedule}
 
@@ -41,6 +47,8 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         prediction: what the network outputs: "epsilon" (the noise, as DDPM pretraining trains it) or "sample" (x_0
             directly; eps = (x - sqrt(ab) x0) / sqrt(1 - ab)). A one-step student needs "sample": from pure noise
             (ab = 4e-5) the mean x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) amplifies any eps error 157 times.
+        conditioning: what condition `eps_net` takes as a third argument (None: unconditional).
+        cfg_scale: classifier-free guidance scale w of the policy's eps (1: the conditional network itself).
         **policy_kwargs: passed to `GaussianChainPolicy` (learn_sigma, fix_last_sigma, sigma_floor, prior).
     """
 
@@ -55,6 +63,8 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         prediction: Literal["epsilon", "sample"] = "epsilon",
+        conditioning: Conditioning | None = None,
+        cfg_scale: float = 1.0,
         **policy_kwargs,
     ) -> None:
         alphas_cumprod = ddpm_alphas_cumprod(num_train_steps, beta_start, beta_end)
@@ -66,6 +76,8 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         self.prediction = prediction
         super().__init__(sample_shape, coef.sigma, **policy_kwargs)
         self.eps_net = eps_net
+        self.conditioning = conditioning
+        self.cfg_scale = check_cfg_scale(cfg_scale, conditioning)
         self.register_buffer("alphas_cumprod", alphas_cumprod.float())  # [K], for DDPM training
         self.register_buffer("timesteps", timesteps.float())  # [T], DDPM step k_t of sampler step t
         self.register_buffer("coef_a", coef.a.float())  # [T]
@@ -77,9 +89,19 @@ class EpsilonChainPolicy(GaussianChainPolicy):
     def num_train_steps(self) -> int:
         return self.alphas_cumprod.shape[0]
 
-    def predict_eps(self, x: torch.Tensor, k: torch.Tensor, alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
-        """eps_theta(x, k) reshaped to x's shape, for DDPM timesteps k [B] (alpha_bar [B] of k: "sample" networks)."""
-        out = self.eps_net(x, k).view_as(x)
+    def predict_eps(
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        alpha_bar: torch.Tensor | None = None,
+        condition: Conditions | None = None,
+        *,
+        cfg_scale: float | None = None,
+    ) -> torch.Tensor:
+        """eps_theta(x, k, c) reshaped to x's shape, for DDPM timesteps k [B] (alpha_bar [B] of k: "sample" networks),
+        guided at `cfg_scale` (default: the policy's)."""
+        scale = self.cfg_scale if cfg_scale is None else cfg_scale
+        out = guided_call(self.eps_net, x, k, condition_tensor(condition), scale).view_as(x)
         if self.prediction == "epsilon":
             return out
         if alpha_bar is None:
@@ -87,11 +109,22 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         ab = alpha_bar.view(-1, *([1] * len(self.sample_shape)))
         return (x - ab.sqrt() * out) / (1 - ab).sqrt()
 
-    def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def mean(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
         view = (-1, *([1] * len(self.sample_shape)))
-        eps = self.predict_eps(x, self.timesteps[t], self.step_alphas_cumprod[t])
+        eps = self.predict_eps(x, self.timesteps[t], self.step_alphas_cumprod[t], condition)
         return self.coef_a[t].view(view) * x + self.coef_c[t].view(view) * eps
 
     def network_state(self) -> dict[str, torch.Tensor]:
         """The weights that carry over between samplers of different T (the eps-network only)."""
         return {f"eps_net.{k}": v for k, v in self.eps_net.state_dict().items()}
+
+
+def check_cfg_scale(scale: float, conditioning: Conditioning | None) -> float:
+    """The CFG scale, checked: finite, and 1 unless the network is conditional (an unconditional one has no
+    conditional branch to guide with)."""
+    scale = float(scale)
+    if not torch.isfinite(torch.tensor(scale)):
+        raise ValueError(f"cfg_scale must be finite, got {scale}")
+    if scale != 1.0 and conditioning is None:
+        raise ValueError(f"cfg_scale = {scale} needs a conditional backbone (a [conditions] table)")
+    return scale

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 from rewardtune.backbones.epsilon import EpsilonChainPolicy
+from rewardtune.nets.conditioning import Conditioning
 from rewardtune.nets.mlp import TimeMLP
 
 
 def build_mlp_backbone(
     sample_shape: tuple[int, ...],
+    conditioning: Conditioning | None = None,
     /,
     *,
     num_steps: int = 5,
@@ -24,17 +26,19 @@ def build_mlp_backbone(
     fix_last_sigma: bool = False,
     sigma_floor: float = 1e-3,
     prediction: Literal["epsilon", "sample"] = "epsilon",
+    cfg_scale: float = 1.0,
 ) -> EpsilonChainPolicy:
     """A T-step policy around TimeMLP(x, k) with a 128-d sinusoidal embedding of the DDPM timestep k.
 
     `schedule` picks the T-step sub-schedule of the K-step DDPM ("strided" from pure noise, or "fastdpm");
     `prediction` what the network outputs ("epsilon", or "sample" for a one-step student). The sample (`output`) is
-    x_T itself: vectors have no range to clamp to.
+    x_T itself: vectors have no range to clamp to. With `conditioning` (a [conditions] table) the network also takes
+    the condition's embedding, and `cfg_scale` is the policy's classifier-free guidance scale.
     """
     dim = 1
     for s in sample_shape:
         dim *= s
-    net = TimeMLP(dim, dim, hidden=hidden, depth=depth, time_dim=time_dim)
+    net = TimeMLP(dim, dim, hidden=hidden, depth=depth, time_dim=time_dim, conditioning=conditioning)
     return EpsilonChainPolicy(
         net,
         sample_shape,
@@ -47,4 +51,6 @@ def build_mlp_backbone(
         fix_last_sigma=fix_last_sigma,
         sigma_floor=sigma_floor,
         prediction=prediction,
+        conditioning=conditioning,
+        cfg_scale=cfg_scale,
     )

@@ -2,7 +2,8 @@
 
 Every source holds its images as one float tensor in [-1, 1], N x C x H x W, and `sample(n, generator)` draws a
 batch with replacement from an explicit generator (so resumed runs draw the same batches). `hflip` flips half of
-each batch horizontally (the paper's augmentation for CIFAR-10).
+each batch horizontally (the paper's augmentation for CIFAR-10). Sources with class labels (digits, CIFAR-10) also
+give `sample_conditioned(n, generator) -> (images, Conditions)`, the batch with its labels, for conditional runs.
 """
 
 from __future__ import annotations
@@ -11,18 +12,31 @@ from pathlib import Path
 
 import torch
 
+from rewardtune.conditions import Conditions
 from rewardtune.errors import RewardtuneError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 class TensorImages:
-    """Images held in memory as a [N, C, H, W] tensor in [-1, 1]."""
+    """Images held in memory as a [N, C, H, W] tensor in [-1, 1], optionally with class labels [N] (int64)."""
 
-    def __init__(self, images: torch.Tensor, *, hflip: bool = False, name: str = "images") -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        *,
+        hflip: bool = False,
+        name: str = "images",
+        labels: torch.Tensor | None = None,
+        class_names: tuple[str, ...] | None = None,
+    ) -> None:
         if images.dim() != 4:
             raise ValueError(f"{name}: expected N x C x H x W images, got shape {tuple(images.shape)}")
+        if labels is not None and tuple(labels.shape) != (images.shape[0],):
+            raise ValueError(f"{name}: {tuple(labels.shape)} labels for {images.shape[0]} images")
         self.images = images.float().contiguous()
+        self.labels = None if labels is None else labels.long().contiguous()
+        self.class_names = class_names
         self.hflip = hflip
         self.name = name
 
@@ -34,12 +48,29 @@ class TensorImages:
         return self.images.shape[0]
 
     def sample(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+        return self.sample_rows(n, generator, device)[0]
+
+    def sample_rows(self, n: int, generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """n images drawn with replacement (flipped when `hflip`) and their row numbers [n]."""
         idx = torch.randint(0, len(self), (n,), generator=generator)
         batch = self.images[idx]
         if self.hflip:
             flip = torch.rand(n, generator=generator) < 0.5
             batch[flip] = batch[flip].flip(-1)
-        return batch.to(device)
+        return batch.to(device), idx
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.labels is None else int(self.labels.max()) + 1
+
+    def sample_conditioned(
+        self, n: int, generator: torch.Generator | None = None, device="cpu"
+    ) -> tuple[torch.Tensor, Conditions]:
+        """n images and their class labels, drawn as `sample` draws them."""
+        if self.labels is None:
+            raise RewardtuneError(f"{self.name} has no class labels to condition on")
+        images, idx = self.sample_rows(n, generator, device)
+        return images, Conditions(labels=self.labels[idx].to(device))
 
 
 def load_digits_images() -> torch.Tensor:
@@ -52,14 +83,15 @@ def load_digits_images() -> torch.Tensor:
 
 def build_digits(*, hflip: bool = False, digit: int | None = None) -> TensorImages:
     """Data `digits`: sklearn's 8x8 digits (optionally one class only)."""
-    images = load_digits_images()
-    if digit is not None:
-        from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits
 
+    images = load_digits_images()
+    labels = torch.from_numpy(load_digits().target).long()
+    if digit is not None:
         if not 0 <= digit <= 9:
             raise ValueError(f"digit must be in 0..9, got {digit}")
-        images = images[torch.from_numpy(load_digits().target) == digit]
-    return TensorImages(images, hflip=hflip, name="digits")
+        images, labels = images[labels == digit], labels[labels == digit]
+    return TensorImages(images, hflip=hflip, name="digits", labels=labels, class_names=tuple(str(k) for k in range(10)))
 
 
 def build_cifar10(*, root: str = "data/cifar10", download: bool = True, hflip: bool = True) -> TensorImages:
@@ -74,11 +106,16 @@ def build_cifar10(*, root: str = "data/cifar10", download: bool = True, hflip: b
             "put cifar-10-batches-py there or set data.root"
         ) from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).float()  # [N, 3, 32, 32], 0..255
-    return TensorImages(images / 127.5 - 1, hflip=hflip, name="cifar10")
+    labels = torch.as_tensor(dataset.targets, dtype=torch.long)
+    return TensorImages(images / 127.5 - 1, hflip=hflip, name="cifar10", labels=labels, class_names=tuple(dataset.classes))
 
 
-def build_image_folder(*, path: str, size: int = 32, channels: int = 3, hflip: bool = False) -> TensorImages:
-    """Data `image_folder`: every image under `path`, resized to size x size."""
+def build_image_folder(
+    *, path: str, size: int = 32, channels: int = 3, hflip: bool = False, labels_from_folders: bool = False
+) -> TensorImages:
+    """Data `image_folder`: every image under `path`, resized to size x size. With `labels_from_folders`, an image's
+    class is the first-level subfolder it lies in (ImageNet's layout: one folder per class, classes in sorted
+    order), for class-conditional runs."""
     from PIL import Image
 
     if channels not in (1, 3):
@@ -96,4 +133,13 @@ def build_image_folder(*, path: str, size: int = 32, channels: int = 3, hflip: b
             raise RewardtuneError(f"cannot read image {f}: {err}") from None
         arrays.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, channels))
     images = torch.stack(arrays).permute(0, 3, 1, 2).float()
-    return TensorImages(images / 127.5 - 1, hflip=hflip, name=f"image_folder {path}")
+    if not labels_from_folders:
+        return TensorImages(images / 127.5 - 1, hflip=hflip, name=f"image_folder {path}")
+    root = Path(path)
+    folders = [f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else "" for f in files]
+    if "" in folders:
+        loose = files[folders.index("")]
+        raise RewardtuneError(f"labels_from_folders: {loose} is not in a class subfolder of {path}")
+    names = tuple(sorted(set(folders)))
+    labels = torch.tensor([names.index(f) for f in folders], dtype=torch.long)
+    return TensorImages(images / 127.5 - 1, hflip=hflip, name=f"image_folder {path}", labels=labels, class_names=names)

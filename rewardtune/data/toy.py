@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from rewardtune.conditions import Conditions
+
 SCALE = 1.414
 
 
@@ -24,11 +26,23 @@ class EightGaussians:
         angles = torch.arange(8, dtype=torch.float64) * (math.pi / 4)
         self.centers = self.radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1) / SCALE  # [8, 2]
 
+    num_classes = 8  # the mixture components, the class labels of a conditional run
+
     def sample(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+        return self.sample_conditioned(n, generator, device)[0]
+
+    def sample_conditioned(
+        self, n: int, generator: torch.Generator | None = None, device="cpu"
+    ) -> tuple[torch.Tensor, Conditions]:
+        """n points [n, 2] and their components (class labels 0..7, counter-clockwise from the +x axis)."""
         idx = torch.randint(0, 8, (n,), generator=generator)
         noise = torch.randn((n, 2), generator=generator, dtype=torch.float64)
         x = self.centers[idx] + noise * self.std / SCALE
-        return x.float().to(device)
+        return x.float().to(device), Conditions(labels=idx.to(device))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The component whose centre is nearest to each point of x [B, 2]: int64 [B]."""
+        return torch.cdist(x.double().cpu(), self.centers).argmin(1)
 
     def log_density(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x) of the mixture: [B]."""

@@ -7,10 +7,13 @@ Feature extractors map images in [-1, 1], [B, C, H, W], to features [B, F]:
 - `InceptionFeatures`: clean-fid's Inception-v3 with its "clean" resize to 299x299 (the standard FID; its weights
   are downloaded by clean-fid on first use, so offline it fails with a one-line error);
 - `digits_features`: the 64-d penultimate layer of the digits classifier (offline, for sklearn digits);
+- "shapes": the 128-d penultimate layer of the shapes-benchmark classifier (`nets/shapes.py`; offline, for RGB
+  shapes images of any size from 16, one network per size);
 - any module or `"package.module:factory"` returning such a module.
 
 `check_feature_extractor(name, sample_shape)` says before training whether an extractor takes the data's images: the
-digits network only 1x8x8, Inception grey or RGB, and a user's module is built and tried on a batch of two images.
+digits network only 1x8x8, the shapes network 3xSxS (S >= 16), Inception grey or RGB, and a user's module is built
+and tried on a batch of two images.
 """
 
 from __future__ import annotations
@@ -89,13 +92,22 @@ class DigitsFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier.features(images.float().cpu())
 
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """The digit the classifier sees in each image: int64 [B] (a conditional run's class accuracy)."""
+        return self.classifier(images.float().cpu()).argmax(1)
+
 
 def build_feature_extractor(name: str, device: torch.device | str = "cpu") -> nn.Module:
-    """'inception', 'digits', or "package.module:factory" (a callable returning a module)."""
+    """'inception', 'digits', 'shapes', or "package.module:factory" (a callable returning a module)."""
     if name == "inception":
         return InceptionFeatures(device)
     if name == "digits":
         return DigitsFeatures()
+    if name == "shapes":
+        from rewardtune.nets.shapes import ShapesFeatures
+
+        return ShapesFeatures()
     if ":" in name:
         from rewardtune.imports import call_factory_path
 
@@ -103,13 +115,13 @@ def build_feature_extractor(name: str, device: torch.device | str = "cpu") -> nn
         if not callable(module):
             raise PluginError(f"feature extractor {name!r} returned {type(module).__name__}, not a module")
         return module
-    raise PluginError(f"unknown feature extractor {name!r}: use 'inception', 'digits' or \"package.module:factory\"")
+    raise PluginError(f"unknown feature extractor {name!r}: use 'inception', 'digits', 'shapes' or \"package.module:factory\"")
 
 
 def check_feature_extractor(name: str, sample_shape: tuple[int, ...]) -> nn.Module | None:
     """Raise a one-line error unless extractor `name` takes images of `sample_shape` (C, H, W) and returns [B, F].
 
-    'digits' and 'inception' are checked from the shape alone (nothing is downloaded; None is returned). A
+    'digits', 'shapes' and 'inception' are checked from the shape alone (nothing is downloaded; None is returned). A
     "package.module:factory" is built and tried on two images; the module is returned, for the evaluator to keep.
     """
     if name == "digits":
@@ -117,6 +129,16 @@ def check_feature_extractor(name: str, sample_shape: tuple[int, ...]) -> nn.Modu
             raise RecipeError(
                 f"eval.feature_extractor = 'digits' takes 1x8x8 grey digits, but this data's images are "
                 f"{'x'.join(map(str, sample_shape))}: use 'inception' or a \"package.module:factory\""
+            )
+        return None
+    if name == "shapes":
+        from rewardtune.data.shapes import MIN_SIZE
+
+        channels, height, width = (tuple(sample_shape) + (0, 0, 0))[:3]
+        if len(sample_shape) != 3 or channels != 3 or height != width or height < MIN_SIZE:
+            raise RecipeError(
+                f"eval.feature_extractor = 'shapes' takes RGB shapes images 3xSxS with S >= {MIN_SIZE}, but this data's "
+                f"images are {'x'.join(map(str, sample_shape))}: use 'inception' or a \"package.module:factory\""
             )
         return None
     if name == "inception":

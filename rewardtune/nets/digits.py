@@ -8,12 +8,11 @@ $REWARDTUNE_CACHE (default ~/.cache/rewardtune).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rewardtune.nets.cache import cached_network
 
 TRAIN_COUNT = 1500
 
@@ -35,10 +34,6 @@ class DigitsClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.features(x))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("REWARDTUNE_CACHE", Path.home() / ".cache" / "rewardtune"))
 
 
 def train_digits_classifier(steps: int = 400, seed: int = 0) -> DigitsClassifier:
@@ -67,24 +62,7 @@ def train_digits_classifier(steps: int = 400, seed: int = 0) -> DigitsClassifier
 
 def load_digits_classifier() -> DigitsClassifier:
     """The cached classifier (trained and cached on first use)."""
-    from safetensors.torch import load_file, save_file
-
-    path = cache_dir() / "digits_classifier.safetensors"
-    model = DigitsClassifier()
-    if path.exists():
-        try:
-            model.load_state_dict(load_file(str(path)))
-            return model.eval().requires_grad_(False)
-        except Exception:  # noqa: BLE001 (a corrupt cache, whatever the error, is rebuilt)
-            path.unlink(missing_ok=True)
-    model = train_digits_classifier()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary name of this process's own: processes starting together (accelerate ranks, parallel runs) each
-    # train the classifier and the last rename wins, never a half-written file or a rename of a vanished one.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    return model.eval().requires_grad_(False)
+    return cached_network("digits_classifier.safetensors", DigitsClassifier, train_digits_classifier)
 
 
 def held_out_accuracy(model: DigitsClassifier) -> float:

@@ -1,6 +1,7 @@
 """`ValueFunction`: V_psi(x_t, t), the cost-to-go of the DxMI paper's Eq. (9), with its own optimiser.
 
-A time-dependent value evaluates a network on (x, t); a time-independent one (Algorithm 2) ignores t.
+A time-dependent value evaluates a network on (x, t); a time-independent one (Algorithm 2) ignores t. A conditional
+value V(x, t, c) also gives the network the chain's condition (`conditions.Conditions`) as `c=` its tensor.
 The value owns its `GradStep` so that an energy sharing its network (V^T = E) can share the optimiser too.
 """
 
@@ -9,33 +10,51 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rewardtune.conditions import Conditions, condition_tensor
+from rewardtune.nets.conditioning import Conditioning
 from rewardtune.optim import GradStep
 
 
 class ValueFunction(nn.Module):
-    """V(x, t) -> [B] for per-sample integer times t [B] (t = T is the terminal value).
+    """V(x, t, c) -> [B] for per-sample integer times t [B] (t = T is the terminal value) and conditions c (B rows or
+    None).
 
     Args:
-        net: module called as net(x, t_float) (time-dependent) or net(x) (time-independent), returning [B] or [B, 1].
+        net: module called as net(x, t_float) (time-dependent) or net(x) (time-independent), returning [B] or [B, 1];
+            a conditional one also takes the keyword `c`, the condition tensor (None: "no condition").
         lr: Adam learning rate of the value's optimiser.
         time_dependent: whether t is passed to the network.
         grad_clip: optional gradient-norm clip.
+        conditioning: the condition `net` takes (None: unconditional).
     """
 
-    def __init__(self, net: nn.Module, *, lr: float, time_dependent: bool = True, grad_clip: float | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        lr: float,
+        time_dependent: bool = True,
+        grad_clip: float | None = None,
+        conditioning: Conditioning | None = None,
+    ):
         super().__init__()
         self.net = net
         self.time_dependent = time_dependent
+        self.conditioning = conditioning
         self.optimizer = GradStep([(self.net.parameters(), lr)], grad_clip=grad_clip)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.time_dependent:
-            return self.net(x, t.float()).view(-1)
-        return self.net(x).view(-1)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
+        args = (x, t.float()) if self.time_dependent else (x,)
+        if condition is None:
+            return self.net(*args).view(-1)
+        if self.conditioning is None:
+            raise ValueError("this value function is unconditional but was given conditions")
+        return self.net(*args, c=condition_tensor(condition)).view(-1)
 
 
 def build_time_mlp_value(
     sample_shape: tuple[int, ...],
+    conditioning: Conditioning | None = None,
     /,
     *,
     hidden: int = 128,
@@ -45,11 +64,12 @@ def build_time_mlp_value(
     lr: float = 1e-3,
     grad_clip: float | None = None,
 ) -> ValueFunction:
-    """Value `time_mlp`: a time-conditioned MLP V(x, t) (time_dependent = false drops the time input)."""
+    """Value `time_mlp`: a time-conditioned MLP V(x, t) (time_dependent = false drops the time input); V(x, t, c)
+    with the condition's embedding concatenated when the run is conditional."""
     from rewardtune.nets.mlp import TimeMLP
 
     dim = 1
     for s in sample_shape:
         dim *= s
-    net = TimeMLP(dim, 1, hidden=hidden, depth=depth, time_dim=time_dim if time_dependent else 0)
-    return ValueFunction(net, lr=lr, time_dependent=time_dependent, grad_clip=grad_clip)
+    net = TimeMLP(dim, 1, hidden=hidden, depth=depth, time_dim=time_dim if time_dependent else 0, conditioning=conditioning)
+    return ValueFunction(net, lr=lr, time_dependent=time_dependent, grad_clip=grad_clip, conditioning=conditioning)

@@ -55,7 +55,7 @@ class AestheticHead(nn.Module):
 
 
 def head_cache_dir() -> Path:
-    from rewardtune.nets.digits import cache_dir
+    from rewardtune.nets.cache import cache_dir
 
     return cache_dir() / "aesthetic"
 

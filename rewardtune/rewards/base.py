@@ -32,14 +32,17 @@ class Reward(nn.Module):
     learns: ClassVar[bool] = False
 
     def cost(self, x: torch.Tensor, context=None) -> torch.Tensor:
-        """The terminal cost -r(x): [B]."""
-        rewards = self(x, context)
+        """The terminal cost -r(x, c): [B]. `context` (the samples' `Conditions`, or None) reaches `forward` only when
+        there is one and `forward` takes it, so a reward written as forward(x) works in a conditional run too."""
+        rewards = call_reward(self, x, context)
         if not isinstance(rewards, torch.Tensor):  # not negatable: let the contract check name the plugin
             check_reward_output(reward_name(self), rewards, x.shape[0])
         return -rewards
 
-    def evaluation_metrics(self, x: torch.Tensor) -> dict[str, float]:
-        """Extra metrics of samples `x` that evaluators report (e.g. a classifier's target-class fraction)."""
+    def evaluation_metrics(self, x: torch.Tensor, context=None) -> dict[str, float]:
+        """Extra metrics of samples `x` that evaluators report (e.g. a classifier's target-class fraction); a
+        conditional run passes each sample's condition as `context` (a reward whose override takes no `context` is
+        called without it)."""
         return {}
 
     def update(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
@@ -49,6 +52,19 @@ class Reward(nn.Module):
     def optimizers(self) -> list:
         """The `GradStep`s this reward owns (for checkpoints and learning-rate schedules)."""
         return []
+
+
+def call_reward(reward: nn.Module, x: torch.Tensor, context=None):
+    """reward(x, context), or reward(x) when there is no context or the reward's `forward` takes none."""
+    return reward(x, context) if context is not None and takes_context(reward) else reward(x)
+
+
+def takes_context(reward: nn.Module) -> bool:
+    """Whether `reward.forward` has a second parameter (the context) or takes *args."""
+    import inspect
+
+    params = list(inspect.signature(reward.forward).parameters.values())
+    return len(params) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 def reward_name(reward: nn.Module) -> str:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rewardtune.conditions import Conditions
 from rewardtune.errors import PluginError
 from rewardtune.quiet import quiet_libraries
 from rewardtune.rewards.base import Reward, keep_out_of_checkpoints
@@ -166,10 +167,24 @@ class ClipReward(Reward):
         device = self.encoder.mean.device
         return F.normalize(self.encoder.model.encode_text(self.tokenizer(list(prompts)).to(device)).float(), dim=-1)
 
+    def prompt_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm text embeddings [B, E] of per-sample prompts, each prompt encoded once per reward (a run's
+        prompt set is finite)."""
+        cache = self.__dict__.setdefault("_prompt_cache", {})
+        new = sorted({p for p in prompts if p not in cache})
+        if new:
+            cache.update(zip(new, self.encode_text(new).cpu()))
+        return torch.stack([cache[p] for p in prompts])
+
     def text_for(self, context, batch_size: int) -> torch.Tensor:
-        """Text embeddings [P, E] shared by the batch (context None) or [B, E], one per sample."""
+        """Text embeddings [P, E] shared by the batch (context None) or [B, E], one per sample (context: the
+        samples' `Conditions` with prompts, a LongTensor of indices into `prompts`, or B strings)."""
         if context is None:
             return self.text_features
+        if isinstance(context, Conditions):  # a conditional run: each sample against its own prompt
+            if context.prompts is None:
+                raise ValueError("clip: the conditions hold class labels, not prompts")
+            return self.prompt_features(context.prompts)
         if isinstance(context, torch.Tensor) and not context.dtype.is_floating_point and context.shape == (batch_size,):
             return self.text_features[context.long()]
         if (

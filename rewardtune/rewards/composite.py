@@ -40,7 +40,12 @@ import torch
 from torch import nn
 
 from rewardtune.optim import all_mean
-from rewardtune.rewards.base import Reward, check_reward_output, reward_shares_value
+from rewardtune.rewards.base import (
+    Reward,
+    call_reward,
+    check_reward_output,
+    reward_shares_value,
+)
 from rewardtune.tables import PluginTable
 
 
@@ -90,7 +95,7 @@ class CompositeReward(Reward):
 
     def term_rewards(self, x: torch.Tensor, context=None) -> torch.Tensor:
         """Each term's raw reward, checked against the contract: [K, B]."""
-        values = [check_reward_output(n, term(x, context), x.shape[0]) for n, term in self.terms.items()]
+        values = [check_reward_output(n, call_reward(term, x, context), x.shape[0]) for n, term in self.terms.items()]
         dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
         return torch.stack([v.to(dtype) for v in values])  # [K, B]
 
@@ -176,7 +181,8 @@ def build_composite_reward(
     momentum: float = 0.01,
 ) -> CompositeReward:
     """Reward `composite`: the weighted sum of `terms` (nested reward tables with `weight`, `name`)."""
-    context = {"sample_shape": sample_shape, "num_steps": num_steps, "backbone": backbone, "value": value, "reward": None}
+    context = {"sample_shape": sample_shape, "num_steps": num_steps, "backbone": backbone, "value": value, "reward": None,
+               "conditioning": None}  # a learning term is unconditional (a conditional recipe refuses it at build)
     built: dict[str, tuple[Reward, float]] = {}
     for term_name, spec in zip(term_names(terms), terms):
         try:

@@ -6,6 +6,11 @@ EBM update (Algorithm 1, line 4):
 
 With `share_with_value` the energy is the value network evaluated at t = T (V^T = E), as in the paper's 2D and image
 experiments; then the energy and the value share parameters and one optimiser.
+
+Conditional DxMI (a class-conditional EBM learned from labelled data): E(x, c), with the reward's `context` as c. The
+update contrasts data with their own conditions against samples with theirs:
+mean E(x_data, c_data) - mean E(x_T, c) + gamma (...); with conditions drawn from the data's label frequencies the
+two sides see the same distribution of c.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from rewardtune.conditions import Conditions
+from rewardtune.nets.conditioning import Conditioning
 from rewardtune.nets.mlp import TimeMLP
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep
@@ -22,15 +29,16 @@ from rewardtune.rewards.base import Reward
 
 
 class ValueAtTime(nn.Module):
-    """E(x) = V(x, T): exposes a value function at its terminal time as an energy."""
+    """E(x, c) = V(x, T, c): exposes a value function at its terminal time as an energy."""
 
     def __init__(self, value: ValueFunction, time: int) -> None:
         super().__init__()
         self.value = value
         self.time = time
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.value(x, torch.full((x.shape[0],), self.time, dtype=torch.long, device=x.device))
+    def forward(self, x: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
+        times = torch.full((x.shape[0],), self.time, dtype=torch.long, device=x.device)
+        return self.value(x, times) if condition is None else self.value(x, times, condition)
 
 
 def ebm_loss(e_real: torch.Tensor, e_fake: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -39,10 +47,10 @@ def ebm_loss(e_real: torch.Tensor, e_fake: torch.Tensor, gamma: float) -> torch.
 
 
 class EnergyReward(Reward):
-    """r(x) = -E_theta(x), trained against the sampler.
+    """r(x, c) = -E_theta(x, c), trained against the sampler.
 
     Args:
-        energy: module mapping x [B, ...] to energies [B] (or [B, 1]).
+        energy: module mapping x [B, ...] (and, when conditional, `Conditions` of B rows) to energies [B] (or [B, 1]).
         optimizer: the `GradStep` that trains `energy` (shared with the value when they share a network).
         gamma: weight of the squared-energy regulariser.
     """
@@ -57,11 +65,26 @@ class EnergyReward(Reward):
         self.optimizer = optimizer
         self.gamma = gamma
 
-    def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
-        return -self.energy(x).view(-1)
+    def forward(self, x: torch.Tensor, context: Conditions | None = None) -> torch.Tensor:
+        return -self.energy_of(x, context)
 
-    def update(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-        energies = self.energy(torch.cat([real, fake])).view(-1)
+    def energy_of(self, x: torch.Tensor, condition: Conditions | None) -> torch.Tensor:
+        """E(x) or E(x, c): [B]."""
+        return (self.energy(x) if condition is None else self.energy(x, condition)).view(-1)
+
+    def update(
+        self,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        real_condition: Conditions | None = None,
+        fake_condition: Conditions | None = None,
+    ) -> dict[str, float]:
+        """One step of the EBM loss on data `real` [B, ...] and samples `fake` [B', ...], each with its conditions
+        (both or neither)."""
+        if (real_condition is None) != (fake_condition is None):
+            raise ValueError("a conditional energy needs the conditions of the data and of the samples")
+        condition = None if real_condition is None else Conditions.cat([real_condition, fake_condition.to(real.device)])
+        energies = self.energy_of(torch.cat([real, fake]), condition)
         e_real, e_fake = energies[: real.shape[0]], energies[real.shape[0] :]
         loss = ebm_loss(e_real, e_fake, self.gamma)
         self.optimizer.step(loss)
@@ -83,6 +106,7 @@ def build_energy_reward(
     sample_shape: tuple[int, ...],
     value: ValueFunction | None,
     num_steps: int,
+    conditioning: Conditioning | None = None,
     /,
     *,
     share_with_value: bool = True,
@@ -108,6 +132,10 @@ def build_energy_reward(
     dim = 1
     for s in sample_shape:
         dim *= s
-    energy = TimeMLP(dim, 1, hidden=hidden or 128, depth=depth or 3, time_dim=0)
-    optimizer = GradStep([(energy.parameters(), 1e-3 if lr is None else lr)], grad_clip=grad_clip)
-    return EnergyReward(energy, optimizer, gamma=gamma)
+    net = TimeMLP(dim, 1, hidden=hidden or 128, depth=depth or 3, time_dim=0, conditioning=conditioning)
+    lr = 1e-3 if lr is None else lr
+    if conditioning is not None:  # E(x, c) through the value interface, which passes the condition to the network
+        value_net = ValueFunction(net, lr=lr, time_dependent=False, grad_clip=grad_clip, conditioning=conditioning)
+        return EnergyReward(ValueAtTime(value_net, 0), value_net.optimizer, gamma=gamma)
+    optimizer = GradStep([(net.parameters(), lr)], grad_clip=grad_clip)
+    return EnergyReward(net, optimizer, gamma=gamma)
