@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from rewardtune import checkpoint as ckpt
-from rewardtune.condition_supply import build_condition_supply
+from rewardtune.condition_supply import build_condition_supply, check_metadata
 from rewardtune.errors import CheckpointError, RecipeError, RewardtuneError
 from rewardtune.plugin_failures import PluginOwners
 from rewardtune.recipe import PluginSpec, Recipe, parse_recipe, read_toml
@@ -132,12 +132,14 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
         context["reward"] = call_factory("reward", plugins["reward"], context, owners)
     algorithm = call_factory("algorithm", plugins["algorithm"], context, owners)
     if supply is not None:
+        check_metadata(supply, context["reward"])
         check_conditional(plugins, context, algorithm)
         check_groups(algorithm, supply, recipe.train.batch_size)
     if recipe.eval.guidance_scale:
         value_guide(algorithm, recipe.eval.guidance_scale, "eval.guidance_scale")
     with owners.attributing("while the recipe was built"):  # keep_best may probe the reward's evaluation_metrics
-        check_keep_best(recipe.eval, evaluator, context["reward"])
+        if supply is None:  # a conditional run's metric names depend on its conditions: checked at step 0 instead
+            check_keep_best(recipe.eval, evaluator, context["reward"])
     return Experiment(recipe, data, backbone, context["value"], context["reward"], algorithm, evaluator, owners, supply)
 
 

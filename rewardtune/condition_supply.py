@@ -103,3 +103,25 @@ def build_condition_supply(options: dict | None, data, base_dir: Path) -> Condit
 
     encoder = build_text_encoder(dict(encoder_options))
     return ConditionSupply(source, encoder, Conditioning(text_dim=int(encoder.embedding_dim)))
+
+
+def check_metadata(supply: ConditionSupply | None, reward) -> None:
+    """The prompts' metadata may hold only the keys the reward reads (`reward.metadata_keys`, when it declares them):
+    a misspelt key would otherwise silently drop a check.
+
+    Raises:
+        RecipeError: naming the key, the prompt and the keys the reward reads.
+    """
+    allowed = getattr(reward, "metadata_keys", None)
+    if supply is None or allowed is None:
+        return
+    for split in ("train", "held_out"):
+        condition = supply.source.split(split) if hasattr(supply.source, "split") else None
+        for prompt, metadata in zip(condition.prompts or (), condition.metadata or ()) if condition is not None else ():
+            unknown = sorted(set(metadata or {}) - set(allowed))
+            if unknown:
+                raise RecipeError(
+                    f"[conditions] prompt {prompt!r} has metadata key {unknown[0]!r}, which reward "
+                    f"{getattr(reward, 'name', '') or type(reward).__name__!r} does not read (it reads: "
+                    f"{', '.join(sorted(allowed))})"
+                )

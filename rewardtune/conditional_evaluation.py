@@ -8,7 +8,9 @@ take any metric.
 
 - `class_accuracy`: the fraction of samples that a classifier of the data (`classify(x) -> labels`: the 8 Gaussians'
   nearest component, the digits classifier behind the "digits" feature extractor) puts in the conditioned class;
-- the reward's mean and its own `evaluation_metrics`, given each sample's condition as context.
+- the reward's mean and its own `evaluation_metrics`, given each sample's condition as context;
+- `diversity` (images): the mean pairwise feature distance between samples of the same condition, averaged over
+  conditions; a sampler that collapses onto one image per prompt scores 0 however good that image is.
 """
 
 from __future__ import annotations
@@ -66,6 +68,21 @@ def reward_evaluation_metrics(reward: Reward, samples: torch.Tensor, condition: 
     if condition is None or not takes_context:
         return reward.evaluation_metrics(samples)
     return reward.evaluation_metrics(samples, context=condition)
+
+
+def within_condition_diversity(features: torch.Tensor, keys: list[str]) -> float:
+    """Mean over conditions of the mean pairwise Euclidean distance between the features [N, F] of the samples that
+    share a condition (`keys`, one per row); conditions with a single sample are skipped (NaN if none has two)."""
+    groups: dict[str, list[int]] = {}
+    for row, key in enumerate(keys):
+        groups.setdefault(key, []).append(row)
+    means = []
+    for rows in groups.values():
+        if len(rows) > 1:
+            f = features[rows].double()
+            d = torch.cdist(f, f)
+            means.append(float(d.sum() / (len(rows) * (len(rows) - 1))))
+    return sum(means) / len(means) if means else float("nan")
 
 
 def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:

@@ -29,6 +29,7 @@ from rewardtune.conditional_evaluation import (
     evaluated_splits,
     per_condition_count,
     prefixed,
+    within_condition_diversity,
 )
 from rewardtune.conditions import Conditions
 from rewardtune.evaluation import draw_samples, generators
@@ -117,6 +118,7 @@ class ImageEvaluator:
         )
         metrics = {"frechet_distance": frechet_distance(real_features, fake_features), "precision": precision, "recall": recall}
         if condition is not None:
+            metrics["diversity"] = within_condition_diversity(fake_features, condition.keys())
             metrics.update(self.per_class_metrics(fake, fake_features, condition, backbone.device))
             if reward is not None and not reward.learns:
                 for split, prefix in evaluated_splits(conditions):

@@ -7,11 +7,7 @@
 set -uo pipefail
 root=${1:-runs}; shift || true
 seeds=${*:-0 1 2}
-jobs=${JOBS:-2}
-mkdir -p "$root/logs"
-run_all() {  # one `rewardtune run` per input line (its arguments); each run's output in logs/<run name>.log
-  xargs -P "$jobs" -L 1 bash -c 'out="${@: -1}"; python -m rewardtune run "$@" >"'"$root"'/logs/$(basename "$out").log" 2>&1; echo "$? $out"' _
-}
+source "$(dirname "$0")/run_all.sh"
 # 1. the pretraining that dxmi_digits.toml runs first into <out>/pretrain (the later runs reuse it)
 for s in $seeds; do echo "recipes/ddpm_digits.toml --seed $s --out $root/digits/dxmi_digits_s$s/pretrain"; done | run_all
 # 2. everything that starts from a seed's pretrained DDPM, safeguarded rows first

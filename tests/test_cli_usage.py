@@ -90,6 +90,7 @@ def test_ctrl_c_outside_training_exits_130(command: list[str], capsys, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr("rewardtune.api.load_run", interrupted)
+    monkeypatch.setattr("rewardtune.api.is_conditional_run", lambda run_dir: False)  # `sample` reads the recipe first
     code, _, err = cli(capsys, *command)
     assert (code, err.strip()) == (130, "interrupted")
 

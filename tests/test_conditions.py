@@ -4,6 +4,7 @@ log-probs are Gaussian; classifier-free guidance; DDPM pretraining with p_uncond
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -219,20 +220,6 @@ def test_a_recipe_part_that_would_ignore_the_condition_is_refused(change, messag
         build_trainer(make_recipe(tables))
 
 
-def test_a_prompt_file_with_an_empty_line_is_a_one_line_error(tmp_path, capsys):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n\na blue square\n")
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(
-        '[data]\nkind = "8gaussians"\n[conditions]\nkind = "prompt_file"\npath = "prompts.txt"\n'
-        'text_encoder = { kind = "hash" }\n[backbone]\nkind = "mlp"\nnum_steps = 2\n'
-        '[algorithm]\nkind = "ddpm"\n[train]\nsteps = 1\n'
-    )
-    code, _, err = cli(capsys, "run", str(recipe), "--out", str(tmp_path / "out"))
-    assert code == 2
-    assert "line 2" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-
-
 # ---- unconditional runs are what they were ----------------------------------------------------------------------
 # Final metrics of recipes/tiny_8gaussians.toml (seed 0) measured with the code before conditions existed (commit
 # 16f5bea): the same runs must give the same numbers.
@@ -331,3 +318,52 @@ def test_per_condition_advantages_train():
         metrics = trainer.train_step()
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert set(trainer.algorithm.stats.buffers) == {"left", "right", "up", "down"}
+
+
+def test_within_condition_diversity_is_the_mean_pairwise_distance_per_condition():
+    from rewardtune.conditional_evaluation import within_condition_diversity
+
+    features = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0]])
+    # condition a: one pair at distance 5; condition b: two identical samples (a collapsed prompt) at distance 0
+    assert within_condition_diversity(features, ["a", "a", "b", "b"]) == pytest.approx(2.5)
+    assert math.isnan(within_condition_diversity(features[:2], ["a", "b"]))  # no condition has two samples
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("prompts.txt", "a red circle\n\na blue square\n", "line 2 is empty"),  # an empty line in a prompt file
+        ("prompts.jsonl", '{"prompt": "a red circle", "colour": "red"}\n', "metadata key 'colour'"),  # not read
+        ("prompts.jsonl", '{"prompt": "a red circle", "category": "single"\n', "line 1"),  # malformed JSON
+    ],
+)
+def test_a_bad_prompt_file_is_a_one_line_error(name, text, message, tmp_path, capsys):
+    """Exit code 2 and one line naming the problem, before anything runs (the shapes reward reads the metadata)."""
+    (tmp_path / name).write_text(text)
+    kind = "jsonl" if name.endswith(".jsonl") else "prompt_file"
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'[data]\nkind = "8gaussians"\n[conditions]\nkind = "{kind}"\npath = "{name}"\n'
+        'text_encoder = { kind = "hash" }\n[backbone]\nkind = "mlp"\nnum_steps = 2\n[reward]\nkind = "shapes"\n'
+        '[algorithm]\nkind = "ddpm"\n[train]\nsteps = 1\n'
+    )
+    code, _, err = cli(capsys, "run", str(recipe), "--out", str(tmp_path / "out"))
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_image_folder_labels_come_from_class_subfolders(tmp_path):
+    from PIL import Image
+
+    from rewardtune.data.images import build_image_folder
+    from rewardtune.errors import RewardtuneError
+
+    for name, folder in (("a.png", "cat"), ("b.png", "dog"), ("c.png", "cat")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / folder / name)
+    data = build_image_folder(path=str(tmp_path), size=4, labels_from_folders=True)
+    assert data.class_names == ("cat", "dog") and sorted(data.labels.tolist()) == [0, 0, 1]
+    _, condition = data.sample_conditioned(8, torch.Generator().manual_seed(0))
+    assert set(condition.labels.tolist()) <= {0, 1}
+    Image.new("RGB", (4, 4)).save(tmp_path / "loose.png")
+    with pytest.raises(RewardtuneError, match="not in a class subfolder"):
+        build_image_folder(path=str(tmp_path), size=4, labels_from_folders=True)
