@@ -367,3 +367,19 @@ def test_image_folder_labels_come_from_class_subfolders(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "loose.png")
     with pytest.raises(RewardtuneError, match="not in a class subfolder"):
         build_image_folder(path=str(tmp_path), size=4, labels_from_folders=True)
+
+
+def test_the_digits_classifier_scores_each_sample_for_its_own_class():
+    plugin = pytest.importorskip("rewardtune_digits_classifier")
+    from rewardtune.data.images import build_digits
+
+    reward = plugin.build_digits_classifier_reward((1, 8, 8), Conditioning(num_classes=10))
+    data = build_digits()
+    x, labels = data.images[:20], data.labels[:20]
+    log_probs = torch.log_softmax(reward.classifier(x), dim=1)
+    torch.testing.assert_close(reward(x, Conditions(labels=labels)), log_probs[torch.arange(20), labels])
+    assert reward.evaluation_metrics(x, Conditions(labels=labels))["target_class_fraction"] > 0.9  # real digits
+    with pytest.raises(ValueError, match="target_class"):
+        reward(x)  # no class condition and no target_class
+    fixed = plugin.build_digits_classifier_reward((1, 8, 8), target_class=3)
+    torch.testing.assert_close(fixed(x), log_probs[:, 3])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from rewardtune.algorithms.dxdp import DxDP, DxDPConfig
 from rewardtune.backbones.mlp import build_mlp_backbone
-from rewardtune.build import call_factory
+from rewardtune.build import build_experiment, call_factory
 from rewardtune.errors import PluginError, PluginNotFoundError, RecipeError
 from rewardtune.nets.value import build_time_mlp_value
 from rewardtune.recipe import parse_recipe, recipe_to_toml
@@ -469,9 +469,11 @@ def test_digits_classifier_discovered_through_its_entry_point():
     import rewardtune_digits_classifier
 
     assert REWARDS.get("digits_classifier") is rewardtune_digits_classifier.build_digits_classifier_reward
-    raw = {"data": {"kind": "digits"}, "backbone": {"kind": "mlp"}, "algorithm": {"kind": "dxdp"}}
-    with pytest.raises(RecipeError, match="kind 'digits_classifier' needs target_class"):
-        parse_recipe({**raw, "reward": {"kind": "digits_classifier"}})
+    raw = {"data": {"kind": "digits"}, "backbone": {"kind": "mlp"}, "value": {"kind": "time_mlp"},
+           "algorithm": {"kind": "dxdp"}}
+    recipe = parse_recipe({**raw, "reward": {"kind": "digits_classifier"}})  # target_class is optional at parse time
+    with pytest.raises(RecipeError, match="kind 'digits_classifier': needs target_class"):  # not for an unconditional run
+        build_experiment(recipe)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
