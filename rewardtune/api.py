@@ -280,6 +280,23 @@ def sample_trainer(trainer: Trainer, n: int, *, labels=None, prompts=None, seed:
     return samples, condition.to("cpu")
 
 
+def set_cfg_scale(trainer: Trainer, scale: float) -> None:
+    """Sample the loaded run with classifier-free guidance scale `scale` from now on (its trained and EMA weights).
+
+    Raises:
+        RecipeError: the run is unconditional, or the scale is not finite.
+    """
+    from rewardtune.backbones.epsilon import check_cfg_scale
+
+    for backbone in {id(b): b for b in (trainer.backbone, trainer.evaluated_backbone())}.values():
+        if not hasattr(backbone, "cfg_scale"):
+            raise RecipeError(f"--cfg-scale: backbone {type(backbone).__name__} has no classifier-free guidance")
+        try:
+            backbone.cfg_scale = check_cfg_scale(scale, backbone.conditioning)
+        except ValueError as err:
+            raise RecipeError(f"--cfg-scale: {err}") from None
+
+
 def is_conditional_run(run_dir: str | Path) -> bool:
     """Whether the run in `run_dir` is conditional (its recipe has a [conditions] table)."""
     run_dir = Path(run_dir)

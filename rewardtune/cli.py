@@ -167,22 +167,29 @@ def eval_(
         typer.Option("--step", help="Evaluate the kept checkpoint of this step (eval_stepN.json).", min=0, metavar="N"),
     ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Evaluate the trained weights, not their EMA (adds _raw to the file name).")] = False,
+    cfg_scale: Annotated[
+        float | None,
+        typer.Option("--cfg-scale", help="Sample with this classifier-free guidance scale (conditional runs; adds _cfgW to the file name).", metavar="W"),
+    ] = None,
 ) -> None:
-    """Evaluate a run's latest checkpoint and rewrite its eval.json (or evaluate another checkpoint, or the raw
-    weights, into a file of its own)."""
+    """Evaluate a run's latest checkpoint and rewrite its eval.json (or evaluate another checkpoint, the raw weights
+    or another CFG scale, into a file of its own)."""
     from rewardtune import checkpoint as ckpt
-    from rewardtune.api import load_run
+    from rewardtune.api import load_run, set_cfg_scale
     from rewardtune.errors import RecipeError, RewardtuneError
 
     if best and step is not None:
         raise RecipeError("--best and --step name different checkpoints; give one")
     trainer = load_run(run_dir, best=best, step=step)
+    if cfg_scale is not None:
+        set_cfg_scale(trainer, cfg_scale)
     if raw and trainer.ema is None:
         print_error(
             f"note: --raw: {run_dir} keeps no EMA (train.ema_decay = 0), so its trained weights are the ones evaluated "
             "either way"
         )
     suffix = ("_best" if best else "") + (f"_step{step}" if step is not None else "") + ("_raw" if raw else "")
+    suffix += f"_cfg{cfg_scale:g}" if cfg_scale is not None else ""
     try:
         metrics = trainer.evaluate(plot_name=f"samples{suffix}.png", raw=raw)
         result = {"step": trainer.step, "metrics": metrics, "initial_metrics": trainer.initial_metrics}

@@ -293,3 +293,14 @@ def test_report_of_unconditional_runs_has_no_per_condition_tables(plain_run: Pat
     assert len(text.splitlines()) == 7  # the run table, a blank line and the recipe table, as before
     assert pooled_metrics(runs[0]["metrics"]) == runs[0]["metrics"]
     assert condition_rows(runs[0]["metrics"], held_out=False) == ([], {})
+
+
+def test_eval_with_another_cfg_scale_writes_its_own_file(label_run, capsys):
+    code, _, err = cli(capsys, "eval", str(label_run), "--cfg-scale", "1.5")
+    assert code == 0, err
+    assert (label_run / "eval_cfg1.5.json").is_file()
+
+
+def test_cfg_scale_on_an_unconditional_run_is_a_one_line_error(plain_run, capsys):
+    code, _, err = cli(capsys, "eval", str(plain_run), "--cfg-scale", "2")
+    assert code == 2 and "cfg_scale" in err and len(err.strip().splitlines()) == 1, err
