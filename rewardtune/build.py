@@ -135,12 +135,30 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
         check_metadata(supply, context["reward"])
         check_conditional(plugins, context, algorithm)
         check_groups(algorithm, supply, recipe.train.batch_size)
+        check_data_conditions(data, context["reward"], algorithm)
     if recipe.eval.guidance_scale:
         value_guide(algorithm, recipe.eval.guidance_scale, "eval.guidance_scale")
     with owners.attributing("while the recipe was built"):  # keep_best may probe the reward's evaluation_metrics
         if supply is None:  # a conditional run's metric names depend on its conditions: checked at step 0 instead
             check_keep_best(recipe.eval, evaluator, context["reward"])
     return Experiment(recipe, data, backbone, context["value"], context["reward"], algorithm, evaluator, owners, supply)
+
+
+def check_data_conditions(data, reward, algorithm) -> None:
+    """A conditional energy (data against samples, each under its own condition) and data-driven training (DDPM
+    pretraining, no rollout) need every data point's condition: the data must give them (`sample_conditioned`)."""
+    needs = (reward is not None and getattr(reward, "learns", False)) or not algorithm.needs_rollout
+    if not needs:
+        return
+    try:
+        data.sample_conditioned(2, torch.Generator().manual_seed(0))
+    except AttributeError:
+        raise RecipeError(
+            f"[data] {type(data).__name__} gives no conditions with its samples, which a conditional "
+            f"{'energy' if getattr(reward, 'learns', False) else 'pretraining'} needs (sample_conditioned)"
+        ) from None
+    except RewardtuneError as err:
+        raise RecipeError(f"[data]: {err}") from None
 
 
 def check_groups(algorithm, supply, batch_size: int) -> None:

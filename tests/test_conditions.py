@@ -383,3 +383,22 @@ def test_the_digits_classifier_scores_each_sample_for_its_own_class():
         reward(x)  # no class condition and no target_class
     fixed = plugin.build_digits_classifier_reward((1, 8, 8), target_class=3)
     torch.testing.assert_close(fixed(x), log_probs[:, 3])
+
+
+def test_a_conditional_energy_needs_data_with_conditions(tmp_path):
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    tables = {
+        "data": {"kind": "image_folder", "path": str(tmp_path), "size": 8},  # no class labels
+        "conditions": {"kind": "labels", "num_classes": 2},
+        "backbone": {"kind": "ddpm", "pretrained": "", "num_steps": 2, "unet": {
+            "sample_size": 8, "in_channels": 3, "out_channels": 3, "layers_per_block": 1, "block_out_channels": [8, 16],
+            "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
+            "norm_num_groups": 4}},
+        "algorithm": {"kind": "ddpm"},
+        "eval": {"feature_extractor": "helpers:tiny_features", "num_samples": 8},
+    }
+    with pytest.raises(RecipeError, match="has no class labels"):
+        build_trainer(make_recipe(tables))
