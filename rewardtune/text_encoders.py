@@ -10,6 +10,8 @@ on its device. Prompt sets are finite, so every prompt is encoded once and its e
     pretrained = "openai"             # the weights tag of a plain model name
     normalize = true                  # L2-normalise the embeddings (the space CLIP compares in)
     cache_dir = ""                    # where downloads go ("" = the Hugging Face cache)
+    random_init_seed = -1             # >= 0 (with pretrained = ""): random weights drawn at this seed, frozen; the
+                                      # real tokenizer and transformer with nothing downloaded (offline benchmarks)
 
     [text_encoder]
     kind = "clip_transformers"        # transformers' CLIPTextModel, as Stable Diffusion uses it
@@ -283,6 +285,7 @@ TEXT_ENCODER_KINDS: dict[str, dict[str, Option]] = {
         "pretrained": Option(str, "openai"),
         "normalize": Option(bool, True),
         "cache_dir": Option(str, ""),
+        "random_init_seed": Option(int, -1),
     },
     "clip_transformers": {
         "model": Option(str, "openai/clip-vit-large-patch14"),
@@ -317,11 +320,14 @@ def build_text_encoder(options: Mapping) -> TextEncoder:
     if not opts["model"]:
         raise RecipeError(f"text_encoder.model: must name a model for kind {kind!r}")
     if kind == "open_clip":
-        from rewardtune.rewards.clip import load_open_clip
+        if opts["random_init_seed"] >= 0:
+            net, tokenizer = random_open_clip(opts["model"], opts["pretrained"], opts["random_init_seed"])
+        else:
+            from rewardtune.rewards.clip import load_open_clip
 
-        net, tokenizer = load_open_clip(
-            opts["model"], opts["pretrained"], cache_dir=opts["cache_dir"], who="text_encoder"
-        )
+            net, tokenizer = load_open_clip(
+                opts["model"], opts["pretrained"], cache_dir=opts["cache_dir"], who="text_encoder"
+            )
         return OpenClipTextEncoder(net, tokenizer, normalize=opts["normalize"])
     if kind == "clip_transformers":
         net, tokenizer = load_clip_text_model(
@@ -330,3 +336,23 @@ def build_text_encoder(options: Mapping) -> TextEncoder:
         )
         return TransformersClipTextEncoder(net, tokenizer, normalize=opts["normalize"])
     raise AssertionError(f"unhandled text encoder kind {kind!r}")  # validate_options admits only the kinds above
+
+
+def random_open_clip(model: str, pretrained: str, seed: int):
+    """A frozen open_clip model of architecture `model` with random weights drawn at `seed` (needs no download): the
+    tokenizer and transformer of a real text tower, for offline benchmarks ("a frozen random text encoder"), not a
+    language model that knows what words mean.
+
+    Raises:
+        RecipeError: `pretrained` is also set, or `model` is not an open_clip architecture name.
+    """
+    import open_clip
+
+    if pretrained:
+        raise RecipeError("text_encoder.random_init_seed draws random weights: set pretrained = \"\"")
+    if model not in open_clip.list_models():
+        raise RecipeError(f"text_encoder.model: {model!r} is not an open_clip architecture (open_clip.list_models())")
+    with torch.random.fork_rng(), quiet_libraries():
+        torch.manual_seed(seed)
+        net = open_clip.create_model(model, pretrained=None)
+    return net.eval().requires_grad_(False), open_clip.get_tokenizer(model)

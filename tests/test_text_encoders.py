@@ -251,3 +251,23 @@ def test_transformers_clip_failures_are_one_line(tmp_path, name):
     with pytest.raises(PluginError, match=r"^cannot load CLIP text model .*point text_encoder\.model at") as err:
         build_text_encoder({"kind": "clip_transformers", "model": name.format(tmp=tmp_path)})
     assert "\n" not in str(err.value)
+
+
+def test_open_clip_random_tower_is_frozen_deterministic_and_offline(tmp_path):
+    """random_init_seed: the tokenizer and transformer of an open_clip architecture with random weights drawn at the
+    seed (nothing downloaded); the same seed gives the same embeddings, another seed others."""
+    import open_clip
+
+    (tmp_path / "rt-tiny-text.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(tmp_path / "rt-tiny-text.json")
+    options = {"kind": "open_clip", "model": "rt-tiny-text", "pretrained": "", "random_init_seed": 0}
+    first, again = build_text_encoder(options), build_text_encoder(options)
+    other = build_text_encoder({**options, "random_init_seed": 1})
+    prompts = ["a red circle", "a blue square to the left of a red circle"]
+    torch.testing.assert_close(first.encode(prompts), again.encode(prompts))
+    assert not torch.allclose(first.encode(prompts), other.encode(prompts))
+    assert not any(p.requires_grad for p in first.parameters())
+    with pytest.raises(RecipeError, match="pretrained"):
+        build_text_encoder({**options, "pretrained": "openai"})
+    with pytest.raises(RecipeError, match="not an open_clip architecture"):
+        build_text_encoder({**options, "model": "no-such-model"})
