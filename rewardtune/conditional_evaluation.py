@@ -85,5 +85,18 @@ def within_condition_diversity(features: torch.Tensor, keys: list[str]) -> float
     return sum(means) / len(means) if means else float("nan")
 
 
+def reward_metrics_by_split(reward: Reward, conditions, condition: Conditions, samples: torch.Tensor, per: int,
+                           draw, device) -> dict[str, float]:
+    """The reward's metrics (`conditional_reward_metrics`) under the training conditions `condition`, whose
+    `samples` are drawn already, and, prefixed "held_out/", under the held-out ones (`per` samples each, drawn
+    with `draw(condition) -> samples`) when the source holds any out."""
+    metrics: dict[str, float] = {}
+    for split, prefix in evaluated_splits(conditions):
+        c = condition if split == "train" else conditions.evaluation_conditions(split, per, device)
+        x = samples if split == "train" else draw(c)
+        metrics.update(prefixed(conditional_reward_metrics(reward, x.to(device), c), prefix))
+    return metrics
+
+
 def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in metrics.items()}

@@ -16,10 +16,8 @@ import torch
 from rewardtune.backbones.base import GaussianChainPolicy, Guide
 from rewardtune.conditional_evaluation import (
     class_accuracy,
-    conditional_reward_metrics,
-    evaluated_splits,
     per_condition_count,
-    prefixed,
+    reward_metrics_by_split,
 )
 from rewardtune.conditions import Conditions
 from rewardtune.metrics.auc import energy_auc, uniform_box
@@ -82,10 +80,8 @@ class ToyEvaluator:
             if condition is None:  # the AUC of an unconditional energy: data against uniform noise
                 metrics["energy_auc"] = self.auc(backbone, reward, cpu_gen)
         elif reward is not None and condition is not None:
-            for split, prefix in evaluated_splits(conditions):
-                c = condition if split == "train" else conditions.evaluation_conditions(split, per, backbone.device)
-                x = fake if split == "train" else self.draw(backbone, len(c), gen, guide, c)
-                metrics.update(prefixed(conditional_reward_metrics(reward, x.to(backbone.device), c), prefix))
+            draw = lambda c: self.draw(backbone, len(c), gen, guide, c)
+            metrics.update(reward_metrics_by_split(reward, conditions, condition, fake, per, draw, backbone.device))
         elif reward is not None:
             metrics.update(reward_metrics(reward, fake.to(backbone.device)))
         return metrics

@@ -25,10 +25,8 @@ import torch
 from rewardtune.backbones.base import GaussianChainPolicy, Guide
 from rewardtune.conditional_evaluation import (
     class_accuracy,
-    conditional_reward_metrics,
-    evaluated_splits,
     per_condition_count,
-    prefixed,
+    reward_metrics_by_split,
     within_condition_diversity,
 )
 from rewardtune.conditions import Conditions
@@ -121,10 +119,8 @@ class ImageEvaluator:
             metrics["diversity"] = within_condition_diversity(fake_features, condition.keys())
             metrics.update(self.per_class_metrics(fake, fake_features, condition, backbone.device))
             if reward is not None and not reward.learns:
-                for split, prefix in evaluated_splits(conditions):
-                    c = condition if split == "train" else conditions.evaluation_conditions(split, per, backbone.device)
-                    x = fake if split == "train" else self.draw(backbone, len(c), gen, guide, c)
-                    metrics.update(prefixed(conditional_reward_metrics(reward, x.to(backbone.device), c), prefix))
+                draw = lambda c: self.draw(backbone, len(c), gen, guide, c)
+                metrics.update(reward_metrics_by_split(reward, conditions, condition, fake, per, draw, backbone.device))
             return metrics
         if reward is not None and not reward.learns:
             with torch.no_grad():

@@ -13,6 +13,8 @@ docs/plugins.md is the tutorial.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import ClassVar
 
 import torch
@@ -60,11 +62,17 @@ def call_reward(reward: nn.Module, x: torch.Tensor, context=None):
 
 
 def takes_context(reward: nn.Module) -> bool:
-    """Whether `reward.forward` has a second parameter (the context) or takes *args."""
-    import inspect
+    """Whether `reward.forward` has a second parameter (the context) or takes *args (read once per function: rewards
+    are called every iteration)."""
+    forward = reward.forward
+    return _takes_second_argument(getattr(forward, "__func__", forward))
 
-    params = list(inspect.signature(reward.forward).parameters.values())
-    return len(params) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+@functools.lru_cache(maxsize=256)
+def _takes_second_argument(function) -> bool:
+    params = list(inspect.signature(function).parameters.values())
+    bound = 1 if params and params[0].name == "self" else 0  # an unbound method: its self is not the context
+    return len(params) - bound >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 def reward_name(reward: nn.Module) -> str:
