@@ -44,6 +44,13 @@ Held-out prompts (prompt kinds only; for evaluation on prompts the sampler was n
 Both splits keep the order of the file. `split_seed` matters only with `held_out` > 0. How many conditions go in a
 group (GRPO's group size) is an [algorithm] setting, not a [conditions] one.
 
+Balanced draws (jsonl only):
+    balance_by = "category"   # a metadata key every training prompt has: training draws a value of it uniformly,
+                              # then a prompt uniformly among those with that value ("" = every prompt equally)
+A prompt set is rarely balanced (GenEval-style sets have many more two-object than single-object prompts); with
+`balance_by` each value of the key gets the same share of the training trajectories, whatever its prompt count.
+Evaluation still goes through every prompt once per round (`evaluation_conditions`).
+
 All randomness comes from the `torch.Generator` passed to `sample` and `sample_groups`, so a resumed run draws the
 same conditions. Errors in the table are `RecipeError`s naming the key ("conditions.path: ...").
 """
@@ -145,7 +152,7 @@ CONDITION_KINDS: dict[str, dict[str, Option]] = {
     },
     "prompts": {"prompts": Option(list), **HELD_OUT},
     "prompt_file": {"path": Option(str), **HELD_OUT, "held_out_path": Option(str, "")},
-    "jsonl": {"path": Option(str), **HELD_OUT, "held_out_path": Option(str, "")},
+    "jsonl": {"path": Option(str), **HELD_OUT, "held_out_path": Option(str, ""), "balance_by": Option(str, "")},
 }
 
 
@@ -167,6 +174,7 @@ class ConditionSource:
     kind: str
     from_data: bool = False
     num_classes: int | None = None
+    weights: torch.Tensor | None = None  # float64 [num_train] draw probabilities (None: uniform)
 
     def split(self, name: Split) -> Conditions | None:
         """Every condition of split `name` (one row each, fixed order), or None for an empty split."""
@@ -184,7 +192,7 @@ class ConditionSource:
         return () if held_out is None else tuple(held_out.keys())
 
     def sample(self, n: int, generator: torch.Generator) -> Conditions:
-        """n training conditions drawn uniformly with replacement.
+        """n training conditions drawn with replacement, uniformly (or with `weights`).
 
         Args:
             n: how many (one per trajectory).
@@ -195,7 +203,7 @@ class ConditionSource:
         return self.split("train").select(self.draw(n, generator))
 
     def sample_groups(self, num_groups: int, group_size: int, generator: torch.Generator) -> Conditions:
-        """num_groups training conditions drawn uniformly with replacement, each repeated group_size times in a row.
+        """num_groups training conditions drawn as `sample` does, each repeated group_size times in a row.
 
         Row g * group_size + j is member j of group g (the layout GRPO's group advantages read).
         """
@@ -220,11 +228,15 @@ class ConditionSource:
         return rows.select(torch.arange(len(rows)).repeat_interleave(per_condition))
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n row numbers of the training split, uniform with replacement: int64 [n] on the CPU."""
+        """n row numbers of the training split, with replacement, uniform or with probabilities `weights`: int64 [n]
+        on the CPU."""
         if self.from_data:
             raise ValueError(
                 "these labels come with the data (distribution = 'data'): draw them with data.sample_conditioned"
             )
+        if self.weights is not None:
+            weights = self.weights.to(generator.device)
+            return torch.multinomial(weights, n, replacement=True, generator=generator).cpu()
         size = len(self.split("train"))
         return torch.randint(0, size, (n,), generator=generator, device=generator.device).cpu()
 
@@ -265,16 +277,41 @@ class PromptSource(ConditionSource):
         train: the training prompts, one row each, no repeats.
         held_out: the held-out prompts, or None.
         kind: the table's kind ("prompts", "prompt_file" or "jsonl"), for messages.
+        balance_by: a metadata key of every training prompt; training then draws each of its values equally often
+            (`balanced_weights`). "" draws every prompt equally often.
+    Raises:
+        ValueError: no training prompt; `balance_by` without metadata, or a prompt without that key.
     """
 
-    def __init__(self, train: Conditions, held_out: Conditions | None = None, *, kind: str = "prompts") -> None:
+    def __init__(
+        self, train: Conditions, held_out: Conditions | None = None, *, kind: str = "prompts", balance_by: str = ""
+    ) -> None:
         if train.prompts is None or len(train) == 0:
             raise ValueError("a prompt source needs at least one training prompt")
         self.kind = kind
         self._splits = {"train": train, "held_out": held_out}
+        self.weights = balanced_weights(train, balance_by) if balance_by else None
 
     def split(self, name: Split) -> Conditions | None:
         return self._splits[name]
+
+
+def balanced_weights(conditions: Conditions, key: str) -> torch.Tensor:
+    """Draw probabilities [N] (float64, summing to 1) that give each value of metadata `key` the same total and split
+    it equally among the rows that have it: p_i = 1 / (V * n_v(i)), V values, n_v rows with row i's value.
+
+    Raises:
+        ValueError: the conditions have no metadata, or a row lacks `key` (naming the first such prompt).
+    """
+    if conditions.metadata is None:
+        raise ValueError(f"balance_by = {key!r} needs prompts with metadata (a jsonl file)")
+    values = []
+    for prompt, meta in zip(conditions.prompts, conditions.metadata):
+        if key not in meta:
+            raise ValueError(f"balance_by = {key!r}: the prompt {prompt!r} has no metadata key {key!r}")
+        values.append(json.dumps(meta[key], sort_keys=True))  # any JSON value, hashable
+    counts = {value: values.count(value) for value in set(values)}
+    return torch.tensor([1.0 / (len(counts) * counts[v]) for v in values], dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -365,7 +402,12 @@ def split_rows(train: list[Row], held_out: list[Row] | None, opts: dict) -> Prom
         held_out = [row for i, row in enumerate(train) if i in chosen]
         train = [row for i, row in enumerate(train) if i not in chosen]
     held_out_rows = rows_to_conditions(held_out) if held_out else None
-    return PromptSource(rows_to_conditions(train), held_out_rows, kind=opts["kind"])
+    try:
+        return PromptSource(
+            rows_to_conditions(train), held_out_rows, kind=opts["kind"], balance_by=opts.get("balance_by", "")
+        )
+    except ValueError as err:
+        raise RecipeError(f"conditions.balance_by: {err}") from None
 
 
 def rows_to_conditions(rows: list[Row]) -> Conditions:

@@ -308,3 +308,32 @@ def test_jsonl_metadata_follows_its_prompt(tmp_path):
     tags = {r["prompt"]: r.get("tag", r.get("metadata", {}).get("tag")) for r in GENEVAL}
     drawn = source.sample_groups(5, 2, generator(2))
     assert [m["tag"] for m in drawn.metadata] == [tags[p] for p in drawn.prompts]
+
+
+def test_balance_by_draws_each_metadata_value_equally_often(tmp_path):
+    records = [{"prompt": f"a thing {i}", "tag": "many"} for i in range(9)] + [{"prompt": "a rare thing", "tag": "rare"}]
+    write(tmp_path, "meta.jsonl", jsonl(records))
+    source = build_condition_source({"kind": "jsonl", "path": "meta.jsonl", "balance_by": "tag"}, base_dir=tmp_path)
+    torch.testing.assert_close(source.weights, torch.tensor([1 / 18] * 9 + [0.5], dtype=torch.float64))
+    drawn = source.sample(4000, generator(0))
+    rare = sum(meta["tag"] == "rare" for meta in drawn.metadata) / 4000
+    assert abs(rare - 0.5) < 0.04  # 0.1 without balancing; std of the estimate 0.008
+    groups = source.sample_groups(3, 4, generator(1))
+    assert all(len(set(groups.prompts[g * 4 : g * 4 + 4])) == 1 for g in range(3))
+    plain = build_condition_source({"kind": "jsonl", "path": "meta.jsonl"}, base_dir=tmp_path)
+    assert plain.weights is None and list(plain.sample(5, generator(0)).prompts) == [
+        records[i]["prompt"] for i in torch.randint(0, 10, (5,), generator=generator(0)).tolist()
+    ]  # unbalanced draws are the uniform draws they always were
+
+
+@pytest.mark.parametrize(
+    "records, match",
+    [
+        ([{"prompt": "a", "tag": "x"}, {"prompt": "b"}], "prompt 'b' has no metadata key 'tag'"),
+        ([{"prompt": "a", "other": 1}], "prompt 'a' has no metadata key 'tag'"),
+    ],
+)
+def test_balance_by_a_key_a_prompt_lacks_is_a_recipe_error(tmp_path, records, match):
+    write(tmp_path, "meta.jsonl", jsonl(records))
+    with pytest.raises(RecipeError, match=f"conditions.balance_by: .*{match}"):
+        build_condition_source({"kind": "jsonl", "path": "meta.jsonl", "balance_by": "tag"}, base_dir=tmp_path)

@@ -169,6 +169,22 @@ def test_data_source_renders_its_split_and_samples_rows_with_their_conditions():
         assert (data.captions[row], data.metadata[row]) == (caption, metadata)
 
 
+
+@pytest.mark.parametrize("num_images", [400, 403])
+def test_category_balance_gives_each_category_an_equal_share(num_images: int):
+    from collections import Counter
+
+    by_prompt = build_shapes(num_images=num_images, split="train")
+    balanced = build_shapes(num_images=num_images, split="train", balance="category")
+    per_category = Counter(m["category"] for m in balanced.metadata)
+    assert sorted(per_category.values()) == sorted([num_images // 4 + (i < num_images % 4) for i in range(4)])
+    assert Counter(m["category"] for m in by_prompt.metadata)["position"] > 0.8 * num_images  # 396 of 464 prompts
+    singles = Counter(c for c, m in zip(balanced.captions, balanced.metadata) if m["category"] == "single")
+    assert len(singles) == 9 and max(singles.values()) - min(singles.values()) <= 1  # each prompt equally often
+    assert bool(verify(balanced.images, balanced.metadata)[0].all())
+    with pytest.raises(ValueError, match="balance must be"):
+        build_shapes(num_images=10, balance="prompts")
+
 # ---- the verifier ---------------------------------------------------------------------------------------------------
 def test_verifier_accuracy_and_false_passes():
     """The thresholds of docs/shapes.md, on 300 renders per category at 16x16 and 100 at 32x32 (verification takes

@@ -357,20 +357,47 @@ def build_shapes(
     split: Literal["train", "held_out", "all"] = "train",
     held_out_fraction: float = 0.25,
     split_seed: int = 0,
+    balance: Literal["prompt", "category"] = "prompt",
 ) -> ShapesImages:
-    """Data `shapes`: `num_images` renders of the prompts of `split` (each prompt equally often, up to one image),
-    drawn at `seed`; the split is `split_prompts(held_out_fraction, split_seed)`, the one the files under
-    recipes/prompts/shapes/ hold."""
+    """Data `shapes`: `num_images` renders of the prompts of `split`, drawn at `seed`; the split is
+    `split_prompts(held_out_fraction, split_seed)`, the one the files under recipes/prompts/shapes/ hold.
+
+    `balance` = "prompt" renders each prompt equally often (up to one image), so the categories come in proportion
+    to their prompt counts (position prompts are 85% of them); "category" gives each category an equal share of
+    the images (up to one) and, within it, each prompt equally often (`balanced_order`).
+    """
     check_size(size)
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if split not in ("train", "held_out", "all"):
         raise ValueError(f"split must be 'train', 'held_out' or 'all', got {split!r}")
+    if balance not in ("prompt", "category"):
+        raise ValueError(f"balance must be 'prompt' or 'category', got {balance!r}")
     train, held_out = split_scenes(held_out_fraction, split_seed)
     scenes = {"train": train, "held_out": held_out, "all": train + held_out}[split]
     generator = torch.Generator().manual_seed(seed)
-    repeats = math.ceil(num_images / len(scenes))
-    order = torch.cat([torch.randperm(len(scenes), generator=generator) for _ in range(repeats)])[:num_images]
-    chosen = [scenes[i] for i in order.tolist()]
+    if balance == "prompt":
+        order = balanced_order(len(scenes), num_images, generator)
+        chosen = [scenes[i] for i in order.tolist()]
+    else:
+        chosen = balanced_by_category(scenes, num_images, generator)
     images = render_many(chosen, size, generator)
     return ShapesImages(images, [s.caption() for s in chosen], [s.metadata() for s in chosen], name=f"shapes {split}")
+
+
+def balanced_order(num_items: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n indices into num_items items, each item equally often up to one: whole random permutations, the last cut."""
+    repeats = math.ceil(n / num_items)
+    return torch.cat([torch.randperm(num_items, generator=generator) for _ in range(repeats)])[:n]
+
+
+def balanced_by_category(scenes: Sequence[Scene], n: int, generator: torch.Generator) -> list[Scene]:
+    """n scenes, each category of `scenes` equally often up to one (the first categories of CATEGORIES get the
+    remainder) and each scene within its category equally often up to one, shuffled."""
+    present = [c for c in CATEGORIES if any(s.category == c for s in scenes)]
+    chosen = []
+    for i, category in enumerate(present):
+        members = [s for s in scenes if s.category == category]
+        share = n // len(present) + (1 if i < n % len(present) else 0)
+        chosen += [members[j] for j in balanced_order(len(members), share, generator).tolist()]
+    return [chosen[j] for j in torch.randperm(len(chosen), generator=generator).tolist()]
