@@ -165,7 +165,11 @@ BACKBONES = Registry(
 VALUES = Registry(
     "value",
     "rewardtune.values",
-    {"time_mlp": "rewardtune.nets.value:build_time_mlp_value", "resnet": "rewardtune.nets.resnet:build_resnet_value"},
+    {
+        "time_mlp": "rewardtune.nets.value:build_time_mlp_value",
+        "resnet": "rewardtune.nets.resnet:build_resnet_value",
+        "features": "rewardtune.nets.feature_value:build_feature_value",
+    },
     has_members(
         "optimizer", wanted="a value: a torch.nn.Module with its `optimizer` (nets/value.py: ValueFunction)",
         base=instance_of("torch.nn:Module", "a torch.nn.Module"),

@@ -12,6 +12,8 @@ The runs it reads are made by (S = 0, 1, 2; docs/results.md has the exact comman
     rewardtune run recipes/pg_8gaussians.toml --seed S --out runs/pg/pg_8gaussians_sS --set backbone.init_from=runs/table1/dxmi_sS/pretrain
     rewardtune run recipes/classifier_digits.toml --seed S --out runs/rewards/clf_beta0_sS --set backbone.init_from=...
     rewardtune run recipes/pg_classifier_digits.toml --seed S --out runs/pg/pg_classifier_digits_sS --set backbone.init_from=...
+    rewardtune run recipes/shapes_{dxdp,ppo,grpo}.toml --seed S --out runs/shapes/{dxdp,ppo,grpo}_sS --set backbone.init_from=...
+Tasks with no finished run are left out (`--tasks` picks some by the start of their title).
 Time is `time_s` of metrics.jsonl: seconds since the fine-tuning loop started (evaluations included, pretraining not).
 """
 
@@ -31,15 +33,26 @@ class Task:
     metric: str
     lower_is_better: bool
     threshold: float
-    dxdp: str  # run directory pattern with {seed}
-    pg: str
+    methods: tuple[tuple[str, str], ...]  # (method, run directory pattern with {seed})
 
 
+PPO = "policy gradient (PPO)"
 TASKS = [
-    Task("8 Gaussians, DxMI (learned energy)", "sliced_wasserstein", True, 0.07, "runs/table1/dxmi_s{seed}", "runs/pg/pg_8gaussians_s{seed}"),
+    Task(
+        "8 Gaussians, DxMI (learned energy)", "sliced_wasserstein", True, 0.07,
+        (("DxDP", "runs/table1/dxmi_s{seed}"), (PPO, "runs/pg/pg_8gaussians_s{seed}")),
+    ),
     Task(
         "digits, classifier reward (target 3)", "target_class_fraction", False, 0.5,
-        "runs/rewards/clf_beta0_s{seed}", "runs/pg/pg_classifier_digits_s{seed}",
+        (("DxDP", "runs/rewards/clf_beta0_s{seed}"), (PPO, "runs/pg/pg_classifier_digits_s{seed}")),
+    ),
+    Task(
+        "shapes, verifier reward, held-out prompts", "held_out/accuracy", False, 0.4,
+        (
+            ("DxDP", "runs/shapes/dxdp_s{seed}"),
+            ("PPO, per-prompt normalisation", "runs/shapes/ppo_s{seed}"),
+            ("PPO, group advantages (GRPO)", "runs/shapes/grpo_s{seed}"),
+        ),
     ),
 ]
 
@@ -117,16 +130,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--plot", type=Path, default=Path("docs/img/dxdp_vs_pg.png"))
+    parser.add_argument("--tasks", nargs="+", default=[], help="only the tasks whose title starts with one of these")
     args = parser.parse_args()
     rows, tasks_curves = [], []
     for task in TASKS:
+        if args.tasks and not any(task.title.startswith(prefix) for prefix in args.tasks):
+            continue
         by_method = {}
-        for method, pattern in (("DxDP", task.dxdp), ("policy gradient (PPO)", task.pg)):
+        for method, pattern in task.methods:
             dirs = [Path(pattern.format(seed=s)) for s in args.seeds]
             by_method[method] = [curve(d, task.metric) for d in dirs if (d / "eval.json").is_file()]
             if by_method[method]:
                 rows.append(summarise(task, method, by_method[method]))
-        tasks_curves.append((task, by_method))
+        if any(by_method.values()):
+            tasks_curves.append((task, by_method))
     print("| task | method | final metric (mean ± std) | first evaluation past the threshold | wall time per trajectory |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
