@@ -47,7 +47,7 @@ TASKS = [
         (("DxDP", "runs/rewards/clf_beta0_s{seed}"), (PPO, "runs/pg/pg_classifier_digits_s{seed}")),
     ),
     Task(
-        "shapes, verifier reward, held-out prompts", "held_out/accuracy", False, 0.4,
+        "shapes, verifier reward, held-out prompts", "held_out/accuracy", False, 0.45,
         (
             ("DxDP", "runs/shapes/dxdp_s{seed}"),
             ("PPO, per-prompt normalisation", "runs/shapes/ppo_s{seed}"),

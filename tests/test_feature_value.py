@@ -79,3 +79,20 @@ def test_the_step_embedding_separates_steps_and_time_independence_drops_it():
     assert (value(xs, ts) - target).abs().max() < 0.1
     still = build_feature_value((3, 16, 16), 4, None, trunk="shapes", hidden=32, time_dependent=False)
     torch.testing.assert_close(still(x, torch.zeros(3)), still(x, torch.full((3,), 4)), rtol=0, atol=0)
+
+
+def test_the_default_shapes_trunk_is_not_the_evaluation_network(tmp_path, monkeypatch):
+    import rewardtune.nets.shapes as shapes_nets
+
+    monkeypatch.setenv("REWARDTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(shapes_nets, "STEPS", 20)  # token training runs: the test is about which network is used
+    monkeypatch.setattr(shapes_nets, "POOL_SIZE", 200)
+    value = build_feature_value((3, 16, 16), 4, None, trunk="shapes")
+    evaluation = shapes_nets.load_shapes_classifier(16)  # the seed-0 network of eval.feature_extractor = "shapes"
+    trunk = value.net.trunk.classifier
+    assert not torch.equal(trunk.conv1.weight, evaluation.conv1.weight)
+    names = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    version = shapes_nets.VERSION
+    assert names == [f"shapes_classifier_v{version}_16.safetensors", f"shapes_classifier_v{version}_16_seed1.safetensors"]
+    same = build_feature_value((3, 16, 16), 4, None, trunk="shapes", trunk_seed=0).net.trunk.classifier
+    torch.testing.assert_close(same.conv1.weight, evaluation.conv1.weight, rtol=0, atol=0)

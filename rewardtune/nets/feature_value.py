@@ -19,7 +19,8 @@ cost-to-go of every step (a frozen trunk cannot tell a noisy x_t from a clean x_
 of early steps carry the time costs still to come); `time_dependent = false` drops it (Algorithm 2's V(x)).
 
 Trunks: "shapes" (the shapes benchmark's classifier, `nets/shapes.py`, its 128-d penultimate features, for 3xSxS
-images, S >= 16), or "package.module:factory" (a callable returning a module [B, *sample_shape] -> [B, F]; its
+images, S >= 16; trained at `trunk_seed`, by default 1: another network than the seed-0 one Fréchet distances are
+measured in), or "package.module:factory" (a callable returning a module [B, *sample_shape] -> [B, F]; its
 parameters are frozen here).
 """
 
@@ -82,20 +83,22 @@ class FeatureHead(nn.Module):
 
 
 class ShapesTrunk(nn.Module):
-    """The shapes classifier's 128-d penultimate features, differentiable in the input: [B, 3, S, S] -> [B, 128]."""
+    """The shapes classifier's 128-d penultimate features, differentiable in the input: [B, 3, S, S] -> [B, 128].
+    `seed`: the classifier's training seed (0 is the one Fréchet distances on shapes are measured with)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, seed: int = 1) -> None:
         super().__init__()
         from rewardtune.nets.shapes import load_shapes_classifier
 
-        self.classifier = load_shapes_classifier(size)
+        self.classifier = load_shapes_classifier(size, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier.features(x)
 
 
-def feature_trunk(name: str, sample_shape: tuple[int, ...]) -> nn.Module:
-    """The trunk `name` names for samples of `sample_shape` (see the module docstring).
+def feature_trunk(name: str, sample_shape: tuple[int, ...], seed: int = 1) -> nn.Module:
+    """The trunk `name` names for samples of `sample_shape` (see the module docstring); `seed` is the "shapes"
+    classifier's training seed.
 
     Raises:
         PluginError: an unknown name, or a "shapes" trunk for samples that are not 3xSxS images with S >= 16.
@@ -108,7 +111,7 @@ def feature_trunk(name: str, sample_shape: tuple[int, ...]) -> nn.Module:
                 f"value 'features': trunk 'shapes' reads RGB images 3xSxS with S >= {MIN_SIZE}, got sample shape "
                 f"{tuple(sample_shape)}"
             )
-        return ShapesTrunk(sample_shape[1])
+        return ShapesTrunk(sample_shape[1], seed)
     if ":" in name:
         from rewardtune.imports import call_factory_path
 
@@ -126,15 +129,18 @@ def build_feature_value(
     /,
     *,
     trunk: str = "shapes",
+    trunk_seed: int = 1,
     hidden: int = 256,
     time_dependent: bool = True,
     lr: float = 1e-3,
     grad_clip: float | None = None,
 ) -> ValueFunction:
     """Value `features`: V(x, t[, c]) (or V(x[, c]) with `time_dependent = false`), an MLP head (`hidden` wide, Adam
-    at `lr`) on the frozen features of `trunk` (module docstring), for a sampler of `num_steps` steps. Raises
-    PluginError for a trunk that cannot read these samples."""
-    module = feature_trunk(trunk, tuple(sample_shape))
+    at `lr`) on the frozen features of `trunk` (module docstring), for a sampler of `num_steps` steps. `trunk_seed`:
+    the training seed of the "shapes" classifier; the default 1 is not the seed-0 network that `eval.
+    feature_extractor = "shapes"` measures Fréchet distances in, so the policy is not tuned against the evaluation's
+    own features. Raises PluginError for a trunk that cannot read these samples."""
+    module = feature_trunk(trunk, tuple(sample_shape), trunk_seed)
     with torch.no_grad():
         probe = module.eval()(torch.zeros(2, *sample_shape))
     if probe.dim() != 2 or probe.shape[0] != 2:

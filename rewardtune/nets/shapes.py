@@ -123,11 +123,13 @@ def _train(size: int, steps: int, seed: int) -> ShapesClassifier:
     return model.eval()
 
 
-def load_shapes_classifier(size: int) -> ShapesClassifier:
-    """The cached classifier for size x size images (trained and cached on first use)."""
+def load_shapes_classifier(size: int, seed: int = 0) -> ShapesClassifier:
+    """The cached classifier for size x size images trained at `seed` (trained and cached on first use). Seed 0 is
+    the feature extractor of Fréchet distances; another seed gives an independently trained network of the same
+    kind (e.g. a value's trunk that is not the network the evaluation measures in)."""
     check_size(size)
-    name = f"shapes_classifier_v{VERSION}_{size}.safetensors"
-    return cached_network(name, ShapesClassifier, lambda: train_shapes_classifier(size))
+    name = f"shapes_classifier_v{VERSION}_{size}{'' if seed == 0 else f'_seed{seed}'}.safetensors"
+    return cached_network(name, ShapesClassifier, lambda: train_shapes_classifier(size, seed=seed))
 
 
 @torch.no_grad()
