@@ -1,10 +1,11 @@
-"""Value `features`: V(x, c) as a small head on a frozen, differentiable feature network (a reward-model trunk).
+"""Value `features`: V(x, t, c) as a small head on a frozen, differentiable feature network (a reward-model trunk).
 
 A verifier reward such as the shapes benchmark's (GenEval-like pass/fail) gives no gradient, so DxDP's policy
 improvement differentiates the value, and the value must learn the verifier from the chains it sees: a few
-thousand images a minute on a CPU. A value trained from scratch on pixels (`resnet`) learns colours, shapes and
-positions from that trickle. This value reuses a network that already reads them (the way reward models put a
-head on frozen CLIP features, e.g. the LAION aesthetic predictor) and learns only the head:
+thousand images a minute on a CPU. A value trained from scratch on pixels (`resnet`) has to learn colours, shapes
+and positions from that trickle (on the shapes benchmark it did not: docs/results.md). This value reuses a network
+that already reads them (the way reward models put a head on frozen CLIP features, e.g. the LAION aesthetic
+predictor) and learns only the head:
 
     h = A LayerNorm(phi(x)) + a,    V(x, t, c) = w_2^T silu(W_1 silu(h + e(c) + s(t)) + b_1) + b_2 + h^T f(c) / sqrt(H)
 
