@@ -34,7 +34,8 @@ def test_trunk_is_frozen_gradients_reach_the_input_and_it_stays_in_eval_mode():
 def test_a_conditional_feature_value_learns_the_verifier_from_few_images():
     """On degraded renders under their own caption or a mismatched one, the head learns the verifier's fraction of
     checks passed: on held-out images its squared error is well under the targets' variance (0.063 against 0.138
-    when measured; 0.32 under shuffled captions), because the trunk already reads colour, shape and position and only the head is trained."""
+    when measured; 0.32 under shuffled captions), because the trunk already reads colour, shape and position and
+    only the head is trained."""
     torch.manual_seed(0)
     scenes = all_scenes()
     gen = torch.Generator().manual_seed(0)
