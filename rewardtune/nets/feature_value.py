@@ -87,7 +87,7 @@ class ShapesTrunk(nn.Module):
     """The shapes classifier's 128-d penultimate features, differentiable in the input: [B, 3, S, S] -> [B, 128].
     `seed`: the classifier's training seed (0 is the one Fréchet distances on shapes are measured with)."""
 
-    def __init__(self, size: int, seed: int = 1) -> None:
+    def __init__(self, size: int, seed: int) -> None:
         super().__init__()
         from rewardtune.nets.shapes import load_shapes_classifier
 
@@ -97,7 +97,7 @@ class ShapesTrunk(nn.Module):
         return self.classifier.features(x)
 
 
-def feature_trunk(name: str, sample_shape: tuple[int, ...], seed: int = 1) -> nn.Module:
+def feature_trunk(name: str, sample_shape: tuple[int, ...], seed: int) -> nn.Module:
     """The trunk `name` names for samples of `sample_shape` (see the module docstring); `seed` is the "shapes"
     classifier's training seed.
 
