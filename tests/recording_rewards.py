@@ -61,3 +61,10 @@ def build_unconditional_algorithm(backbone, /):
         conditional = False
 
     return Unconditional(backbone)
+
+
+def build_plain_energy(sample_shape: tuple[int, ...], value, num_steps: int, /):
+    """A learning reward plugin that takes no condition (an unconditional energy E(x))."""
+    from rewardtune.rewards.energy import build_energy_reward
+
+    return build_energy_reward(sample_shape, value, num_steps, share_with_value=False, hidden=16, depth=2)

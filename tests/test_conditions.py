@@ -220,6 +220,49 @@ def test_a_recipe_part_that_would_ignore_the_condition_is_refused(change, messag
         build_trainer(make_recipe(tables))
 
 
+def composite_with_energy(energy: dict) -> dict:
+    return {"kind": "composite", "terms": [
+        {"kind": "recording_rewards:build_recording_reward", "name": "recording"}, {**energy, "weight": 0.5}]}
+
+
+def test_a_conditional_energy_in_a_composite_learns_each_side_under_its_own_conditions():
+    """A learned energy E(x, c) beside an external reward: the composite hands the energy's update the data's
+    conditions and the samples', and its forward the samples' conditions, as it does to every term."""
+    tables = conditional_tables()
+    tables["reward"] = composite_with_energy({"kind": "energy", "share_with_value": False, "hidden": 16, "depth": 2})
+    trainer = build_trainer(make_recipe(tables))
+    energy = trainer.reward.terms["energy"]
+    assert trainer.reward.learns and energy.energy.value.conditioning is not None
+    updates = []
+    original_update = energy.update
+
+    def spy_update(real, fake, real_condition=None, fake_condition=None):
+        updates.append((real, real_condition, fake_condition))
+        return original_update(real, fake, real_condition, fake_condition)
+
+    energy.update = spy_update
+    recording_rewards.CALLS.clear()
+    before = [p.detach().clone() for p in energy.parameters()]
+    metrics = trainer.train_step()
+    ((real, real_condition, fake_condition),) = updates
+    # the data's own labels (the Gaussian each point was drawn from) and the rollout's labels
+    assert torch.equal(trainer.data.classify(real).cpu(), real_condition.labels.cpu())
+    rollout_labels = [c["labels"] for c in recording_rewards.CALLS if c["labels"] is not None]
+    assert rollout_labels and torch.equal(fake_condition.labels.cpu(), rollout_labels[0])
+    assert {"energy/loss", "reward/recording", "reward/energy"} <= set(metrics)
+    assert any(not torch.equal(a, b) for a, b in zip(before, energy.parameters()))  # it trained
+    # the energy depends on the condition it is given
+    x = torch.randn(4, 2)
+    assert not torch.allclose(energy(x, Conditions.from_labels([0, 1, 2, 3])), energy(x, Conditions.from_labels([4] * 4)))
+
+
+def test_a_learning_term_that_would_ignore_the_condition_is_refused():
+    tables = conditional_tables()
+    tables["reward"] = composite_with_energy({"kind": "recording_rewards:build_plain_energy"})
+    with pytest.raises(RecipeError, match="term 'build_plain_energy'.*must take the condition"):
+        build_trainer(make_recipe(tables))
+
+
 # ---- unconditional runs are what they were ----------------------------------------------------------------------
 # Final metrics of recipes/tiny_8gaussians.toml (seed 0) measured with the code before conditions existed (commit
 # 16f5bea): the same runs must give the same numbers.

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from rewardtune.algorithms.dxdp import DxDP, DxDPConfig
 from rewardtune.backbones.mlp import build_mlp_backbone
 from rewardtune.build import build_experiment, call_factory
+from rewardtune.conditions import Conditions
 from rewardtune.errors import PluginError, PluginNotFoundError, RecipeError
+from rewardtune.nets.conditioning import Conditioning
 from rewardtune.nets.value import build_time_mlp_value
 from rewardtune.recipe import parse_recipe, recipe_to_toml
 from rewardtune.registry import REWARDS
@@ -367,7 +369,7 @@ def test_composite_recipe_terms_are_validated_and_resolved():
     assert parse_recipe(tomllib.loads(recipe_to_toml(recipe))).resolved == recipe.resolved  # the resolved form re-parses
 
     value = build_time_mlp_value((2,), hidden=16, depth=2, time_dim=8)
-    context = {"sample_shape": (2,), "num_steps": 3, "backbone": None, "value": value, "reward": None}
+    context = {"sample_shape": (2,), "num_steps": 3, "backbone": None, "value": value, "reward": None, "conditioning": None}
     composite = call_factory("reward", recipe.plugins["reward"], context)
     assert list(composite.terms) == ["build_sum_reward", "ebm"] and composite.learns and composite.normalize
 
@@ -554,3 +556,27 @@ def test_dxdp_trains_with_a_non_differentiable_reward():
     assert int(reward.num_updates) == 3  # one terminal cost per iteration
     with pytest.raises(ValueError, match="needs a differentiable reward"):
         tiny_dxdp(jpeg, (1, 8, 8), terminal="reward")
+
+
+def test_a_separate_resnet_energy_trains_on_images_and_refuses_the_mlp_options():
+    torch.manual_seed(0)
+    energy = build_energy_reward((3, 8, 8), None, 3, share_with_value=False, network="resnet", channels=8, lr=1e-3)
+    real, fake = images(16, (3, 8, 8), seed=1), images(16, (3, 8, 8), seed=2) * 0.2
+    assert energy(real).shape == (16,)
+    for _ in range(30):
+        energy.update(real, fake)
+    assert float(energy(real).mean()) > float(energy(fake).mean())  # reward = -E: the data scores higher
+    conditional = build_energy_reward((3, 8, 8), None, 3, Conditioning(num_classes=4), share_with_value=False,
+                                      network="resnet", channels=8)
+    assert conditional(real[:4], Conditions.from_labels([0, 1, 2, 3])).shape == (4,)
+    for options, message in [
+        ({"network": "resnet", "hidden": 16}, "options of network = \"mlp\""),
+        ({"network": "mlp", "channels": 8}, "option of network = \"resnet\""),
+        ({"network": "vit"}, "unknown energy network 'vit'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_energy_reward((3, 8, 8), None, 3, share_with_value=False, **options)
+    with pytest.raises(ValueError, match="needs images"):
+        build_energy_reward((2,), None, 3, share_with_value=False, network="resnet")
+    with pytest.raises(ValueError, match="network belongs to the \\[value\\] section"):
+        build_energy_reward((3, 8, 8), build_time_mlp_value((3, 8, 8), hidden=8, depth=1), 3, network="resnet")

@@ -48,7 +48,9 @@ class Reward(nn.Module):
         return {}
 
     def update(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-        """One training step of a learning reward (data `real` vs sampler output `fake`)."""
+        """One training step of a learning reward (data `real` vs sampler output `fake`, both [B, ...]). In a
+        conditional run the trainer calls `update(real, fake, real_condition, fake_condition)` with each side's
+        `Conditions`: a conditional learning reward takes those two extra arguments (docs/plugins.md, section 6)."""
         raise NotImplementedError(f"{type(self).__name__} does not learn")
 
     def optimizers(self) -> list:

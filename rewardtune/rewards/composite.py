@@ -39,7 +39,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from rewardtune.nets.conditioning import Conditioning
 from rewardtune.optim import all_mean
+from rewardtune.registry import context_parameters
 from rewardtune.rewards.base import (
     Reward,
     call_reward,
@@ -126,13 +128,17 @@ class CompositeReward(Reward):
             values = (values - mean) / std
         return (self.weights.to(values.dtype)[:, None] * values).sum(0)  # [B]
 
-    def update(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-        """Train the learning terms. Returns their metrics (prefixed with the term name on a clash) and `last_terms`
-        (the per-term means of the last batch scored, so a trainer that logs `update` metrics logs them too)."""
+    def update(
+        self, real: torch.Tensor, fake: torch.Tensor, real_condition=None, fake_condition=None
+    ) -> dict[str, float]:
+        """Train the learning terms on data `real` and samples `fake` (with their conditions in a conditional run:
+        both or neither). Returns their metrics (prefixed with the term name on a clash) and `last_terms` (the
+        per-term means of the last batch scored, so a trainer that logs `update` metrics logs them too)."""
+        conditions = () if real_condition is None and fake_condition is None else (real_condition, fake_condition)
         metrics: dict[str, float] = dict(self.last_terms)
         for term_name, term in self.terms.items():
             if term.learns:
-                for key, value in term.update(real, fake).items():
+                for key, value in term.update(real, fake, *conditions).items():
                     metrics[f"{term_name}/{key}" if key in metrics else key] = value
         return metrics
 
@@ -174,21 +180,29 @@ def build_composite_reward(
     num_steps: int,
     backbone: nn.Module,
     value: nn.Module | None,
+    conditioning: Conditioning | None = None,
     /,
     *,
     terms: list[RewardTerm],
     normalize: bool = False,
     momentum: float = 0.01,
 ) -> CompositeReward:
-    """Reward `composite`: the weighted sum of `terms` (nested reward tables with `weight`, `name`)."""
+    """Reward `composite`: the weighted sum of `terms` (nested reward tables with `weight`, `name`).
+
+    In a conditional recipe every term gets the condition as `context`; a learning term (a conditional energy
+    E(x, c)) must take it at construction (its factory's `conditioning` parameter), else a ValueError.
+    """
     context = {"sample_shape": sample_shape, "num_steps": num_steps, "backbone": backbone, "value": value, "reward": None,
-               "conditioning": None}  # a learning term is unconditional (a conditional recipe refuses it at build)
+               "conditioning": conditioning}
     built: dict[str, tuple[Reward, float]] = {}
     for term_name, spec in zip(term_names(terms), terms):
         try:
             reward = spec.build(context)
             if not isinstance(reward, Reward):
                 raise TypeError(f"returned {type(reward).__name__}, not a Reward (rewardtune.rewards.base.Reward)")
+            if conditioning is not None and reward.learns and "conditioning" not in context_parameters(spec.factory):
+                raise ValueError("a learning term of a conditional recipe must take the condition (its factory has "
+                                 "no `conditioning` parameter)")
         except (ValueError, TypeError) as err:
             raise ValueError(f"term {term_name!r} (kind {spec.kind!r}): {err}") from None
         if reward_shares_value(reward, value):

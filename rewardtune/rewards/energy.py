@@ -15,7 +15,7 @@ two sides see the same distribution of c.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch import nn
 from rewardtune.conditions import Conditions
 from rewardtune.nets.conditioning import Conditioning
 from rewardtune.nets.mlp import TimeMLP
+from rewardtune.nets.resnet import ResNetEnergy
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep
 from rewardtune.rewards.base import Reward
@@ -111,31 +112,63 @@ def build_energy_reward(
     *,
     share_with_value: bool = True,
     gamma: float = 1.0,
+    network: Literal["mlp", "resnet"] = "mlp",
     lr: float | None = None,
     hidden: int | None = None,
     depth: int | None = None,
+    channels: int | None = None,
     grad_clip: float | None = None,
 ) -> EnergyReward:
     """The DxMI energy.
 
     Shared (the paper's choice): E(x) = V(x, T), trained by the value's optimiser; the network and its learning
-    rate are the [value] section's, so `lr`, `hidden`, `depth` and `grad_clip` are refused here. Otherwise a
-    separate MLP E(x) (defaults: lr 1e-3, hidden 128, depth 3).
+    rate are the [value] section's, so `network`, `lr`, `hidden`, `depth`, `channels` and `grad_clip` are refused
+    here. Otherwise a network of its own (default learning rate 1e-3): `network = "mlp"` (an MLP on the flattened
+    sample: `hidden` 128, `depth` 3) or `"resnet"` (images [C, H, W]: the ResNet energy of `nets.resnet` with
+    `channels` 32). A separate energy is what a composite reward needs (a learned energy beside an external reward,
+    whose terminal cost the value learns).
+
+    Raises:
+        ValueError: an option of the other network or of the shared value, or "resnet" for non-image samples.
     """
+    own = {"lr": lr, "hidden": hidden, "depth": depth, "channels": channels, "grad_clip": grad_clip}
     if share_with_value:
         if value is None:
             raise ValueError("share_with_value = true needs a [value] section")
-        own = [k for k, v in {"lr": lr, "hidden": hidden, "depth": depth, "grad_clip": grad_clip}.items() if v is not None]
-        if own:
-            raise ValueError(f"{own[0]} belongs to the [value] section when share_with_value = true")
+        given = [k for k, v in own.items() if v is not None] + (["network"] if network != "mlp" else [])
+        if given:
+            raise ValueError(f"{given[0]} belongs to the [value] section when share_with_value = true")
         return EnergyReward(ValueAtTime(value, num_steps), value.optimizer, gamma=gamma)
-    dim = 1
-    for s in sample_shape:
-        dim *= s
-    net = TimeMLP(dim, 1, hidden=hidden or 128, depth=depth or 3, time_dim=0, conditioning=conditioning)
+    net = separate_energy_network(sample_shape, conditioning, network, hidden=hidden, depth=depth, channels=channels)
     lr = 1e-3 if lr is None else lr
     if conditioning is not None:  # E(x, c) through the value interface, which passes the condition to the network
         value_net = ValueFunction(net, lr=lr, time_dependent=False, grad_clip=grad_clip, conditioning=conditioning)
         return EnergyReward(ValueAtTime(value_net, 0), value_net.optimizer, gamma=gamma)
     optimizer = GradStep([(net.parameters(), lr)], grad_clip=grad_clip)
     return EnergyReward(net, optimizer, gamma=gamma)
+
+
+def separate_energy_network(
+    sample_shape: tuple[int, ...],
+    conditioning: Conditioning | None,
+    network: str,
+    *,
+    hidden: int | None,
+    depth: int | None,
+    channels: int | None,
+) -> nn.Module:
+    """The network of an energy that does not share the value's: x [B, ...] (and c) -> [B]."""
+    if network == "mlp":
+        if channels is not None:
+            raise ValueError("channels is an option of network = \"resnet\"; the MLP energy takes hidden and depth")
+        dim = 1
+        for s in sample_shape:
+            dim *= s
+        return TimeMLP(dim, 1, hidden=hidden or 128, depth=depth or 3, time_dim=0, conditioning=conditioning)
+    if network == "resnet":
+        if hidden is not None or depth is not None:
+            raise ValueError("hidden and depth are options of network = \"mlp\"; the ResNet energy takes channels")
+        if len(sample_shape) != 3:
+            raise ValueError(f"network = \"resnet\" needs images (C, H, W), got sample shape {tuple(sample_shape)}")
+        return ResNetEnergy(sample_shape[0], channels or 32, conditioning)
+    raise ValueError(f"unknown energy network {network!r}: expected 'mlp' or 'resnet'")
