@@ -159,7 +159,7 @@ BACKBONES = Registry(
     "backbone",
     "rewardtune.backbones",
     {"mlp": "rewardtune.backbones.mlp:build_mlp_backbone", "ddpm": "rewardtune.backbones.ddpm:build_ddpm_backbone",
-     "edm": "rewardtune.backbones.edm:build_edm_backbone"},
+     "edm": "rewardtune.backbones.edm:build_edm_backbone", "flow": "rewardtune.backbones.flow:build_flow_backbone"},
     instance_of("rewardtune.backbones.base:GaussianChainPolicy", "a GaussianChainPolicy (rewardtune.backbones.base)"),
 )
 VALUES = Registry(
@@ -194,6 +194,7 @@ ALGORITHMS = Registry(
     {
         "dxdp": "rewardtune.algorithms.dxdp:build_dxdp",
         "ddpm": "rewardtune.algorithms.ddpm:build_ddpm",
+        "flow_matching": "rewardtune.algorithms.flow_matching:build_flow_matching",
         "policy_gradient": "rewardtune.algorithms.policy_gradient:build_policy_gradient",
         "distill": "rewardtune.algorithms.distill:build_distill",
     },

@@ -37,9 +37,13 @@ class PluginTable:
     options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def context_names(self) -> list[str]:
+        """The context parameters the factory asks for: its positional-only parameters, by name."""
+        return [p.name for p in inspect.signature(self.factory).parameters.values() if p.kind is p.POSITIONAL_ONLY]
+
     def build(self, context: dict[str, Any]) -> Any:
         """Call the factory with the context parameters it asks for (positional-only, by name) and the options."""
-        names = [p.name for p in inspect.signature(self.factory).parameters.values() if p.kind is p.POSITIONAL_ONLY]
+        names = self.context_names()
         missing = [n for n in names if n not in context]
         if missing:
             raise ValueError(f"{self.section} {self.kind!r} asks for {missing[0]!r}, which is not available here")

@@ -18,7 +18,8 @@ import torch
 from rewardtune.api import build_trainer, make_recipe
 from rewardtune.build import read_run_recipe
 
-KEYS = ("frechet_distance", "diversity", "accuracy", "reward_mean", "held_out/accuracy", "class_accuracy")
+KEYS = ("sliced_wasserstein", "energy_auc", "frechet_distance", "diversity", "accuracy", "reward_mean", "held_out/accuracy",
+        "class_accuracy")
 
 
 def main() -> None:

@@ -36,19 +36,18 @@ def ddpm_loss(
     return (backbone.predict_eps(x_k, k.float(), condition=condition, cfg_scale=1.0) - noise).pow(2).mean()
 
 
-class DDPMPretrain:
-    """Trains `backbone.eps_net` with the DDPM loss, in train mode (`backbone_mode`): dropout, where the network has
-    it, regularises the denoising loss, as in DDPM pretraining."""
+class DenoisingPretrain:
+    """Pretraining of a backbone's network on data by a regression loss (`loss`, a subclass's), in train mode
+    (`backbone_mode`): dropout, where the network has it, regularises the loss, as in DDPM pretraining. The policy's
+    sigma_t stay at the schedule's values. Conditional: each data point's own condition, dropped ("no condition")
+    with probability `p_uncond` so the network also learns the unconditional branch CFG needs."""
 
     needs_rollout = False
     backbone_mode = "train"  # the trainer's mode for the backbone during `update`
     conditional = True  # trains conditional backbones on the data's own conditions (`real_condition`)
+    name = ""  # the recipe kind, which prefixes the logged loss
 
-    def __init__(
-        self, backbone: EpsilonChainPolicy, *, lr: float = 1e-3, grad_clip: float | None = None, p_uncond: float = 0.0
-    ) -> None:
-        if not isinstance(backbone, EpsilonChainPolicy):
-            raise TypeError(f"algorithm 'ddpm' needs an eps-prediction backbone, got {type(backbone).__name__}")
+    def __init__(self, backbone, *, lr: float = 1e-3, grad_clip: float | None = None, p_uncond: float = 0.0) -> None:
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
         if p_uncond > 0 and backbone.conditioning is None:
@@ -56,6 +55,10 @@ class DDPMPretrain:
         self.backbone = backbone
         self.p_uncond = p_uncond
         self.optimizer = GradStep([(backbone.network_parameters(), lr)], grad_clip=grad_clip)
+
+    def loss(self, x0: torch.Tensor, generator, condition: Conditions | None) -> torch.Tensor:
+        """The scalar loss of data x0 [B, ...] under their (possibly dropped) conditions."""
+        raise NotImplementedError
 
     def update(
         self,
@@ -68,9 +71,9 @@ class DDPMPretrain:
         if condition is not None and self.p_uncond > 0:
             drop = torch.rand(len(condition), generator=generator, device=real.device) < self.p_uncond
             condition = condition.dropped(drop)
-        loss = ddpm_loss(self.backbone, real, generator, condition)
+        loss = self.loss(real, generator, condition)
         self.optimizer.step(loss)
-        return {"ddpm/loss": loss.item()}
+        return {f"{self.name}/loss": loss.item()}
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {}
@@ -85,7 +88,23 @@ class DDPMPretrain:
         pass
 
     def guide(self, scale: float):
-        raise RecipeError("value guidance needs an algorithm with a value function (dxdp), not 'ddpm'")
+        raise RecipeError(f"value guidance needs an algorithm with a value function (dxdp), not {self.name!r}")
+
+
+class DDPMPretrain(DenoisingPretrain):
+    """Trains `backbone.eps_net` with the DDPM loss (`ddpm_loss`)."""
+
+    name = "ddpm"
+
+    def __init__(
+        self, backbone: EpsilonChainPolicy, *, lr: float = 1e-3, grad_clip: float | None = None, p_uncond: float = 0.0
+    ) -> None:
+        if not isinstance(backbone, EpsilonChainPolicy):
+            raise TypeError(f"algorithm 'ddpm' needs an eps-prediction backbone, got {type(backbone).__name__}")
+        super().__init__(backbone, lr=lr, grad_clip=grad_clip, p_uncond=p_uncond)
+
+    def loss(self, x0: torch.Tensor, generator, condition: Conditions | None) -> torch.Tensor:
+        return ddpm_loss(self.backbone, x0, generator, condition)
 
 
 def build_ddpm(

@@ -63,6 +63,14 @@ def load_unet(pretrained: str, subfolder: str | None = None) -> nn.Module:
         ) from None
 
 
+def check_image_shape(model: nn.Module, sample_shape: tuple[int, ...]) -> None:
+    """A ValueError unless the UNet's images (its config's in_channels and sample_size) have the data's shape."""
+    channels, size = model.config.in_channels, model.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    if tuple(sample_shape) != (channels, size, size):
+        raise ValueError(f"the UNet makes {channels}x{size}x{size} images but the data are {'x'.join(map(str, sample_shape))}")
+
+
 def build_ddpm_backbone(
     sample_shape: tuple[int, ...],
     conditioning: Conditioning | None = None,
@@ -97,10 +105,7 @@ def build_ddpm_backbone(
         model = UNet2DModel(**unet)
     else:
         model = load_unet(pretrained, subfolder or None)
-    channels, size = model.config.in_channels, model.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    if tuple(sample_shape) != (channels, size, size):
-        raise ValueError(f"the UNet makes {channels}x{size}x{size} images but the data are {'x'.join(map(str, sample_shape))}")
+    check_image_shape(model, sample_shape)
     return EpsilonChainPolicy(
         UNetEps(model, conditioning),
         tuple(sample_shape),

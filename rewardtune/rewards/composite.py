@@ -41,7 +41,6 @@ from torch import nn
 
 from rewardtune.nets.conditioning import Conditioning
 from rewardtune.optim import all_mean
-from rewardtune.registry import context_parameters
 from rewardtune.rewards.base import (
     Reward,
     call_reward,
@@ -200,7 +199,7 @@ def build_composite_reward(
             reward = spec.build(context)
             if not isinstance(reward, Reward):
                 raise TypeError(f"returned {type(reward).__name__}, not a Reward (rewardtune.rewards.base.Reward)")
-            if conditioning is not None and reward.learns and "conditioning" not in context_parameters(spec.factory):
+            if conditioning is not None and reward.learns and "conditioning" not in spec.context_names():
                 raise ValueError("a learning term of a conditional recipe must take the condition (its factory has "
                                  "no `conditioning` parameter)")
         except (ValueError, TypeError) as err:
