@@ -30,6 +30,7 @@ from rewardtune.errors import CheckpointError, RecipeError, RewardtuneError
 from rewardtune.plugin_failures import PluginOwners
 from rewardtune.recipe import PluginSpec, Recipe, parse_recipe, read_toml
 from rewardtune.registry import REGISTRIES, context_parameters
+from rewardtune.rewards.base import reward_shares_value
 from rewardtune.tables import PluginTable
 from rewardtune.trainer import EvalConfig
 from rewardtune.types import Teacher
@@ -126,10 +127,12 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
         load_initial_weights(backbone, path)
     elif teacher is not None and recipe.distill.init_from_teacher:
         copy_teacher_network(teacher, backbone)
-    if "value" in plugins:
-        context["value"] = call_factory("value", plugins["value"], context, owners)
-    if "reward" in plugins:
+    if "value" in plugins:  # the value sees the chain's states: the backbone's (latents for a latent backbone)
+        states = {**context, "sample_shape": tuple(backbone.sample_shape)}
+        context["value"] = call_factory("value", plugins["value"], states, owners)
+    if "reward" in plugins:  # rewards see the samples: `output(x_T)`, the data's shape
         context["reward"] = call_factory("reward", plugins["reward"], context, owners)
+        check_shared_energy(context["reward"], context["value"], backbone, data)
     algorithm = call_factory("algorithm", plugins["algorithm"], context, owners)
     if supply is not None:
         check_metadata(supply, context["reward"])
@@ -142,6 +145,19 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
         if supply is None:  # a conditional run's metric names depend on its conditions: checked at step 0 instead
             check_keep_best(recipe.eval, evaluator, context["reward"])
     return Experiment(recipe, data, backbone, context["value"], context["reward"], algorithm, evaluator, owners, supply)
+
+
+def check_shared_energy(reward, value, backbone, data) -> None:
+    """An energy that is the value at the terminal time, E(x) = V(x, T), scores the chain's states; it is trained on
+    data, so the states must be data: not a latent backbone's."""
+    if reward is None or value is None or not reward_shares_value(reward, value):
+        return
+    if tuple(backbone.sample_shape) != tuple(data.sample_shape):
+        raise RecipeError(
+            f"[reward] share_with_value = true: the value sees the backbone's states {tuple(backbone.sample_shape)}, "
+            f"but the energy is trained on data {tuple(data.sample_shape)} (a latent backbone); set "
+            "share_with_value = false for an energy on the decoded samples"
+        )
 
 
 def check_data_conditions(data, reward, algorithm) -> None:

@@ -54,8 +54,8 @@ from torch import nn
 from rewardtune.condition_sources import Option, validate_options
 from rewardtune.conditions import Conditions
 from rewardtune.errors import PluginError, RecipeError
+from rewardtune.nets.frozen import keep_out_of_checkpoints
 from rewardtune.quiet import quiet_libraries
-from rewardtune.rewards.base import keep_out_of_checkpoints
 
 CHUNK = 256  # prompts encoded per forward pass when many are new
 

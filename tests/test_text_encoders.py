@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import clip_text_config, write_clip_tokenizer
 
 from rewardtune import text_encoders
 from rewardtune.conditions import Conditions
@@ -181,35 +182,13 @@ def test_open_clip_failures_are_one_line(tmp_path, name):
 # ---------------------------------------------------------------------------------------------------------------------
 # transformers
 # ---------------------------------------------------------------------------------------------------------------------
-def bytes_to_unicode() -> list[str]:
-    """CLIP's byte -> printable character table (the alphabet of its byte-level BPE)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    codes = dict(zip(printable, printable, strict=True)) | {b: 256 + i for i, b in enumerate(others)}
-    return [chr(codes[b]) for b in range(256)]
-
-
 @pytest.fixture(scope="module")
 def tiny_transformers_clip_dir(tmp_path_factory) -> Path:
     """A random 1-layer CLIPTextModelWithProjection and a byte-level BPE tokenizer, written by save_pretrained."""
     transformers = pytest.importorskip("transformers")
 
     path = tmp_path_factory.mktemp("tiny_clip_text")
-    chars = bytes_to_unicode()
-    merges = ["r e", "re d</w>", "c a", "ca t</w>"]
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
-    vocab = {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-    tokenizer_config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 16, "pad_token": "<|endoftext|>"}
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config | special))
-    eos = vocab["<|endoftext|>"]
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, projection_dim=8, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos,
-        pad_token_id=eos,
-    )
+    config = clip_text_config(write_clip_tokenizer(path))
     torch.manual_seed(0)
     transformers.CLIPTextModelWithProjection(config).save_pretrained(path)
     return path

@@ -199,4 +199,5 @@ class GaussianChainPolicy(nn.Module):
         return [self.log_sigma] if self.log_sigma.requires_grad else []
 
     def network_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if name != "log_sigma"]
+        """The trainable parameters other than log sigma_t (frozen ones, such as a base UNet under LoRA, left out)."""
+        return [p for name, p in self.named_parameters() if name != "log_sigma" and p.requires_grad]

@@ -31,6 +31,7 @@ from rewardtune.conditions import Conditions, condition_tensor
 from rewardtune.nets.conditioning import Conditioning, guided_call
 
 SCHEDULES = {"strided": strided_ddpm_schedule, "fastdpm": fastdpm_ddpm_schedule}
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
 class EpsilonChainPolicy(GaussianChainPolicy):
@@ -43,10 +44,12 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         schedule: "strided" (T evenly spaced DDPM steps from pure noise) or "fastdpm" (FastDPM's quadratic VAR
             schedule with fractional timesteps, as in DxMI's CIFAR-10 runs; starts below pure noise for small T).
         num_train_steps: K, the DDPM training horizon.
-        beta_start, beta_end: linear DDPM betas.
-        prediction: what the network outputs: "epsilon" (the noise, as DDPM pretraining trains it) or "sample" (x_0
-            directly; eps = (x - sqrt(ab) x0) / sqrt(1 - ab)). A one-step student needs "sample": from pure noise
-            (ab = 4e-5) the mean x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) amplifies any eps error 157 times.
+        beta_start, beta_end: the DDPM betas' range.
+        beta_schedule: "linear" (DDPM) or "scaled_linear" (Stable Diffusion), see `ddpm_alphas_cumprod`.
+        prediction: what the network outputs: "epsilon" (the noise, as DDPM pretraining trains it), "sample" (x_0
+            directly; eps = (x - sqrt(ab) x0) / sqrt(1 - ab)) or "v_prediction" (v = sqrt(ab) eps - sqrt(1 - ab) x0,
+            as SD 2.x's 768 models; eps = sqrt(ab) v + sqrt(1 - ab) x). A one-step student needs "sample": from pure
+            noise (ab = 4e-5) the mean x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) amplifies any eps error 157 times.
         conditioning: what condition `eps_net` takes as a third argument (None: unconditional).
         cfg_scale: classifier-free guidance scale w of the policy's eps (1: the conditional network itself).
         **policy_kwargs: passed to `GaussianChainPolicy` (learn_sigma, fix_last_sigma, sigma_floor, prior).
@@ -62,16 +65,17 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         num_train_steps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
-        prediction: Literal["epsilon", "sample"] = "epsilon",
+        beta_schedule: Literal["linear", "scaled_linear"] = "linear",
+        prediction: Literal["epsilon", "sample", "v_prediction"] = "epsilon",
         conditioning: Conditioning | None = None,
         cfg_scale: float = 1.0,
         **policy_kwargs,
     ) -> None:
-        alphas_cumprod = ddpm_alphas_cumprod(num_train_steps, beta_start, beta_end)
+        alphas_cumprod = ddpm_alphas_cumprod(num_train_steps, beta_start, beta_end, beta_schedule)
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}: expected one of {sorted(SCHEDULES)}")
-        if prediction not in ("epsilon", "sample"):
-            raise ValueError(f"unknown prediction {prediction!r}: expected 'epsilon' or 'sample'")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}: expected one of {', '.join(map(repr, PREDICTIONS))}")
         timesteps, coef = SCHEDULES[schedule](num_steps, alphas_cumprod)
         self.prediction = prediction
         super().__init__(sample_shape, coef.sigma, **policy_kwargs)
@@ -101,12 +105,23 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         """eps_theta(x, k, c) reshaped to x's shape, for DDPM timesteps k [B] (alpha_bar [B] of k: "sample" networks),
         guided at `cfg_scale` (default: the policy's)."""
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
-        out = guided_call(self.eps_net, x, k, condition_tensor(condition), scale).view_as(x)
+        return self.eps_from_output(self.network_output(x, k, condition, scale), x, k, alpha_bar)
+
+    def network_output(self, x: torch.Tensor, k: torch.Tensor, condition: Conditions | None, scale: float) -> torch.Tensor:
+        """The network's (guided) prediction at DDPM timesteps k [B], of x's shape."""
+        return guided_call(self.eps_net, x, k, condition_tensor(condition), scale).view_as(x)
+
+    def eps_from_output(
+        self, out: torch.Tensor, x: torch.Tensor, k: torch.Tensor, alpha_bar: torch.Tensor | None
+    ) -> torch.Tensor:
+        """eps from the network's output under `prediction` (alpha_bar [B] of k; looked up when None)."""
         if self.prediction == "epsilon":
             return out
         if alpha_bar is None:
             alpha_bar = self.alphas_cumprod[k.long()]
         ab = alpha_bar.view(-1, *([1] * len(self.sample_shape)))
+        if self.prediction == "v_prediction":
+            return ab.sqrt() * out + (1 - ab).sqrt() * x
         return (x - ab.sqrt() * out) / (1 - ab).sqrt()
 
     def mean(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:

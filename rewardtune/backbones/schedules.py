@@ -14,10 +14,16 @@ import torch
 
 
 def ddpm_alphas_cumprod(
-    num_train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+    num_train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, beta_schedule: str = "linear"
 ) -> torch.Tensor:
-    """alpha_bar_k = prod_{i<=k} (1 - beta_i) with linear betas, float64 [K]."""
-    betas = torch.linspace(beta_start, beta_end, num_train_steps, dtype=torch.float64)
+    """alpha_bar_k = prod_{i<=k} (1 - beta_i), float64 [K], with betas linear from beta_start to beta_end (DDPM) or
+    "scaled_linear", linear in sqrt(beta) (Stable Diffusion's, with beta 0.00085 to 0.012; diffusers' name)."""
+    if beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_steps, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_steps, dtype=torch.float64) ** 2
+    else:
+        raise ValueError(f"unknown beta_schedule {beta_schedule!r}: expected 'linear' or 'scaled_linear'")
     return torch.cumprod(1.0 - betas, dim=0)
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rewardtune.errors import PluginError
+from rewardtune.nets.frozen import keep_out_of_checkpoints  # noqa: F401  (re-exported: the plugins' import path)
 
 
 class Reward(nn.Module):
@@ -111,25 +112,3 @@ def check_reward_output(name: str, rewards: object, batch_size: int) -> torch.Te
         bad = int((~finite).sum())
         raise PluginError(f"reward {name!r} returned NaN/inf for {bad} of {batch_size} samples")
     return rewards
-
-
-def keep_out_of_checkpoints(module: nn.Module, child: str) -> None:
-    """Leave the frozen submodule `module.<child>` out of `module.state_dict()`.
-
-    Loading (strictly) a state dict without those keys keeps the weights the module already holds, so a checkpoint
-    of a reward around a frozen network (CLIP, a classifier) stores only what changes, and resuming still works:
-    the factory rebuilds the frozen network from its source.
-    """
-    if not isinstance(getattr(module, child, None), nn.Module):
-        raise TypeError(f"{type(module).__name__} has no submodule {child!r}")
-
-    def drop(mod: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-        for key in [k for k in state_dict if k.startswith(f"{prefix}{child}.")]:
-            del state_dict[key]
-
-    def restore(mod: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-        for key, value in getattr(mod, child).state_dict(prefix=f"{prefix}{child}.", keep_vars=True).items():
-            state_dict.setdefault(key, value.detach())
-
-    module.register_state_dict_post_hook(drop)
-    module.register_load_state_dict_pre_hook(restore)

@@ -1,0 +1,248 @@
+"""The latent text-to-image backbone `sd` (backbones/latent.py) on a tiny random Stable-Diffusion-layout pipeline
+written with save_pretrained: loading, the schedule of its scheduler config, log-probs, prompts through
+cross-attention, CFG with the empty prompt, the decoded output, LoRA-only checkpoints with exact resume, and a recipe
+end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli import cli
+from test_resume import StopAt
+from tiny_models import SD_IMAGE_SIZE, write_tiny_sd_pipeline
+from torch.distributions import Normal
+
+import rewardtune as rt
+from rewardtune.backbones.latent import LatentEpsilonPolicy, build_sd_backbone
+from rewardtune.backbones.schedules import ddpm_alphas_cumprod
+from rewardtune.conditions import Conditions
+from rewardtune.errors import Interrupted, PluginError, RecipeError
+from rewardtune.nets.conditioning import Conditioning
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+TEXT = Conditioning(text_dim=8)
+IMAGE = (3, SD_IMAGE_SIZE, SD_IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> Path:
+    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+def prompts(*texts: str) -> Conditions:
+    return Conditions(prompts=tuple(texts), embeddings=torch.zeros(len(texts), 8))
+
+
+def backbone(sd_dir: Path, **options) -> LatentEpsilonPolicy:
+    torch.manual_seed(0)
+    options = {"num_steps": 3, **options}
+    return build_sd_backbone(IMAGE, options.pop("conditioning", TEXT), pretrained=str(sd_dir), **options)
+
+
+def test_the_pipeline_loads_with_its_schedule_and_latent_shape(sd_dir):
+    from diffusers import DDPMScheduler
+
+    policy = backbone(sd_dir)
+    assert policy.sample_shape == (4, SD_IMAGE_SIZE // 2, SD_IMAGE_SIZE // 2)
+    assert policy.prediction == "epsilon" and policy.cfg_scale == 5.0  # DDPO's default guidance with prompts
+    reference = DDPMScheduler.from_pretrained(sd_dir, subfolder="scheduler").alphas_cumprod  # scaled_linear betas
+    torch.testing.assert_close(policy.alphas_cumprod, reference.float())
+    torch.testing.assert_close(ddpm_alphas_cumprod(1000, 0.00085, 0.012, "scaled_linear").float(), reference.float())
+    assert build_sd_backbone(IMAGE, None, pretrained=str(sd_dir)).cfg_scale == 1.0  # no prompts: no guidance
+    v = build_sd_backbone(IMAGE, TEXT, pretrained=str(sd_dir), prediction="v_prediction")
+    assert v.prediction == "v_prediction"
+
+
+def test_v_prediction_gives_the_noise_back():
+    """v = sqrt(ab) eps - sqrt(1 - ab) x0 and x = sqrt(ab) x0 + sqrt(1 - ab) eps give eps = sqrt(ab) v + sqrt(1 - ab) x."""
+    from rewardtune.backbones.epsilon import EpsilonChainPolicy
+
+    policy = EpsilonChainPolicy(torch.nn.Identity(), (3,), num_steps=2, prediction="v_prediction")
+    x0, eps = torch.randn(5, 3), torch.randn(5, 3)
+    k = torch.tensor([10, 200, 500, 800, 999])
+    ab = policy.alphas_cumprod[k].view(-1, 1)
+    x = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    torch.testing.assert_close(policy.eps_from_output(v, x, k.float(), None), eps, rtol=1e-4, atol=1e-4)
+
+
+def test_the_prompt_reaches_the_unet_and_the_log_probs_are_gaussian(sd_dir):
+    policy = backbone(sd_dir)
+    z, z_next = torch.randn(4, *policy.sample_shape), torch.randn(4, *policy.sample_shape)
+    t = torch.tensor([0, 1, 2, 1])
+    c = prompts("a red cat", "a cat", "red", "a red cat")
+    mean = policy.mean_at(z, t, c)
+    expected = Normal(mean, policy.sigma()[t].view(-1, 1, 1, 1)).log_prob(z_next).flatten(1).sum(1)
+    torch.testing.assert_close(policy.log_prob(z_next, z, t, c), expected, rtol=1e-5, atol=1e-4)
+    other = policy.mean_at(z, t, prompts("a cat", "a red cat", "a cat", "cat"))
+    assert all(not torch.allclose(mean[i], other[i]) for i in range(4))  # the prompt changes the mean
+    trajectory = policy.sample(4, torch.Generator().manual_seed(1), condition=c)
+    for step in range(3):
+        recomputed = policy.log_prob(trajectory.states[step + 1], trajectory.states[step], torch.full((4,), step), c)
+        torch.testing.assert_close(recomputed, trajectory.log_probs[step], rtol=3e-3, atol=1e-2)
+    with pytest.raises(ValueError, match="conditioned on prompts"):
+        policy.mean_at(z, t, Conditions.from_labels([0, 1, 2, 3]))
+
+
+def test_cfg_uses_the_empty_prompt_as_the_unconditional_branch(sd_dir):
+    policy = backbone(sd_dir, cfg_scale=3.0)
+    z, k, c = torch.randn(2, *policy.sample_shape), torch.tensor([500.0, 900.0]), prompts("a red cat", "a cat")
+    states = policy.prompt_states(["a red cat", "a cat"])
+    empty = policy.prompt_states(["", ""])
+    eps_c = policy.eps_net(z, k, encoder_hidden_states=states).sample
+    eps_u = policy.eps_net(z, k, encoder_hidden_states=empty).sample
+    torch.testing.assert_close(policy.predict_eps(z, k, condition=c), eps_u + 3.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(policy.predict_eps(z, k, condition=c, cfg_scale=1.0), eps_c)
+    assert len(policy.prompt_states.cache) == 3  # each prompt encoded once
+
+
+def test_the_sample_is_the_decoded_image_and_the_checkpointed_decode_has_the_same_gradient(sd_dir):
+    policy = backbone(sd_dir)
+    z = torch.randn(2, *policy.sample_shape, requires_grad=True)
+    image = policy.output(z)
+    assert image.shape == (2, *IMAGE) and float(image.detach().abs().max()) <= 1.0
+    torch.testing.assert_close(image, policy.decode(z).clamp(-1, 1))
+    (grad_checkpointed,) = torch.autograd.grad(image.square().sum(), z)
+    policy.decode_checkpointing = False
+    (grad_plain,) = torch.autograd.grad(policy.output(z).square().sum(), z)
+    torch.testing.assert_close(grad_checkpointed, grad_plain)
+
+
+def test_lora_trains_only_the_adapters_and_checkpoints_only_them(sd_dir):
+    plain, adapted = backbone(sd_dir, lora_rank=2), backbone(sd_dir)
+    z, t, c = torch.randn(2, *plain.sample_shape), torch.tensor([0, 2]), prompts("a cat", "red")
+    torch.testing.assert_close(plain.mean_at(z, t, c), adapted.mean_at(z, t, c))  # LoRA's B starts at zero
+    trainable = [n for n, p in plain.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n == "log_sigma" for n in trainable)
+    assert plain.network_parameters() and all(p.requires_grad for p in plain.network_parameters())
+    state = plain.state_dict()
+    assert not any(k.startswith(("vae.", "prompt_states.")) for k in state)
+    unet_keys = [k for k in state if k.startswith("eps_net.")]
+    assert unet_keys and all("lora_" in k for k in unet_keys)
+    assert set(plain.network_state()) == set(unet_keys)
+    # a trained adapter survives a save and a strict load into a freshly built backbone
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    moved = plain.mean_at(z, t, c)
+    assert not torch.allclose(moved, adapted.mean_at(z, t, c))
+    fresh = backbone(sd_dir, lora_rank=2)
+    fresh.load_state_dict(state, strict=True)
+    torch.testing.assert_close(fresh.mean_at(z, t, c), moved)
+    full = backbone(sd_dir)
+    assert any(k.startswith("eps_net.conv_in") for k in full.state_dict())  # full fine-tuning keeps the UNet
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"conditioning": Conditioning(num_classes=3)}, "conditioned on prompts"),
+        ({"lora_rank": -1}, "lora_rank must be >= 0"),
+        ({"lora_alpha": 4.0}, "need lora_rank > 0"),
+        ({"lora_rank": 2, "lora_targets": ["no_such_module"]}, "lora_targets"),
+        ({"prediction": "sample", "num_steps": 2}, None),
+    ],
+)
+def test_bad_sd_options_are_refused(sd_dir, options, message):
+    if message is None:
+        assert backbone(sd_dir, **options).prediction == "sample"
+        return
+    with pytest.raises(ValueError, match=message):
+        backbone(sd_dir, **options)
+
+
+def test_a_missing_model_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PluginError, match="cannot load the unet from .*point backbone.pretrained") as info:
+        build_sd_backbone(IMAGE, TEXT, pretrained=str(tmp_path / "nowhere"))
+    assert "\n" not in str(info.value)
+
+
+def sd_recipe(sd_dir: Path, path: Path) -> Path:
+    """DxDP with LoRA on the tiny pipeline: the shapes data and prompts, the verifier's partial reward learnt by a
+    conditional value on the latents."""
+    repo = Path(__file__).resolve().parent.parent
+    path.write_text(f"""
+[data]
+kind = "shapes"
+size = {SD_IMAGE_SIZE}
+num_images = 64
+
+[conditions]
+kind = "jsonl"
+path = "{repo / 'recipes/prompts/shapes/train.jsonl'}"
+text_encoder = {{ kind = "hash", dim = 8 }}
+
+[backbone]
+kind = "sd"
+pretrained = "{sd_dir}"
+num_steps = 2
+cfg_scale = 2.0
+lora_rank = 2
+
+[value]
+kind = "time_mlp"
+hidden = 16
+depth = 1
+time_dim = 8
+
+[reward]
+kind = "shapes"
+partial = true
+
+[algorithm]
+kind = "dxdp"
+sampler_lr = 1e-3
+
+[train]
+steps = 4
+batch_size = 4
+log_every = 1
+checkpoint_every = 2
+
+[eval]
+num_samples = 8
+feature_extractor = "helpers:tiny_features"
+""")
+    return path
+
+
+def test_an_sd_recipe_runs_resumes_exactly_and_samples_through_the_cli(sd_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = sd_recipe(sd_dir, tmp_path / "sd.toml")
+    code, _, err = cli(capsys, "run", str(recipe), "--out", str(tmp_path / "whole"))
+    assert code == 0, err
+    loaded = rt.load_recipe(recipe)
+    with pytest.raises(Interrupted):  # SIGTERM during step 3, after the checkpoint of step 2
+        rt.run_recipe(loaded, tmp_path / "split", reporter=StopAt(3))
+    rt.run_recipe(loaded, tmp_path / "split", resume=True)
+    whole = load_file(tmp_path / "whole/checkpoints/step_00000004/model.safetensors")
+    split = load_file(tmp_path / "split/checkpoints/step_00000004/model.safetensors")
+    assert set(whole) == set(split)
+    for key in whole:
+        torch.testing.assert_close(whole[key], split[key], rtol=0, atol=0, msg=key)
+    unet_keys = [k for k in whole if k.startswith("backbone.eps_net.")]
+    assert unet_keys and all("lora_" in k for k in unet_keys)  # the checkpoint holds the adapters, not the UNet
+    assert not any(".vae." in k or "prompt_states" in k for k in whole)
+    code, _, err = cli(capsys, "sample", str(tmp_path / "whole"), "--prompt", "a red circle", "-n", "4",
+                         "-o", str(tmp_path / "grid.png"))
+    assert code == 0, err
+    assert (tmp_path / "grid.png").exists()
+    metrics = json.loads((tmp_path / "whole/eval.json").read_text())["metrics"]
+    assert {"accuracy", "frechet_distance", "reward_mean"} <= set(metrics)
+
+
+def test_an_energy_shared_with_the_value_is_refused_on_latents(sd_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = sd_recipe(sd_dir, tmp_path / "sd.toml").read_text()
+    text = text.replace('kind = "shapes"\npartial = true', 'kind = "energy"\nshare_with_value = true')
+    (tmp_path / "energy.toml").write_text(text)
+    with pytest.raises(RecipeError, match=r"share_with_value = true: the value sees the backbone's states \(4, 8, 8\)"):
+        rt.build_trainer(rt.load_recipe(tmp_path / "energy.toml"))
