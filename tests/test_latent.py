@@ -6,6 +6,9 @@ end to end through the CLI."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +249,12 @@ def test_an_energy_shared_with_the_value_is_refused_on_latents(sd_dir, tmp_path,
     (tmp_path / "energy.toml").write_text(text)
     with pytest.raises(RecipeError, match=r"share_with_value = true: the value sees the backbone's states \(4, 8, 8\)"):
         rt.build_trainer(rt.load_recipe(tmp_path / "energy.toml"))
+
+
+def test_the_latent_memory_benchmark_runs_on_the_tiny_config():
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_latent.py"
+    command = [sys.executable, str(script), "--config", "tiny", "--threads", "1", "--steps", "2"]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LoRA rank 8" in done.stdout and "DxDP update (TD + policy step)" in done.stdout
