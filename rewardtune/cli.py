@@ -280,6 +280,27 @@ def sample(
 
 
 @app.command(cls=Command)
+def export(
+    run_dir: RunDirArgument,
+    to: Annotated[Path, typer.Option("--to", help="The folder to write (created; must be empty unless --force).", metavar="DIR")],
+    best: Annotated[bool, typer.Option("--best", help="Export checkpoints/best instead of the latest checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --to folder.")] = False,
+) -> None:
+    """Write a run's tuned sampler as a diffusers pipeline folder (sd and unconditional ddpm runs).
+
+    `DiffusionPipeline.from_pretrained(DIR)` loads it (LoRA adapters merged into the UNet; a LoRA run also writes
+    DIR/lora in diffusers' LoRA format), and DIR/rewardtune_sampler.json holds the few-step sampler (its schedule,
+    learned noise levels and CFG scale), which `rewardtune.export.sample_exported` runs.
+    """
+    from rewardtune.api import load_run
+    from rewardtune.export import export_backbone
+
+    trainer = load_run(run_dir, best=best)
+    written = export_backbone(trainer.evaluated_backbone(), to, force=force)
+    print_error(f"exported {run_dir} to {to}: " + ", ".join(p.name for p in written))
+
+
+@app.command(cls=Command)
 def plugins() -> None:
     """List the backbones, values, rewards, data and algorithms (built-in and installed)."""
     from rich.table import Table

@@ -131,14 +131,17 @@ class ImageEvaluator:
     def per_class_metrics(
         self, fake: torch.Tensor, fake_features: torch.Tensor, condition: Conditions, device
     ) -> dict[str, float]:
-        """Class-labelled samples: `frechet_distance/class k` against class k's data images (labelled data), and
-        `class_accuracy` (pooled and per class) when the feature extractor can classify."""
+        """Class-labelled samples: `frechet_distance/class k` against class k's data images (labelled data; for each
+        class with at least two samples, which a Gaussian fit needs), and `class_accuracy` (pooled and per class) when
+        the feature extractor can classify."""
         metrics: dict[str, float] = {}
         if condition.labels is None:
             return metrics
         labels = condition.labels.cpu()
         if getattr(self.data, "labels", None) is not None:
             for k in labels.unique().tolist():
+                if int((labels == k).sum()) < 2:
+                    continue
                 reference = self.class_reference(int(k), device)
                 metrics[f"frechet_distance/class {k}"] = frechet_distance(reference, fake_features[labels == k])
         if hasattr(self._extractor, "classify"):

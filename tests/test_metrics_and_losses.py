@@ -119,3 +119,10 @@ def test_ema_follows_its_warmed_up_decays_exactly():
     remaining = math.prod(min(0.9, (1 + i) / (10 + i)) for i in range(1, 31))
     assert float(ema.module.weight) == pytest.approx(1 - remaining, rel=1e-6)
     assert float(ema.module.count) == 7.0
+
+
+def test_frechet_distance_needs_two_features_per_set():
+    from rewardtune.metrics.fid import frechet_distance
+
+    with pytest.raises(ValueError, match="at least 2 features per set, got 5 and 1"):
+        frechet_distance(torch.randn(5, 3), torch.randn(1, 3))

@@ -78,6 +78,10 @@ class EpsilonChainPolicy(GaussianChainPolicy):
             raise ValueError(f"unknown prediction {prediction!r}: expected one of {', '.join(map(repr, PREDICTIONS))}")
         timesteps, coef = SCHEDULES[schedule](num_steps, alphas_cumprod)
         self.prediction = prediction
+        # what rebuilds this schedule (`export.py` writes it next to an exported network)
+        self.schedule_settings = {"num_steps": num_steps, "schedule": schedule, "num_train_steps": num_train_steps,
+                                  "beta_start": beta_start, "beta_end": beta_end, "beta_schedule": beta_schedule,
+                                  "prediction": prediction}
         super().__init__(sample_shape, coef.sigma, **policy_kwargs)
         self.eps_net = eps_net
         self.conditioning = conditioning

@@ -44,7 +44,13 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between Gaussian fits of two feature sets."""
+    """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between Gaussian fits of two feature sets [N, F].
+
+    Raises:
+        ValueError: a set of fewer than two features (no covariance to fit).
+    """
+    if min(real.shape[0], fake.shape[0]) < 2:
+        raise ValueError(f"the Fréchet distance needs at least 2 features per set, got {real.shape[0]} and {fake.shape[0]}")
     mu1, sigma1 = gaussian_statistics(real)
     mu2, sigma2 = gaussian_statistics(fake)
     diff = mu1 - mu2

@@ -1,0 +1,183 @@
+"""`rewardtune export RUN --to DIR`: a tuned sampler as a diffusers folder, with its few-step sampler.
+
+What is written (the network a run samples with: the EMA weights when the run keeps them, as `rewardtune sample`):
+- an `sd` run: a `StableDiffusionPipeline` folder (`DiffusionPipeline.from_pretrained(DIR)` loads it) whose UNet is
+  the tuned one, LoRA adapters merged into it; a LoRA run also gets `DIR/lora/pytorch_lora_weights.safetensors`,
+  the adapters alone in diffusers' format (`pipe.unet.load_lora_adapter(DIR / "lora")` on the base model);
+- an unconditional `ddpm` run: a `DDPMPipeline` folder (the UNet and the training schedule);
+- both: `DIR/rewardtune_sampler.json`, the T-step sampler the run was tuned as (SAMPLER_FORMAT): the settings that
+  rebuild its schedule, the learned sigma_t, the CFG scale, the latent shape, and the explicit per-step
+  arrays of the update
+
+      x_0 ~ N(0, I);   x_{t+1} = a_t x_t + c_t eps(x_t, k_t, c) + sigma_t z_t,   z_t ~ N(0, I);   sample = output(x_T)
+
+  with eps the (guided, prediction-converted) network output at DDPM timestep k_t, so the sampler can be
+  re-implemented without rewardtune. `sample_exported(DIR, ...)` runs it from the exported folder alone and, for the
+  same seed and conditions, gives what `rewardtune sample` gives for the run (to float tolerance).
+
+Other backbones (`mlp`, `edm`, `flow`, a conditional `ddpm`) have no diffusers pipeline to become: a clear error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from rewardtune.backbones.epsilon import EpsilonChainPolicy
+from rewardtune.conditions import Conditions
+from rewardtune.errors import RecipeError, RewardtuneError
+
+SAMPLER_FILE = "rewardtune_sampler.json"
+SAMPLER_FORMAT = "rewardtune-sampler/1"
+
+
+def export_backbone(backbone, out_dir: Path, *, force: bool = False) -> list[Path]:
+    """Write `backbone` (an `sd` or unconditional `ddpm` policy) to `out_dir` as described in the module docstring.
+    Returns the paths written at the top level.
+
+    Raises:
+        RecipeError: a backbone that cannot be exported, or a non-empty `out_dir` without `force`.
+    """
+    from rewardtune.backbones.latent import LatentEpsilonPolicy
+
+    if not isinstance(backbone, EpsilonChainPolicy):
+        raise RecipeError(f"export writes sd and ddpm runs as diffusers pipelines; this run's backbone is "
+                          f"{type(backbone).__name__}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise RecipeError(f"{out_dir} is not empty; use another --to, or --force to replace it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(backbone, LatentEpsilonPolicy):
+        written = export_latent(backbone, out_dir)
+    else:
+        written = export_pixel(backbone, out_dir)
+    spec = sampler_spec(backbone, "sd" if isinstance(backbone, LatentEpsilonPolicy) else "ddpm")
+    (out_dir / SAMPLER_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    return [*written, out_dir / SAMPLER_FILE]
+
+
+def training_scheduler(backbone: EpsilonChainPolicy):
+    """The DDPM training schedule of the backbone as a diffusers `DDPMScheduler`."""
+    from diffusers import DDPMScheduler
+
+    settings = backbone.schedule_settings
+    return DDPMScheduler(num_train_timesteps=settings["num_train_steps"], beta_start=settings["beta_start"],
+                         beta_end=settings["beta_end"], beta_schedule=settings["beta_schedule"],
+                         prediction_type=settings["prediction"], clip_sample=False, steps_offset=1)
+
+
+def export_latent(backbone, out_dir: Path) -> list[Path]:
+    """The StableDiffusionPipeline folder (adapters merged) and, for a LoRA run, the adapters in diffusers' format."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = copy.deepcopy(backbone.eps_net).to("cpu")
+    written = [out_dir / "model_index.json"]
+    if backbone.lora:
+        unet.save_lora_adapter(out_dir / "lora")
+        unet.fuse_lora()
+        unet.unload_lora()
+        written.append(out_dir / "lora")
+    pipeline = StableDiffusionPipeline(
+        vae=backbone.vae, text_encoder=backbone.prompt_states.model, tokenizer=backbone.prompt_states.tokenizer,
+        unet=unet, scheduler=training_scheduler(backbone), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir)
+    return written
+
+
+def export_pixel(backbone: EpsilonChainPolicy, out_dir: Path) -> list[Path]:
+    """The DDPMPipeline folder of an unconditional `ddpm` run."""
+    from diffusers import DDPMPipeline
+
+    unet = getattr(backbone.eps_net, "unet", None)
+    if unet is None or getattr(backbone.eps_net, "condition", None) is not None:
+        raise RecipeError("export writes an unconditional ddpm run (a diffusers UNet2DModel) as a DDPMPipeline; this "
+                          "run's network has no diffusers equivalent (an mlp, or a rewardtune condition embedding)")
+    DDPMPipeline(unet=copy.deepcopy(unet).to("cpu"), scheduler=training_scheduler(backbone)).save_pretrained(out_dir)
+    return [out_dir / "model_index.json"]
+
+
+def sampler_spec(backbone: EpsilonChainPolicy, kind: str) -> dict:
+    """The sampler of `backbone` as JSON-ready data (see the module docstring)."""
+    def floats(t: torch.Tensor) -> list[float]:
+        return [float(v) for v in t.detach().cpu().double()]
+
+    return {
+        "format": SAMPLER_FORMAT,
+        "backbone": kind,
+        "settings": dict(backbone.schedule_settings),
+        "cfg_scale": float(getattr(backbone, "cfg_scale", 1.0)),
+        "sample_shape": list(backbone.sample_shape),
+        "sigma": floats(backbone.sigma()),
+        "timesteps": floats(backbone.timesteps),
+        "coef_a": floats(backbone.coef_a),
+        "coef_c": floats(backbone.coef_c),
+        "alpha_bar": floats(backbone.step_alphas_cumprod),
+        "update": "x_{t+1} = coef_a[t] x_t + coef_c[t] eps(x_t, timesteps[t], c) + sigma[t] z_t; eps guided at cfg_scale "
+                  "with the empty prompt as the unconditional branch, converted from the network's prediction",
+    }
+
+
+def load_exported(out_dir: str | Path) -> EpsilonChainPolicy:
+    """The sampler of an exported folder, rebuilt from the folder alone (diffusers' `from_pretrained` and the JSON).
+
+    Raises:
+        RewardtuneError: no sampler file, or one of another format.
+    """
+    from diffusers import DiffusionPipeline
+
+    out_dir = Path(out_dir)
+    try:
+        spec = json.loads((out_dir / SAMPLER_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise RewardtuneError(f"{out_dir} holds no exported sampler ({SAMPLER_FILE}: {err})") from None
+    if spec.get("format") != SAMPLER_FORMAT:
+        raise RewardtuneError(f"{out_dir / SAMPLER_FILE} is of format {spec.get('format')!r}, not {SAMPLER_FORMAT!r}")
+    pipeline = DiffusionPipeline.from_pretrained(out_dir)
+    settings = spec["settings"]
+    if spec["backbone"] == "sd":
+        from rewardtune.backbones.latent import LatentEpsilonPolicy, PromptStates
+        from rewardtune.nets.conditioning import Conditioning
+
+        text_dim = int(pipeline.text_encoder.config.hidden_size)
+        policy = LatentEpsilonPolicy(
+            pipeline.unet, pipeline.vae, PromptStates(pipeline.text_encoder, pipeline.tokenizer),
+            tuple(spec["sample_shape"]), conditioning=Conditioning(text_dim=text_dim), cfg_scale=spec["cfg_scale"],
+            **settings,
+        )
+    else:
+        from rewardtune.backbones.base import IMAGE_RANGE
+        from rewardtune.backbones.ddpm import UNetEps
+
+        policy = EpsilonChainPolicy(UNetEps(pipeline.unet), tuple(spec["sample_shape"]), output_range=IMAGE_RANGE,
+                                    **settings)
+    with torch.no_grad():
+        policy.log_sigma.copy_(torch.tensor([math.log(s) for s in spec["sigma"]]))
+    return policy.eval()
+
+
+@torch.no_grad()
+def sample_exported(
+    out_dir: str | Path, n: int, *, prompts: list[str] | None = None, seed: int = 0, batch: int = 500
+) -> torch.Tensor:
+    """n samples [n, 3, H, W] in [-1, 1] of an exported folder, with the run's T-step sampler: one chain per prompt
+    of `prompts` (n of them; an sd export without prompts samples the empty prompt), `batch` chains at a time. The
+    same seed and prompts give `rewardtune sample`'s samples of the run (which draws images 500 chains at a time)."""
+    from rewardtune.evaluation import draw_samples
+
+    policy = load_exported(out_dir)
+    condition = None
+    if prompts is not None:
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts for {n} samples")
+        condition = Conditions(prompts=tuple(prompts))
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    return draw_samples(policy, n, generator, None, batch, condition)
