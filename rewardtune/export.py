@@ -1,6 +1,8 @@
 """`rewardtune export RUN --to DIR`: a tuned sampler as a diffusers folder, with its few-step sampler.
 
 What is written (the network a run samples with: the EMA weights when the run keeps them, as `rewardtune sample`):
+- an `sd3` run: a `StableDiffusion3Pipeline` folder, the transformer's LoRA adapters merged (and also written alone
+  to `DIR/lora`), without T5 when the run had none (load it with `text_encoder_3=None, tokenizer_3=None`);
 - an `sd` run: a `StableDiffusionPipeline` folder (`DiffusionPipeline.from_pretrained(DIR)` loads it) whose UNet is
   the tuned one, LoRA adapters merged into it; a LoRA run also gets `DIR/lora/pytorch_lora_weights.safetensors`,
   the adapters alone in diffusers' format (`pipe.unet.load_lora_adapter(DIR / "lora")` on the base model);
@@ -15,7 +17,8 @@ What is written (the network a run samples with: the EMA weights when the run ke
   re-implemented without rewardtune. `sample_exported(DIR, ...)` runs it from the exported folder alone and, for the
   same seed and conditions, gives what `rewardtune sample` gives for the run (to float tolerance).
 
-Other backbones (`mlp`, `edm`, `flow`, a conditional `ddpm`) have no diffusers pipeline to become: a clear error.
+An sd3 folder's sampler file holds the flow-SDE steps instead (levels s_t, coef_a, coef_b: x_{t+1} = a_t x_t +
+b_t v(x_t, 1000 s_t, c) + sigma_t z_t). Other backbones (`mlp`, `edm`, `flow`, a conditional `ddpm`) have no diffusers pipeline to become: a clear error.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from rewardtune.backbones.epsilon import EpsilonChainPolicy
 from rewardtune.conditions import Conditions
 from rewardtune.errors import RecipeError, RewardtuneError
+from rewardtune.quiet import quiet_libraries
 
 SAMPLER_FILE = "rewardtune_sampler.json"
 SAMPLER_FORMAT = "rewardtune-sampler/1"
@@ -44,9 +48,10 @@ def export_backbone(backbone, out_dir: Path, *, force: bool = False) -> list[Pat
         RecipeError: a backbone that cannot be exported, or a non-empty `out_dir` without `force`.
     """
     from rewardtune.backbones.latent import LatentEpsilonPolicy
+    from rewardtune.backbones.sd3 import LatentFlowPolicy
 
-    if not isinstance(backbone, EpsilonChainPolicy):
-        raise RecipeError(f"export writes sd and ddpm runs as diffusers pipelines; this run's backbone is "
+    if not isinstance(backbone, EpsilonChainPolicy | LatentFlowPolicy):
+        raise RecipeError(f"export writes sd, sd3 and ddpm runs as diffusers pipelines; this run's backbone is "
                           f"{type(backbone).__name__}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -54,11 +59,12 @@ def export_backbone(backbone, out_dir: Path, *, force: bool = False) -> list[Pat
             raise RecipeError(f"{out_dir} is not empty; use another --to, or --force to replace it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(backbone, LatentEpsilonPolicy):
-        written = export_latent(backbone, out_dir)
+    if isinstance(backbone, LatentFlowPolicy):
+        written, spec = export_sd3(backbone, out_dir), flow_sampler_spec(backbone)
+    elif isinstance(backbone, LatentEpsilonPolicy):
+        written, spec = export_latent(backbone, out_dir), sampler_spec(backbone, "sd")
     else:
-        written = export_pixel(backbone, out_dir)
-    spec = sampler_spec(backbone, "sd" if isinstance(backbone, LatentEpsilonPolicy) else "ddpm")
+        written, spec = export_pixel(backbone, out_dir), sampler_spec(backbone, "ddpm")
     (out_dir / SAMPLER_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     return [*written, out_dir / SAMPLER_FILE]
 
@@ -73,23 +79,48 @@ def training_scheduler(backbone: EpsilonChainPolicy):
                          prediction_type=settings["prediction"], clip_sample=False, steps_offset=1)
 
 
+def merged_network(backbone, out_dir: Path, written: list[Path]):
+    """A CPU copy of a latent backbone's network with its LoRA adapters (if any) merged, after writing the adapters
+    alone to out_dir/lora in diffusers' format."""
+    network = copy.deepcopy(backbone.network).to("cpu")
+    if backbone.lora:
+        network.save_lora_adapter(out_dir / "lora")
+        network.fuse_lora()
+        network.unload_lora()
+        written.append(out_dir / "lora")
+    return network
+
+
 def export_latent(backbone, out_dir: Path) -> list[Path]:
     """The StableDiffusionPipeline folder (adapters merged) and, for a LoRA run, the adapters in diffusers' format."""
     from diffusers import StableDiffusionPipeline
 
-    unet = copy.deepcopy(backbone.eps_net).to("cpu")
     written = [out_dir / "model_index.json"]
-    if backbone.lora:
-        unet.save_lora_adapter(out_dir / "lora")
-        unet.fuse_lora()
-        unet.unload_lora()
-        written.append(out_dir / "lora")
+    unet = merged_network(backbone, out_dir, written)
     pipeline = StableDiffusionPipeline(
         vae=backbone.vae, text_encoder=backbone.prompt_states.model, tokenizer=backbone.prompt_states.tokenizer,
         unet=unet, scheduler=training_scheduler(backbone), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.save_pretrained(out_dir)
+    return written
+
+
+def export_sd3(backbone, out_dir: Path) -> list[Path]:
+    """The StableDiffusion3Pipeline folder (adapters merged; without T5 if the run had none) and, for a LoRA run, the
+    adapters in diffusers' format."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    written = [out_dir / "model_index.json"]
+    transformer = merged_network(backbone, out_dir, written)
+    source = backbone.prompt_states.pipeline[0]
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=backbone.shift), vae=backbone.vae,
+        text_encoder=source.text_encoder, tokenizer=source.tokenizer, text_encoder_2=source.text_encoder_2,
+        tokenizer_2=source.tokenizer_2, text_encoder_3=source.text_encoder_3, tokenizer_3=source.tokenizer_3,
+    )
+    with quiet_libraries():  # diffusers warns that a missing T5 "cannot be saved"
+        pipeline.save_pretrained(out_dir)
     return written
 
 
@@ -126,6 +157,28 @@ def sampler_spec(backbone: EpsilonChainPolicy, kind: str) -> dict:
     }
 
 
+def flow_sampler_spec(backbone) -> dict:
+    """The sampler of an sd3 backbone as JSON-ready data (the flow SDE's steps; backbones/flow.py)."""
+    def floats(t: torch.Tensor) -> list[float]:
+        return [float(v) for v in t.detach().cpu().double()]
+
+    return {
+        "format": SAMPLER_FORMAT,
+        "backbone": "sd3",
+        "settings": {"num_steps": backbone.num_steps, "shift": backbone.shift, "noise_level": backbone.noise_level},
+        "use_t5": backbone.prompt_states.pipeline[0].text_encoder_3 is not None,
+        "max_sequence_length": backbone.prompt_states.max_sequence_length,
+        "cfg_scale": float(backbone.cfg_scale),
+        "sample_shape": list(backbone.sample_shape),
+        "sigma": floats(backbone.sigma()),
+        "levels": floats(backbone.levels),
+        "coef_a": floats(backbone.coef_a),
+        "coef_b": floats(backbone.coef_b),
+        "update": "x_{t+1} = coef_a[t] x_t + coef_b[t] v(x_t, 1000 levels[t], c) + sigma[t] z_t; v guided at cfg_scale "
+                  "with the empty prompt as the unconditional branch",
+    }
+
+
 def load_exported(out_dir: str | Path) -> EpsilonChainPolicy:
     """The sampler of an exported folder, rebuilt from the folder alone (diffusers' `from_pretrained` and the JSON).
 
@@ -141,8 +194,24 @@ def load_exported(out_dir: str | Path) -> EpsilonChainPolicy:
         raise RewardtuneError(f"{out_dir} holds no exported sampler ({SAMPLER_FILE}: {err})") from None
     if spec.get("format") != SAMPLER_FORMAT:
         raise RewardtuneError(f"{out_dir / SAMPLER_FILE} is of format {spec.get('format')!r}, not {SAMPLER_FORMAT!r}")
-    pipeline = DiffusionPipeline.from_pretrained(out_dir)
     settings = spec["settings"]
+    if spec["backbone"] == "sd3":
+        from rewardtune.backbones.sd3 import (
+            LatentFlowPolicy,
+            SD3PromptStates,
+            load_sd3_pipeline,
+        )
+        from rewardtune.nets.conditioning import Conditioning
+
+        pipeline = load_sd3_pipeline(str(out_dir), spec["use_t5"])
+        policy = LatentFlowPolicy(
+            pipeline.transformer, pipeline.vae, SD3PromptStates(pipeline, spec["max_sequence_length"]),
+            tuple(spec["sample_shape"]), conditioning=Conditioning(text_dim=1), cfg_scale=spec["cfg_scale"], **settings,
+        )
+        with torch.no_grad():
+            policy.log_sigma.copy_(torch.tensor([math.log(s) for s in spec["sigma"]]))
+        return policy.eval()
+    pipeline = DiffusionPipeline.from_pretrained(out_dir)
     if spec["backbone"] == "sd":
         from rewardtune.backbones.latent import LatentEpsilonPolicy, PromptStates
         from rewardtune.nets.conditioning import Conditioning

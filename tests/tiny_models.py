@@ -47,35 +47,76 @@ def clip_text_config(vocab: dict[str, int], *, hidden: int = 16, max_length: int
     )
 
 
+def tiny_tokenizer(path: Path):
+    """(a CLIPTokenizer written next to `path`, a matching tiny CLIPTextConfig)."""
+    import transformers
+
+    tokenizer_dir = path.parent / f"{path.name}_tokenizer"
+    vocab = write_clip_tokenizer(tokenizer_dir)
+    return transformers.CLIPTokenizer.from_pretrained(tokenizer_dir), clip_text_config(vocab)
+
+
+def tiny_vae(**extra):
+    """A random AutoencoderKL with 2x downsampling to 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=SD_IMAGE_SIZE, **extra,
+    )
+
+
 def write_tiny_sd_pipeline(path: Path, *, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """A random Stable-Diffusion-layout pipeline folder (written by `StableDiffusionPipeline.save_pretrained`)."""
     import transformers
     from diffusers import (
-        AutoencoderKL,
         DDPMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
 
     torch.manual_seed(seed)
-    tokenizer_dir = path.parent / f"{path.name}_tokenizer"
-    vocab = write_clip_tokenizer(tokenizer_dir)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
-    text_encoder = transformers.CLIPTextModel(clip_text_config(vocab))
+    tokenizer, config = tiny_tokenizer(path)
+    text_encoder = transformers.CLIPTextModel(config)
     unet = UNet2DConditionModel(
         sample_size=SD_IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
-        norm_num_groups=4, sample_size=SD_IMAGE_SIZE,
-    )
+    vae = tiny_vae()
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type=prediction_type, steps_offset=1, clip_sample=False)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+    pipeline.save_pretrained(path)
+    return path
+
+
+def write_tiny_sd3_pipeline(path: Path, *, seed: int = 0, shift: float = 3.0) -> Path:
+    """A random SD3-layout pipeline folder without T5 (`StableDiffusion3Pipeline.save_pretrained`): two CLIP text
+    models with projection, a 1-layer SD3Transformer2DModel on 4-channel latents, a 2x AutoencoderKL."""
+    import transformers
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer, config = tiny_tokenizer(path)
+    config.projection_dim = 16
+    encoders = [transformers.CLIPTextModelWithProjection(config) for _ in range(2)]
+    transformer = SD3Transformer2DModel(
+        sample_size=SD_IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+    )
+    vae = tiny_vae(scaling_factor=1.5, shift_factor=0.1)  # SD3's VAE has both
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
     pipeline.save_pretrained(path)
     return path

@@ -87,46 +87,22 @@ def chain_prompts(condition: Conditions | None, n: int) -> list[str]:
     return list(condition.prompts)
 
 
-class LatentEpsilonPolicy(EpsilonChainPolicy):
-    """`EpsilonChainPolicy` in the latent space of `vae`, with a text-conditioned UNet (see the module docstring).
+class LatentOutput:
+    """What a policy on an autoencoder's latents adds to a `GaussianChainPolicy`: the decoded output, frozen parts
+    kept in eval mode and out of checkpoints, and LoRA-aware `network_state`. The subclass names its trained network
+    (`network_name`) and calls `init_latent` after the policy's own `__init__`."""
 
-    Args:
-        unet: a diffusers `UNet2DConditionModel` (called as unet(z, k, encoder_hidden_states=states).sample).
-        vae: a diffusers `AutoencoderKL`.
-        prompt_states: the frozen text model (`PromptStates`).
-        latent_shape: (C, h, w) of the latents.
-        decode_checkpointing: checkpoint the decode under gradients.
-        **kwargs: passed to `EpsilonChainPolicy` (num_steps, schedule, betas, prediction, conditioning, cfg_scale,
-            learn_sigma, fix_last_sigma, sigma_floor).
-    """
+    network_name = ""
 
-    def __init__(
-        self,
-        unet: nn.Module,
-        vae: nn.Module,
-        prompt_states: PromptStates,
-        latent_shape: tuple[int, int, int],
-        *,
-        decode_checkpointing: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(unet, latent_shape, **kwargs)
+    def init_latent(self, vae: nn.Module, prompt_states: nn.Module, decode_checkpointing: bool) -> None:
         self.vae = vae.eval().requires_grad_(False)
         self.prompt_states = prompt_states
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0))
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.decode_checkpointing = decode_checkpointing
         keep_out_of_checkpoints(self, "vae")
-        keep_frozen_parameters_out_of_checkpoints(self, "eps_net")  # under LoRA: the base UNet's weights
-
-    def network_output(self, x: torch.Tensor, k: torch.Tensor, condition: Conditions | None, scale: float) -> torch.Tensor:
-        states = self.prompt_states(chain_prompts(condition, x.shape[0])).to(x.dtype)  # [B, L, D]
-        if scale == 1.0:
-            return self.eps_net(x, k, encoder_hidden_states=states).sample
-        null = self.prompt_states([""] * x.shape[0]).to(x.dtype)  # SD's unconditional branch: the empty prompt
-        both = self.eps_net(torch.cat([x, x]), torch.cat([k, k]), encoder_hidden_states=torch.cat([states, null])).sample
-        conditional, unconditional = both.chunk(2)
-        return classifier_free_guidance(conditional, unconditional, scale)
+        # under LoRA: the base network's weights; always: its buffers, constants of its config (SD3's positions)
+        keep_frozen_parameters_out_of_checkpoints(self, self.network_name, buffers=True)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, h, w] -> images [B, 3, H, W] (unclamped)."""
@@ -140,24 +116,71 @@ class LatentEpsilonPolicy(EpsilonChainPolicy):
             images = self.decode(x)
         return images.clamp(*IMAGE_RANGE)
 
-    def train(self, mode: bool = True) -> LatentEpsilonPolicy:
+    def train(self, mode: bool = True):
         super().train(mode)
         self.vae.eval()  # frozen parts stay in eval mode
         return self
 
+    @property
+    def network(self) -> nn.Module:
+        return getattr(self, self.network_name)
+
     def network_state(self) -> dict[str, torch.Tensor]:
-        """The weights that carry over between samplers of different T: the UNet's trainable ones (the adapters
+        """The weights that carry over between samplers of different T: the network's trainable ones (the adapters
         under LoRA; every weight in full fine-tuning)."""
-        trainable = {name for name, p in self.eps_net.named_parameters() if p.requires_grad}
-        return {f"eps_net.{k}": v for k, v in self.eps_net.state_dict().items() if k in trainable or not self.lora}
+        trainable = {name for name, p in self.network.named_parameters() if p.requires_grad}
+        return {f"{self.network_name}.{k}": p.detach() for k, p in self.network.named_parameters()
+                if k in trainable or not self.lora}
 
     @property
     def lora(self) -> bool:
-        return bool(getattr(self.eps_net, "peft_config", None))
+        return bool(getattr(self.network, "peft_config", None))
 
 
-def load_component(cls_path: str, source: str, subfolder: str | None, what: str):
-    """`<cls>.from_pretrained(source, subfolder=...)` with a one-line PluginError when it cannot be had."""
+class LatentEpsilonPolicy(LatentOutput, EpsilonChainPolicy):
+    """`EpsilonChainPolicy` in the latent space of `vae`, with a text-conditioned UNet (see the module docstring).
+
+    Args:
+        unet: a diffusers `UNet2DConditionModel` (called as unet(z, k, encoder_hidden_states=states).sample).
+        vae: a diffusers `AutoencoderKL`.
+        prompt_states: the frozen text model (`PromptStates`).
+        latent_shape: (C, h, w) of the latents.
+        decode_checkpointing: checkpoint the decode under gradients.
+        **kwargs: passed to `EpsilonChainPolicy` (num_steps, schedule, betas, prediction, conditioning, cfg_scale,
+            learn_sigma, fix_last_sigma, sigma_floor).
+    """
+
+    network_name = "eps_net"
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        prompt_states: PromptStates,
+        latent_shape: tuple[int, int, int],
+        *,
+        decode_checkpointing: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(unet, latent_shape, **kwargs)
+        self.init_latent(vae, prompt_states, decode_checkpointing)
+
+    def network_output(self, x: torch.Tensor, k: torch.Tensor, condition: Conditions | None, scale: float) -> torch.Tensor:
+        states = self.prompt_states(chain_prompts(condition, x.shape[0])).to(x.dtype)  # [B, L, D]
+        if scale == 1.0:
+            return self.eps_net(x, k, encoder_hidden_states=states).sample
+        null = self.prompt_states([""] * x.shape[0]).to(x.dtype)  # SD's unconditional branch: the empty prompt
+        both = self.eps_net(torch.cat([x, x]), torch.cat([k, k]), encoder_hidden_states=torch.cat([states, null])).sample
+        conditional, unconditional = both.chunk(2)
+        return classifier_free_guidance(conditional, unconditional, scale)
+
+
+def load_component(
+    cls_path: str, source: str, subfolder: str | None, what: str, option: str | None = None, **kwargs
+):
+    """`<cls>.from_pretrained(source, subfolder=...)` with a one-line PluginError when it cannot be had (naming
+    backbone.pretrained, and `option` when the component has an option of its own); `kwargs` go to
+    `from_pretrained`."""
     module, _, name = cls_path.partition(":")
     try:
         cls = getattr(__import__(module, fromlist=[name]), name)
@@ -165,13 +188,13 @@ def load_component(cls_path: str, source: str, subfolder: str | None, what: str)
         raise PluginError(f"backbone 'sd' needs {module.split('.')[0]}: pip install 'rewardtune[latent]'") from None
     try:
         with quiet_libraries():  # offline, huggingface_hub and diffusers warn and log before failing
-            return cls.from_pretrained(source, subfolder=subfolder or None)
+            return cls.from_pretrained(source, subfolder=subfolder or None, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PluginError(
             f"cannot load the {what} from {source!r}{f' (subfolder {subfolder!r})' if subfolder else ''} "
-            f"({first[:160]}); offline, point backbone.pretrained (or backbone.{what.replace(' ', '_')}) at a local "
-            "folder written by save_pretrained"
+            f"({first[:160]}); offline, point backbone.pretrained{f' (or backbone.{option})' if option else ''} at a "
+            "local folder written by save_pretrained"
         ) from None
 
 
@@ -204,6 +227,42 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None, targets: Sequence[
         unet.add_adapter(config)
     except ValueError as err:
         raise ValueError(f"lora_targets {list(targets)}: {str(err).splitlines()[0][:160]}") from None
+
+
+def check_latent_options(
+    kind: str, sample_shape: tuple[int, ...], conditioning: Conditioning | None, lora_rank: int,
+    lora_alpha: float | None, lora_targets: list[str] | None,
+) -> None:
+    """The checks every latent text-to-image backbone makes: prompts (not labels), RGB data, LoRA settings."""
+    if conditioning is not None and conditioning.text_dim is None:
+        raise ValueError(f"backbone {kind!r} is conditioned on prompts; [conditions] gives class labels")
+    if len(sample_shape) != 3 or sample_shape[0] != 3:
+        raise ValueError(f"backbone {kind!r} makes RGB images (3, H, W), but the data are {tuple(sample_shape)}")
+    if lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+    if lora_rank == 0 and (lora_alpha is not None or lora_targets is not None):
+        raise ValueError("lora_alpha and lora_targets need lora_rank > 0")
+
+
+def latent_shape_of(sample_shape: tuple[int, ...], vae: nn.Module, channels: int, patch: int = 1) -> tuple[int, int, int]:
+    """(channels, H / f, W / f) for images (3, H, W) and the VAE's downsampling f; H and W must be multiples of f
+    times the network's `patch` size."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    height, width = sample_shape[1], sample_shape[2]
+    if height % (factor * patch) or width % (factor * patch):
+        raise ValueError(f"the image size {height}x{width} is not a multiple of the VAE's downsampling {factor}"
+                         + (f" times the network's patch size {patch}" if patch > 1 else ""))
+    return channels, height // factor, width // factor
+
+
+def prepare_network(
+    network: nn.Module, lora_rank: int, lora_alpha: float | None, lora_targets: list[str] | None, checkpointing: bool
+) -> None:
+    """LoRA adapters (rank > 0) and diffusers' gradient checkpointing on a latent backbone's network."""
+    if lora_rank > 0:
+        add_lora(network, lora_rank, lora_alpha, lora_targets or DEFAULT_LORA_TARGETS)
+    if checkpointing:
+        network.enable_gradient_checkpointing()
 
 
 def build_sd_backbone(
@@ -239,33 +298,20 @@ def build_sd_backbone(
         PluginError: a component that cannot be loaded (offline: one line naming the local-path option).
         ValueError: class-label conditions, non-RGB data, a bad LoRA setting.
     """
-    if conditioning is not None and conditioning.text_dim is None:
-        raise ValueError("backbone 'sd' is conditioned on prompts; [conditions] gives class labels")
-    if len(sample_shape) != 3 or sample_shape[0] != 3:
-        raise ValueError(f"backbone 'sd' makes RGB images (3, H, W), but the data are {tuple(sample_shape)}")
-    if lora_rank < 0:
-        raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
-    if lora_rank == 0 and (lora_alpha is not None or lora_targets is not None):
-        raise ValueError("lora_alpha and lora_targets need lora_rank > 0")
-    unet_model = load_component("diffusers:UNet2DConditionModel", unet or pretrained, None if unet else "unet", "unet")
-    vae_model = load_component("diffusers:AutoencoderKL", vae or pretrained, None if vae else "vae", "vae")
+    check_latent_options("sd", sample_shape, conditioning, lora_rank, lora_alpha, lora_targets)
+    unet_model = load_component("diffusers:UNet2DConditionModel", unet or pretrained, None if unet else "unet", "unet",
+                                "unet")
+    vae_model = load_component("diffusers:AutoencoderKL", vae or pretrained, None if vae else "vae", "vae", "vae")
     text_model = load_component("transformers:CLIPTextModel", text_encoder or pretrained,
-                                None if text_encoder else "text_encoder", "text encoder")
+                                None if text_encoder else "text_encoder", "text encoder", "text_encoder")
     tokenizer = load_component("transformers:CLIPTokenizer", text_encoder or pretrained,
-                               None if text_encoder else "tokenizer", "text encoder")
+                               None if text_encoder else "tokenizer", "tokenizer", "text_encoder")
     settings = scheduler_settings(pretrained) if not unet else {}
     if prediction != "auto":
         settings["prediction"] = prediction
     settings.setdefault("prediction", "epsilon")
-    factor = 2 ** (len(vae_model.config.block_out_channels) - 1)
-    height, width = sample_shape[1], sample_shape[2]
-    if height % factor or width % factor:
-        raise ValueError(f"the image size {height}x{width} is not a multiple of the VAE's downsampling {factor}")
-    latent_shape = (int(unet_model.config.in_channels), height // factor, width // factor)
-    if lora_rank > 0:
-        add_lora(unet_model, lora_rank, lora_alpha, lora_targets or DEFAULT_LORA_TARGETS)
-    if gradient_checkpointing:
-        unet_model.enable_gradient_checkpointing()
+    latent_shape = latent_shape_of(sample_shape, vae_model, int(unet_model.config.in_channels))
+    prepare_network(unet_model, lora_rank, lora_alpha, lora_targets, gradient_checkpointing)
     return LatentEpsilonPolicy(
         unet_model,
         vae_model,

@@ -3,7 +3,8 @@ VAE, a pretrained UNet under LoRA) stores only what trains; its factory rebuilds
 
 - `keep_out_of_checkpoints(module, child)`: a whole frozen submodule.
 - `keep_frozen_parameters_out_of_checkpoints(module, child)`: the parameters of `module.<child>` that do not
-  require gradients (the base weights under LoRA adapters); the trainable ones (the adapters) stay.
+  require gradients (the base weights under LoRA adapters), and optionally its constant buffers; the trainable
+  ones (the adapters) stay.
 
 Loading a state dict without those keys, strictly, keeps the weights the module already holds, so `--resume` works.
 """
@@ -35,15 +36,20 @@ def keep_out_of_checkpoints(module: nn.Module, child: str) -> None:
     module.register_load_state_dict_pre_hook(restore)
 
 
-def keep_frozen_parameters_out_of_checkpoints(module: nn.Module, child: str) -> None:
+def keep_frozen_parameters_out_of_checkpoints(module: nn.Module, child: str, *, buffers: bool = False) -> None:
     """Leave the parameters of `module.<child>` that do not require gradients (at save time) out of
-    `module.state_dict()`; buffers and trainable parameters stay. Loading strictly without them keeps the held ones.
-    """
+    `module.state_dict()`, and with `buffers` its buffers too (for constants the factory rebuilds, such as SD3's
+    positional table, 226 MB at SD3's size); trainable parameters stay. Loading strictly without them keeps the
+    held ones."""
     if not isinstance(getattr(module, child, None), nn.Module):
         raise TypeError(f"{type(module).__name__} has no submodule {child!r}")
 
-    def frozen_keys(mod: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
-        return {f"{prefix}{child}.{name}": p for name, p in getattr(mod, child).named_parameters() if not p.requires_grad}
+    def frozen_keys(mod: nn.Module, prefix: str) -> dict[str, object]:
+        net = getattr(mod, child)
+        keys = {f"{prefix}{child}.{name}": p for name, p in net.named_parameters() if not p.requires_grad}
+        if buffers:
+            keys |= {f"{prefix}{child}.{name}": b for name, b in net.named_buffers()}
+        return keys
 
     def drop(mod: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
         for key in frozen_keys(mod, prefix):
