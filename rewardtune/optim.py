@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from rewardtune.agreement import Point, exchange, payload_signature, world_size
+from rewardtune.errors import NonFiniteError
 
 
 class GradStep:
@@ -45,6 +46,19 @@ class GradStep:
             raise ValueError("GradStep needs at least one trainable parameter")
         self.optimizer = torch.optim.Adam(param_groups, betas=betas)
         self.grad_clip = grad_clip
+        self.scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (`configure`)
+        self.skip_nonfinite = False
+        self.skipped = 0  # steps skipped for non-finite gradients since this object was made
+
+    def configure(self, *, loss_scaling: bool = False, skip_nonfinite: bool = False, device_type: str = "cpu") -> None:
+        """The run's precision policy. `loss_scaling` (fp16 mixed precision): the loss is scaled before backward and
+        the gradients unscaled before averaging, clipping and the step (torch.amp.GradScaler; the scale restarts on
+        resume); an overflow skips the step and halves the scale, as loss scaling does. `skip_nonfinite`: any step
+        whose averaged gradients are not finite is skipped; without it a non-finite step stops the run (the weights
+        go non-finite and the trainer's check raises; under fp16, once the scale is down to 1). Skipped steps are
+        counted in `skipped`."""
+        self.scaler = torch.amp.GradScaler(device_type) if loss_scaling else None
+        self.skip_nonfinite = skip_nonfinite
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -58,15 +72,35 @@ class GradStep:
     def step(self, loss: torch.Tensor) -> float:
         """Back-propagate `loss`, average gradients over processes, clip, and step. Returns the gradient norm."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=self.parameters)  # leave other modules' .grad alone
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        scaled.backward(inputs=self.parameters)  # leave other modules' .grad alone
         params = self.parameters
-        average_gradients(params)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        average_gradients(params)  # every rank then holds the same gradients, so the same finiteness
         if self.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
-            norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+            norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-        self.optimizer.step()
+        if not bool(torch.isfinite(norm)):  # the averaged gradients: every rank decides alike
+            overflow = self.scaler is not None and self.scaler.get_scale() > 1.0  # fp16's routine: back off, retry
+            if not (overflow or self.skip_nonfinite):
+                if self.scaler is not None:
+                    raise NonFiniteError("gradients stayed non-finite under fp16 loss scaling down to scale 1; the last "
+                                         "checkpoint is kept (train.skip_nonfinite = true skips and counts such steps)")
+                self.optimizer.step()  # as before: the weights go non-finite and the run's check stops it
+                return float(norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            self.skipped += 1
+            return float(norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         return float(norm)
 
     def state_dict(self) -> dict:

@@ -64,6 +64,10 @@ class TrainConfig:
     lr_final_fraction: float = 0.0  # cosine schedule: final multiplier
     cpu_threads: int | Literal["auto"] = "auto"  # torch intra-op threads per process on a CPU: a count, 0 (torch's
     # default: every core) or "auto" (cpu_threads.cpu_thread_count: 1 for small networks, else at most 4)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast of the networks' forward passes in rollouts,
+    # updates and evaluation; log-probs, sigma_t, values and TD targets stay fp32; fp16 scales every loss
+    skip_nonfinite: bool = False  # skip (and count, `skipped_steps`) an optimiser step whose gradients are NaN/inf
+    # instead of letting it poison the weights (the run then stops with NonFiniteError)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,10 @@ class Trainer:
         broadcast_modules(self.modules())
         backbone.eval()  # at rest between phases (see the module docstring); EMA below copies the mode
         self.ema = EMA(backbone, config.ema_decay) if config.ema_decay > 0 else None
+        for opt in self.optimizers().values():  # fp16 loss scaling and the non-finite policy are the run's
+            opt.configure(loss_scaling=config.mixed_precision == "fp16", skip_nonfinite=config.skip_nonfinite,
+                          device_type=self.device.type)
+        self.skipped_steps = 0  # optimiser steps skipped for non-finite gradients (before this session: checkpoint)
         self.step = 0
         self.initial_metrics: dict[str, float] | None = None
         self.best: dict | None = None  # {"step", "metric", "value"} of the checkpoint kept in checkpoints/best
@@ -253,6 +261,7 @@ class Trainer:
             "best": json.dumps(self.best),
             "world_size": self.accelerator.num_processes,
             "elapsed_s": self.elapsed(),
+            "skipped_steps": self.total_skipped_steps(),
         }
         ckpt.commit_checkpoint(self.checkpoint_root, self.step, self.modules(), state, keep=self.config.keep_checkpoints)
 
@@ -269,6 +278,9 @@ class Trainer:
                 "the recipe that wrote it, or start afresh with --force and no --resume"
             ) from None
         self.time_offset = float(state.get("elapsed_s", 0.0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        for opt in self.optimizers().values():
+            opt.skipped = 0
         if self.ema is not None:
             self.ema.updates = int(state["ema_updates"])
         self.step = int(state["step"])
@@ -283,6 +295,15 @@ class Trainer:
         """The policy that evaluation and sampling use: the EMA weights when the run keeps an EMA, unless `raw` asks
         for the trained weights themselves."""
         return self.ema.module if self.ema is not None and not raw else self.backbone
+
+    def autocast(self):
+        """The [train] mixed_precision autocast for the networks' forward passes (a no-op context for "no")."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def total_skipped_steps(self) -> int:
+        """Optimiser steps skipped for non-finite gradients over the whole run (`skip_nonfinite`)."""
+        return self.skipped_steps + sum(opt.skipped for opt in self.optimizers().values())
 
     def evaluate(self, plot_name: str | None = None, *, raw: bool = False) -> dict[str, float]:
         """Metrics of `evaluated_backbone(raw)`, with every module evaluation uses (backbone, reward, the algorithm's
@@ -301,7 +322,8 @@ class Trainer:
                 if self.eval_config.guidance_scale:
                     guide = self.algorithm.guide(self.eval_config.guidance_scale)
                 given = {} if self.conditions is None else {"conditions": self.conditions}
-                metrics = round_metrics(self.evaluator.evaluate(backbone, self.reward, seed, guide, **given))
+                with self.autocast():
+                    metrics = round_metrics(self.evaluator.evaluate(backbone, self.reward, seed, guide, **given))
                 if self.is_main and plot_name and self.eval_config.plot and self.out_dir is not None:
                     self.evaluator.plot(
                         backbone, self.reward, self.out_dir / plot_name, seed, title=f"step {self.step}", **given
@@ -487,35 +509,45 @@ class Trainer:
         scale = lr_multiplier(cfg.lr_schedule, self.step - start, end - start, cfg.lr_final_fraction)
         for opt in self.optimizers().values():
             opt.set_lr_scale(scale)
-        trajectory = None
         metrics: dict[str, float] = {}
         try:
-            real, real_condition = self.real_batch(cfg.batch_size)
-            if self.algorithm.needs_rollout:
-                self.backbone.eval()  # rollouts sample the policy that is evaluated and optimised: no dropout
-                condition = self.rollout_conditions(cfg.batch_size, real_condition)
-                trajectory = self.backbone.sample(cfg.batch_size, self.train_gen, condition=condition)
-                if self.reward is not None and self.reward.learns:
-                    fake = self.backbone.output(trajectory.final)
-                    if condition is None:
-                        metrics.update(self.reward.update(real, fake))
-                    else:  # E(x, c): the data with their conditions against the samples with theirs
-                        metrics.update(self.reward.update(real, fake, real_condition, condition))
-            self.backbone.train(self.backbone_training)  # the mode the algorithm's update declares
-            try:
-                given = {} if self.conditions is None else {"real_condition": real_condition}
-                metrics.update(self.algorithm.update(real, trajectory, self.train_gen, **given))
-            finally:
-                self.backbone.eval()  # at rest
+            with self.autocast():
+                metrics.update(self.rollout_and_update(cfg.batch_size))
         except Exception as err:  # a plugin failing in its own code or breaking its contract: name it and say when
             failure = self.plugin_owners.failure(err, f"at step {self.step + 1}", "the last checkpoint is kept")
             if failure is None:
                 raise
             raise failure from err
         metrics.update(getattr(self.reward, "last_terms", None) or {})  # a composite reward's per-term means
+        if cfg.skip_nonfinite:
+            metrics["skipped_steps"] = float(self.total_skipped_steps())
         check_finite(metrics, self.step + 1)
         if self.ema is not None:
             self.ema.update(self.backbone)
+        return metrics
+
+    def rollout_and_update(self, batch_size: int) -> dict[str, float]:
+        """Steps 1-4 of the iteration (module docstring): data, rollout, the learning reward's and the algorithm's
+        updates; returns their metrics."""
+        metrics: dict[str, float] = {}
+        trajectory = None
+        real, real_condition = self.real_batch(batch_size)
+        if self.algorithm.needs_rollout:
+            self.backbone.eval()  # rollouts sample the policy that is evaluated and optimised: no dropout
+            condition = self.rollout_conditions(batch_size, real_condition)
+            trajectory = self.backbone.sample(batch_size, self.train_gen, condition=condition)
+            if self.reward is not None and self.reward.learns:
+                fake = self.backbone.output(trajectory.final)
+                if condition is None:
+                    metrics.update(self.reward.update(real, fake))
+                else:  # E(x, c): the data with their conditions against the samples with theirs
+                    metrics.update(self.reward.update(real, fake, real_condition, condition))
+        self.backbone.train(self.backbone_training)  # the mode the algorithm's update declares
+        try:
+            given = {} if self.conditions is None else {"real_condition": real_condition}
+            metrics.update(self.algorithm.update(real, trajectory, self.train_gen, **given))
+        finally:
+            self.backbone.eval()  # at rest
         return metrics
 
 

@@ -292,3 +292,14 @@ def test_an_exported_sd_run_loads_in_diffusers_and_reproduces_rewardtune_sample(
         torch.testing.assert_close(base.unet(z, k, states).sample, pipeline.unet(z, k, states).sample,
                                    rtol=1e-4, atol=1e-5)
     assert cli(capsys, "export", str(tmp_path / "run"), "--to", str(tmp_path / "exported"))[0] == 2  # not empty
+
+
+def test_an_sd_recipe_runs_under_bf16_autocast(sd_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = sd_recipe(sd_dir, tmp_path / "sd.toml")
+    code, _, err = cli(capsys, "run", str(recipe), "--out", str(tmp_path / "run"), "--set", "train.steps=2",
+                       "--set", "train.mixed_precision=bf16", "--set", "train.skip_nonfinite=true")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("skipped_steps") == 0 for r in records)
+    assert json.loads((tmp_path / "run/eval.json").read_text())["metrics"]["reward_mean"] >= 0

@@ -130,14 +130,17 @@ class GaussianChainPolicy(nn.Module):
     ) -> torch.Tensor:
         """Reparameterised transition x_{t+1} = mean(x_t, t, c) + sigma_t * noise (differentiable in phi)."""
         sigma = self.sigma()[t].view(-1, *([1] * len(self.sample_shape)))
-        return self.mean_at(x, t, condition) + sigma * noise
+        mean = self.mean_at(x, t, condition)
+        return mean.to(torch.promote_types(mean.dtype, torch.float32)) + sigma * noise  # the state stays fp32
 
     def log_prob(
         self, x_next: torch.Tensor, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None
     ) -> torch.Tensor:
         """log pi(x_{t+1} | x_t, c), summed over dimensions: [B]."""
         sigma = self.sigma()[t]  # [B]
-        sq = (x_next - self.mean_at(x, t, condition)).flatten(1).pow(2).sum(1)
+        mean = self.mean_at(x, t, condition)
+        precision = torch.promote_types(mean.dtype, torch.float32)  # fp32 even when the network ran in bf16/fp16
+        sq = (x_next.to(precision) - mean.to(precision)).flatten(1).pow(2).sum(1)
         d = self.event_dim
         return -0.5 * sq / sigma**2 - d * sigma.log() - 0.5 * d * math.log(2 * math.pi)
 

@@ -46,10 +46,15 @@ class ValueFunction(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
         args = (x, t.float()) if self.time_dependent else (x,)
         if condition is None:
-            return self.net(*args).view(-1)
+            return full_precision(self.net(*args).view(-1))
         if self.conditioning is None:
             raise ValueError("this value function is unconditional but was given conditions")
-        return self.net(*args, c=condition_tensor(condition)).view(-1)
+        return full_precision(self.net(*args, c=condition_tensor(condition)).view(-1))
+
+
+def full_precision(values: torch.Tensor) -> torch.Tensor:
+    """`values` in at least fp32 (a value computed under bf16/fp16 autocast enters the TD targets in fp32)."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
 def build_time_mlp_value(

@@ -40,6 +40,8 @@ class Reward(nn.Module):
         rewards = call_reward(self, x, context)
         if not isinstance(rewards, torch.Tensor):  # not negatable: let the contract check name the plugin
             check_reward_output(reward_name(self), rewards, x.shape[0])
+        if rewards.is_floating_point():  # at least fp32: a reward computed under bf16/fp16 autocast
+            rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
         return -rewards
 
     def evaluation_metrics(self, x: torch.Tensor, context=None) -> dict[str, float]:

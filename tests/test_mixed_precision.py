@@ -1,0 +1,87 @@
+"""Mixed precision and non-finite steps ([train] mixed_precision, skip_nonfinite): bf16 autocast runs end to end on
+the CPU with fp32 log-probs, states and values; fp16 loss scaling backs off on overflow; a non-finite step is skipped
+and counted when asked, and stops the run otherwise."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import rewardtune as rt
+from rewardtune.errors import NonFiniteError
+from rewardtune.optim import GradStep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(*overrides: str):
+    return rt.build_trainer(rt.load_recipe(ROOT / "recipes" / "tiny_8gaussians.toml", ["train.steps=3", *overrides]))
+
+
+def test_bf16_autocast_keeps_log_probs_states_and_values_in_fp32():
+    trainer = tiny("train.mixed_precision=bf16")
+    with trainer.autocast():
+        trajectory = trainer.backbone.sample(8, torch.Generator().manual_seed(0))
+        eps = trainer.backbone.eps_net(trajectory.states[0].flatten(1), trainer.backbone.timesteps[:1].expand(8))
+        value = trainer.algorithm.value(trajectory.final, torch.full((8,), 3))
+    assert eps.dtype == torch.bfloat16  # the network did run in bf16 ...
+    assert trajectory.states.dtype == trajectory.log_probs.dtype == value.dtype == torch.float32  # ... the rest fp32
+    log_prob = trainer.backbone.log_prob(trajectory.states[1], trajectory.states[0], torch.zeros(8, dtype=torch.long))
+    assert log_prob.dtype == torch.float32
+
+
+def test_a_bf16_run_trains_and_evaluates(tmp_path):
+    trainer = tiny("train.mixed_precision=bf16", "train.skip_nonfinite=true")
+    trainer.out_dir = None
+    metrics = trainer.train_step()
+    assert all(math.isfinite(v) for v in metrics.values()) and metrics["skipped_steps"] == 0.0
+    assert math.isfinite(trainer.evaluate()["sliced_wasserstein"])
+
+
+def step_with(loss_of, opt: GradStep, weight: torch.nn.Parameter) -> float:
+    return opt.step(loss_of(weight))
+
+
+def test_a_nonfinite_step_is_skipped_and_counted_when_asked_and_taken_otherwise():
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = GradStep([([weight], 0.1)])
+    opt.configure(skip_nonfinite=True)
+    step_with(lambda w: (w * float("nan")).sum(), opt, weight)
+    assert opt.skipped == 1 and torch.equal(weight.detach(), torch.ones(3))  # not taken
+    step_with(lambda w: w.sum(), opt, weight)
+    assert opt.skipped == 1 and not torch.equal(weight.detach(), torch.ones(3))  # a finite step is taken
+    plain = GradStep([([weight], 0.1)])
+    step_with(lambda w: (w * float("nan")).sum(), plain, weight)
+    assert plain.skipped == 0 and bool(weight.isnan().all())  # without the option: taken, the run's check stops it
+
+
+def test_fp16_loss_scaling_backs_off_on_overflow_and_stops_when_the_scale_is_spent():
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = GradStep([([weight], 0.1)])
+    opt.configure(loss_scaling=True)
+    start = opt.scaler.get_scale()
+    step_with(lambda w: (w * 1e36).sum(), opt, weight)  # 1e36 x 65536 overflows: skip, halve the scale
+    assert opt.skipped == 1 and opt.scaler.get_scale() == start / 2 and torch.equal(weight.detach(), torch.ones(3))
+    step_with(lambda w: w.sum(), opt, weight)
+    assert not torch.equal(weight.detach(), torch.ones(3))  # an ordinary step goes through the scaler
+    opt.scaler.update(1.0)
+    with pytest.raises(NonFiniteError, match="non-finite under fp16 loss scaling down to scale 1"):
+        step_with(lambda w: (w * float("inf")).sum(), opt, weight)
+    opt.configure(loss_scaling=True, skip_nonfinite=True)
+    opt.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    step_with(lambda w: (w * float("inf")).sum(), opt, weight)
+    assert opt.skipped == 2
+
+
+def test_the_skipped_count_is_checkpointed_and_resumed(tmp_path):
+    recipe = rt.load_recipe(ROOT / "recipes" / "tiny_8gaussians.toml",
+                            ["train.steps=2", "train.checkpoint_every=2", "train.skip_nonfinite=true"])
+    rt.run_recipe(recipe, tmp_path / "run")
+    trainer = rt.api.load_run(tmp_path / "run")
+    assert trainer.total_skipped_steps() == 0
+    trainer.skipped_steps = 5
+    trainer.commit()
+    assert rt.api.load_run(tmp_path / "run").total_skipped_steps() == 5
