@@ -134,6 +134,7 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
         context["reward"] = call_factory("reward", plugins["reward"], context, owners)
         check_shared_energy(context["reward"], context["value"], backbone, data)
     algorithm = call_factory("algorithm", plugins["algorithm"], context, owners)
+    check_data_needed(data, context["reward"], algorithm)
     if supply is not None:
         check_metadata(supply, context["reward"])
         check_conditional(plugins, context, algorithm)
@@ -158,6 +159,17 @@ def check_shared_energy(reward, value, backbone, data) -> None:
             f"but the energy is trained on data {tuple(data.sample_shape)} (a latent backbone); set "
             "share_with_value = false for an energy on the decoded samples"
         )
+
+
+def check_data_needed(data, reward, algorithm) -> None:
+    """Data `none` has no data: a learning reward (trained on data against samples) and an algorithm that trains on
+    data (DDPM or flow-matching pretraining: no rollout) cannot run on it."""
+    if not hasattr(data, "images") or data.images is not None:
+        return
+    if reward is not None and getattr(reward, "learns", False):
+        raise RecipeError("[reward] learns from data against the samples, but [data] kind = \"none\" has no data")
+    if not algorithm.needs_rollout:
+        raise RecipeError(f"[algorithm] {type(algorithm).__name__} trains on data, but [data] kind = \"none\" has none")
 
 
 def check_data_conditions(data, reward, algorithm) -> None:
@@ -257,6 +269,8 @@ def make_image_evaluator(data, cfg: EvalConfig, owners: PluginOwners):
             "eval.num_samples samples: drop eval.repeats"
         )
     images = getattr(data, "images", None)
+    if images is None and hasattr(data, "images"):  # data `none`: the reward's metrics only, nothing to compare with
+        return ImageEvaluator(data, num_samples=cfg.num_samples, feature_extractor="", reference_samples=0)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise RecipeError(
             f"image evaluation computes its reference features from the data's .images [N, C, H, W]; data of type "

@@ -104,11 +104,13 @@ class ImageEvaluator:
         conditions=None,
     ) -> dict[str, float]:
         _, gen = generators(seed, backbone.device)
-        condition = None
+        condition, per = None, 0
         if conditions is not None:
             per = per_condition_count(self.num_samples, conditions)
             condition = conditions.evaluation_conditions("train", per, backbone.device)
         fake = self.draw(backbone, self.num_samples if condition is None else len(condition), gen, guide, condition)
+        if self.data.images is None:  # data `none`: the reward's metrics only
+            return self.reward_metrics(fake, reward, backbone, gen, guide, conditions, condition, per)
         fake_features = self.features(fake, backbone.device)
         real_features = self.reference(backbone.device)
         precision, recall = precision_recall(
@@ -118,15 +120,20 @@ class ImageEvaluator:
         if condition is not None:
             metrics["diversity"] = within_condition_diversity(fake_features, condition.keys())
             metrics.update(self.per_class_metrics(fake, fake_features, condition, backbone.device))
-            if reward is not None and not reward.learns:
-                draw = lambda c: self.draw(backbone, len(c), gen, guide, c)
-                metrics.update(reward_metrics_by_split(reward, conditions, condition, fake, per, draw, backbone.device))
-            return metrics
-        if reward is not None and not reward.learns:
-            with torch.no_grad():
-                metrics["reward_mean"] = float(reward(fake[:2000].to(backbone.device)).mean())
-            metrics.update(reward.evaluation_metrics(fake.to(backbone.device)))  # e.g. target_class_fraction
-        return metrics
+        return metrics | self.reward_metrics(fake, reward, backbone, gen, guide, conditions, condition, per)
+
+    def reward_metrics(self, fake, reward, backbone, gen, guide, conditions, condition, per: int) -> dict[str, float]:
+        """A non-learning reward's metrics of the samples `fake`: per condition and split for a conditional run
+        (`reward_metrics_by_split`, `per` samples of each condition), else `reward_mean` and the reward's own
+        `evaluation_metrics`."""
+        if reward is None or reward.learns:
+            return {}
+        if condition is not None:
+            draw = lambda c: self.draw(backbone, len(c), gen, guide, c)
+            return reward_metrics_by_split(reward, conditions, condition, fake, per, draw, backbone.device)
+        with torch.no_grad():
+            metrics = {"reward_mean": float(reward(fake[:2000].to(backbone.device)).mean())}
+        return metrics | reward.evaluation_metrics(fake.to(backbone.device))  # e.g. target_class_fraction
 
     def per_class_metrics(
         self, fake: torch.Tensor, fake_features: torch.Tensor, condition: Conditions, device
@@ -151,10 +158,11 @@ class ImageEvaluator:
     def metric_names(self, reward: Reward | None) -> set[str]:
         """The names `evaluate` reports with `reward` (checked against `eval.keep_best` before training). A reward's
         own `evaluation_metrics` are named by calling it on a few data images."""
-        names = {"frechet_distance", "precision", "recall"}
+        names = set() if self.data.images is None else {"frechet_distance", "precision", "recall"}
         if reward is not None and not reward.learns:
+            probe = torch.zeros(8, *self.data.sample_shape) if self.data.images is None else self.data.images[:8]
             with torch.no_grad():
-                names |= {"reward_mean", *reward.evaluation_metrics(self.data.images[:8])}
+                names |= {"reward_mean", *reward.evaluation_metrics(probe)}
         return names
 
     def plot(

@@ -97,22 +97,27 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Apply `table.key=value` (value in TOML syntax; a bare word is taken as a string)."""
+    """Apply `table.key=value`, or `table.key.subkey=value` for a key of a nested table such as
+    `conditions.text_encoder.model` (value in TOML syntax; a bare word is taken as a string)."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
+    if not sep or len(parts) < 2 or not all(parts):
         raise RecipeError(f"--set {item!r}: expected table.key=value, e.g. train.steps=100")
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
-    table, name = parts
+    table, *inner, name = parts
     known = [*FIXED_SECTIONS, *OPTIONAL_SECTIONS, *RAW_SECTIONS, *PLUGIN_SECTIONS]
     if table not in known:
         raise RecipeError(f"--set {item!r}: unknown table [{table}]{suggest(table, known)}")
     section = raw.setdefault(table, {})
     if not isinstance(section, dict):
         raise RecipeError(f"--set {item!r}: [{table}] is not a table")
+    for depth, sub in enumerate(inner):  # nested tables: created when absent, refused when another value is there
+        section = section.setdefault(sub, {})
+        if not isinstance(section, dict):
+            raise RecipeError(f"--set {item!r}: {'.'.join([table, *inner[: depth + 1]])} is not a table")
     section[name] = value
 
 

@@ -213,6 +213,7 @@ DATA = Registry(
         "cifar10": "rewardtune.data.images:build_cifar10",
         "image_folder": "rewardtune.data.images:build_image_folder",
         "shapes": "rewardtune.data.shapes:build_shapes",
+        "none": "rewardtune.data.none:build_no_data",
     },
     data_contract,
 )

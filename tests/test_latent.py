@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from test_cli import cli
 from test_resume import StopAt
+from test_rewards import tiny_clip_dir  # noqa: F401  (fixture: a tiny open_clip model folder)
 from tiny_models import SD_IMAGE_SIZE, write_tiny_sd_pipeline
 from torch.distributions import Normal
 
@@ -303,3 +304,52 @@ def test_an_sd_recipe_runs_under_bf16_autocast(sd_dir, tmp_path, capsys, monkeyp
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert any(r.get("skipped_steps") == 0 for r in records)
     assert json.loads((tmp_path / "run/eval.json").read_text())["metrics"]["reward_mean"] >= 0
+
+
+@pytest.mark.parametrize("recipe", ["sd15_clip.toml", "sd15_aesthetic.toml"])
+def test_the_sd15_recipes_run_with_local_stand_ins(recipe, sd_dir, tiny_clip_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The shipped recipes, with every downloaded part replaced by a tiny local one (--set, as their comments say),
+    run end to end offline on data `none`: the evaluation reports the reward under the prompts, and no Fréchet
+    distance (there is no data to compare with)."""
+    from rewardtune.rewards.aesthetic import AestheticHead
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = Path(__file__).resolve().parent.parent
+    head = tmp_path / "head.pth"
+    torch.save(AestheticHead(16).state_dict(), head)
+    reward = [f"reward.model=local-dir:{tiny_clip_dir}"] + ([f"reward.head={head}"] if "aesthetic" in recipe else [])
+    settings = [f"backbone.pretrained={sd_dir}", f"conditions.text_encoder.model={sd_dir}", f"data.size={SD_IMAGE_SIZE}",
+                "value.channels=8", "train.steps=2", "train.batch_size=2", "train.eval_every=2", "eval.num_samples=4",
+                "algorithm.value_warmup=1", *reward]
+    args = [item for setting in settings for item in ("--set", setting)]
+    code, _, err = cli(capsys, "run", str(repo / "recipes" / recipe), "--out", str(tmp_path / "run"), *args)
+    assert code == 0, err
+    result = json.loads((tmp_path / "run/eval.json").read_text())
+    assert result["step"] == 2 and set(result["metrics"]) == set(result["initial_metrics"]) == {"reward_mean"}
+
+
+def test_the_sd15_recipes_fail_offline_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = Path(__file__).resolve().parent.parent
+    code, _, err = cli(capsys, "run", str(repo / "recipes" / "sd15_clip.toml"), "--out", str(tmp_path / "run"))
+    assert code == 2 and err.count("\n") == 1 and "offline" in err, err
+
+
+def test_data_none_gives_the_shape_and_refuses_what_learns_from_data(tmp_path):
+    from rewardtune.data.none import build_no_data
+
+    data = build_no_data(size=16)
+    assert data.sample_shape == (3, 16, 16) and data.sample(4).shape == (0, 3, 16, 16)
+    tables = {
+        "data": {"kind": "none", "size": 8},
+        "backbone": {"kind": "ddpm", "pretrained": "", "num_steps": 2, "unet": {
+            "sample_size": 8, "in_channels": 3, "out_channels": 3, "layers_per_block": 1, "block_out_channels": [8, 16],
+            "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
+            "norm_num_groups": 4}},
+        "algorithm": {"kind": "ddpm"},
+    }
+    with pytest.raises(RecipeError, match='DDPMPretrain trains on data, but \\[data\\] kind = "none" has none'):
+        rt.build_trainer(rt.make_recipe(tables))
+    tables |= {"value": {"kind": "resnet", "channels": 8}, "reward": {"kind": "energy"}, "algorithm": {"kind": "dxdp"}}
+    with pytest.raises(RecipeError, match="learns from data against the samples"):
+        rt.build_trainer(rt.make_recipe(tables))

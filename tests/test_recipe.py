@@ -65,3 +65,16 @@ def test_registry_decorator_dotted_path_and_suggestions():
         registry.get("my_rewards")
     with pytest.raises(PluginNotFoundError, match="has no attribute 'nope'"):
         registry.get("rewardtune.rewards.energy:nope")
+
+
+def test_set_reaches_keys_of_nested_tables():
+    from rewardtune.errors import RecipeError
+    from rewardtune.recipe import apply_override
+
+    raw = {"conditions": {"kind": "jsonl", "text_encoder": {"kind": "hash", "dim": 8}}, "backbone": {"kind": "mlp"}}
+    apply_override(raw, "conditions.text_encoder.dim=16")
+    apply_override(raw, "backbone.unet.block_out_channels=[8, 16]")
+    assert raw["conditions"]["text_encoder"] == {"kind": "hash", "dim": 16}
+    assert raw["backbone"]["unet"] == {"block_out_channels": [8, 16]}
+    with pytest.raises(RecipeError, match="conditions.kind is not a table"):
+        apply_override(raw, "conditions.kind.x=1")
