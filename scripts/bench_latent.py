@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=0, help="image size (default: the VAE's sample_size)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the networks (log-probs stay fp32)")
+    parser.add_argument("--kl-weight", type=float, default=0.0,
+                        help="the KL safeguard's beta per dimension (its reference: a copy, or the adapters off)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args()
@@ -147,7 +149,7 @@ def main() -> None:
     policy = timed("build", lambda: build_policy(args, device), device, results)
     value = build_time_mlp_value(policy.sample_shape, Conditioning(text_dim=8), hidden=128, depth=2, time_dim=64).to(device)
     config = DxDPConfig(tau_entropy=0.1, tau_velocity=0.01, per_dimension=True, entropy_in_value=False,
-                        velocity_in_value=False, sampler_lr=1e-5, policy_batch=args.batch)
+                        velocity_in_value=False, sampler_lr=1e-5, policy_batch=args.batch, kl_weight=args.kl_weight)
     algorithm = DxDP(policy, Brightness(), value, config=config)
     algorithm.iteration = 10**9  # past the value warm-up: the timed iteration includes policy improvement
     condition = Conditions(prompts=tuple(f"prompt {i}" for i in range(args.batch)), embeddings=torch.zeros(args.batch, 8))
@@ -179,7 +181,8 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.config}: {where}; latents {tuple(policy.sample_shape)}, T = {args.steps}, batch {args.batch}, "
           f"LoRA rank {args.lora_rank or 'none (full)'}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, KL safeguard "
+          + (f"beta {args.kl_weight} ({type(algorithm.reference).__name__} reference)" if args.kl_weight else "off"))
     print(f"UNet parameters {total / 1e6:.1f} M, trained {trained / 1e6:.3f} M; VAE {sum(p.numel() for p in policy.vae.parameters()) / 1e6:.1f} M")
     print(f"backbone checkpoint (model.safetensors of the policy): {checkpoint_mb:.1f} MB "
           f"(full UNet in fp32 would be {megabytes(policy.eps_net.state_dict()):.0f} MB)")

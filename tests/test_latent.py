@@ -353,3 +353,29 @@ def test_data_none_gives_the_shape_and_refuses_what_learns_from_data(tmp_path):
     tables |= {"value": {"kind": "resnet", "channels": 8}, "reward": {"kind": "energy"}, "algorithm": {"kind": "dxdp"}}
     with pytest.raises(RecipeError, match="learns from data against the samples"):
         rt.build_trainer(rt.make_recipe(tables))
+
+
+def test_the_kl_reference_of_a_fresh_lora_run_is_the_base_network_without_a_copy(sd_dir):
+    import copy
+
+    from rewardtune.algorithms.dxdp import frozen_reference, gaussian_kl
+    from rewardtune.backbones.latent import AdaptersOff
+
+    policy = backbone(sd_dir, lora_rank=2)
+    reference = frozen_reference(policy, 0.1)
+    assert isinstance(reference, AdaptersOff)
+    assert sum(p.numel() for p in reference.parameters()) == policy.num_steps  # its frozen sigma_t, no network
+    copied = copy.deepcopy(policy).requires_grad_(False)  # what the reference stands for: the policy at the start
+    z, t, c = torch.randn(2, *policy.sample_shape), torch.tensor([0, 1]), prompts("a cat", "red")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():  # the policy moves away from its start
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        policy.log_sigma.add_(0.5)
+        torch.testing.assert_close(reference.mean_at(z, t, c), copied.mean_at(z, t, c))
+        torch.testing.assert_close(reference.sigma(), copied.sigma())
+        kl = gaussian_kl(policy.mean_at(z, t, c), policy.sigma()[t], reference.mean_at(z, t, c), reference.sigma()[t])
+    assert bool((kl > 0).all())
+    assert not torch.allclose(policy.mean_at(z, t, c), copied.mean_at(z, t, c))  # its adapters are on again
+    assert frozen_reference(policy, 0.1).__class__ is not AdaptersOff  # trained adapters: a copy
+    assert frozen_reference(backbone(sd_dir), 0.1).__class__ is LatentEpsilonPolicy  # full fine-tuning: a copy

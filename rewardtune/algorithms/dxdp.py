@@ -183,10 +183,16 @@ def transition_kl(
 
 
 def frozen_reference(backbone: GaussianChainPolicy, kl_weight: float) -> GaussianChainPolicy | None:
-    """The KL safeguard's reference pi_ref: a frozen copy of `backbone` as it is now (None when kl_weight is 0)."""
+    """The KL safeguard's reference pi_ref: the policy as it is now, frozen (None when kl_weight is 0). A backbone
+    may give its own (`frozen_reference()`: a LoRA backbone whose adapters are still at zero is its own network with
+    the adapters switched off, without a second copy of the network); otherwise a deep copy."""
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
-    return copy.deepcopy(backbone).requires_grad_(False).eval() if kl_weight > 0 else None
+    if kl_weight == 0:
+        return None
+    own = getattr(backbone, "frozen_reference", None)
+    reference = own() if own is not None else None
+    return reference if reference is not None else copy.deepcopy(backbone).requires_grad_(False).eval()
 
 
 def effective_temperatures(config, event_dim: int) -> tuple[float, float, float]:

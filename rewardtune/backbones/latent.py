@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rewardtune.backbones.base import IMAGE_RANGE
+from rewardtune.backbones.base import IMAGE_RANGE, GaussianChainPolicy
 from rewardtune.backbones.epsilon import EpsilonChainPolicy
 from rewardtune.conditions import Conditions
 from rewardtune.errors import PluginError
@@ -135,6 +135,34 @@ class LatentOutput:
     @property
     def lora(self) -> bool:
         return bool(getattr(self.network, "peft_config", None))
+
+    def frozen_reference(self) -> GaussianChainPolicy | None:
+        """The starting policy for a KL safeguard without a second copy of the network: under LoRA with every
+        adapter still at zero (B = 0, so the adapted network is the base one), this network with its adapters
+        switched off and sigma_t frozen at their values now (`AdaptersOff`); None otherwise (the caller copies)."""
+        if not self.lora:
+            return None
+        if any(bool(p.detach().abs().sum() > 0) for name, p in self.network.named_parameters() if "lora_B" in name):
+            return None
+        return AdaptersOff(self)
+
+
+class AdaptersOff(GaussianChainPolicy):
+    """A LoRA policy's base policy: the policy's own mean with its network's adapters disabled, and the policy's
+    sigma_t at construction, frozen. It holds no network of its own (the policy is kept outside its submodules)."""
+
+    def __init__(self, policy) -> None:
+        super().__init__(policy.sample_shape, policy.sigma().detach().clone(), learn_sigma=False, sigma_floor=1e-30)
+        self.policy = [policy]  # not a submodule: no copy, no parameters
+        self.conditioning = policy.conditioning
+
+    def mean(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
+        network = self.policy[0].network
+        network.disable_adapters()
+        try:
+            return self.policy[0].mean_at(x, t, condition)
+        finally:
+            network.enable_adapters()
 
 
 class LatentEpsilonPolicy(LatentOutput, EpsilonChainPolicy):
