@@ -175,6 +175,8 @@ class Trainer:
             from accelerate import Accelerator
 
             accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        check_distributed_type(accelerator)
+        check_launch_precision(accelerator, config.mixed_precision)
         self.accelerator = accelerator
         self.backbone, self.algorithm, self.reward = backbone, algorithm, reward
         self.data, self.evaluator = data, evaluator
@@ -549,6 +551,35 @@ class Trainer:
         finally:
             self.backbone.eval()  # at rest
         return metrics
+
+
+REPLICATED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU", "MULTI_SDAA",
+              "MULTI_NEURON"}
+"""accelerate's distributed types that keep a whole copy of every parameter on each process, as the trainer needs."""
+
+
+def check_distributed_type(accelerator) -> None:
+    """rewardtune keeps every parameter replicated and averages gradients itself (optim.GradStep), so a launch
+    that asks accelerate to shard (FSDP, DeepSpeed, Megatron) would be silently ignored: refuse it in one line."""
+    kind = getattr(getattr(accelerator, "distributed_type", None), "name", "NO")
+    if kind not in REPLICATED:
+        raise RecipeError(
+            f"accelerate was launched with {kind}, which shards parameters; rewardtune replicates them and averages "
+            "gradients itself (docs/architecture.md, Multiple processes): launch with --multi_gpu (data parallel), and "
+            "fit large models with LoRA, bf16 and gradient checkpointing"
+        )
+
+
+def check_launch_precision(accelerator, mixed_precision: str) -> None:
+    """`accelerate launch --mixed_precision X` (or a config file's) must agree with the recipe's [train]
+    mixed_precision, which is what the trainer applies: a launch flag it would not use is refused, not ignored."""
+    launched = str(getattr(accelerator, "mixed_precision", "no") or "no")
+    if launched != "no" and launched != mixed_precision:
+        raise RecipeError(
+            f"accelerate was launched with mixed_precision {launched!r} but the recipe's train.mixed_precision is "
+            f"{mixed_precision!r}: the recipe's is the one applied, so set it (--set train.mixed_precision={launched}) "
+            "or launch with --mixed_precision no"
+        )
 
 
 def update_mode_is_train(algorithm) -> bool:

@@ -379,3 +379,29 @@ def test_the_kl_reference_of_a_fresh_lora_run_is_the_base_network_without_a_copy
     assert not torch.allclose(policy.mean_at(z, t, c), copied.mean_at(z, t, c))  # its adapters are on again
     assert frozen_reference(policy, 0.1).__class__ is not AdaptersOff  # trained adapters: a copy
     assert frozen_reference(backbone(sd_dir), 0.1).__class__ is LatentEpsilonPolicy  # full fine-tuning: a copy
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_a_sharding_launch_is_refused_in_one_line(kind):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rewardtune.trainer import check_distributed_type
+
+    with pytest.raises(RecipeError, match=f"launched with {kind}, which shards parameters"):
+        check_distributed_type(SimpleNamespace(distributed_type=DistributedType[kind]))
+    check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # data parallel: fine
+
+
+def test_two_processes_train_an_sd_lora_recipe_with_identical_parameters(sd_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes on the tiny LoRA recipe: only the adapters train, their gradients
+    are averaged, and every rank ends with rank 0's parameters."""
+    from test_multiprocess import finished_then_aborted, launch
+
+    recipe = sd_recipe(sd_dir, tmp_path / "sd.toml")
+    out = tmp_path / "mp"
+    result = launch("tests/multiprocess_check.py", str(recipe), str(out), "train.steps=2", "train.batch_size=2")
+    assert result.returncode == 0 or finished_then_aborted(result, out), result.stderr[-3000:]
+    verdicts = [json.loads((out / f"verdict_rank{r}.json").read_text()) for r in range(2)]
+    assert all(v["identical_to_rank0"] and v["world_size"] == 2 and v["step"] == 2 for v in verdicts)
