@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_cli import cli
 from test_latent import sd_recipe
+from test_rewards import tiny_clip_dir  # noqa: F401  (fixture: a tiny open_clip model folder)
 from tiny_models import SD_IMAGE_SIZE, write_tiny_sd3_pipeline
 from torch.distributions import Normal
 
@@ -109,3 +110,18 @@ def test_an_sd3_recipe_runs_samples_and_exports_to_diffusers(sd3_dir, tmp_path, 
     expected = torch.from_numpy(np.load(tmp_path / "samples.npz")["samples"])
     got = sample_exported(tmp_path / "exported", 3, prompts=["a red circle"] * 3, seed=0)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_sd3_recipe_runs_with_local_stand_ins(sd3_dir, tiny_clip_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = Path(__file__).resolve().parent.parent
+    settings = [f"backbone.pretrained={sd3_dir}", f"conditions.text_encoder.model={sd3_dir}", f"data.size={SD_IMAGE_SIZE}",
+                f"reward.model=local-dir:{tiny_clip_dir}", "backbone.max_sequence_length=8", "value.channels=8",
+                "train.steps=2", "train.batch_size=2", "train.eval_every=2", "eval.num_samples=4", "algorithm.value_warmup=1"]
+    args = [item for setting in settings for item in ("--set", setting)]
+    code, _, err = cli(capsys, "run", str(repo / "recipes" / "sd3_clip.toml"), "--out", str(tmp_path / "run"), *args)
+    assert code == 0, err
+    result = json.loads((tmp_path / "run/eval.json").read_text())
+    assert result["step"] == 2 and set(result["metrics"]) == {"reward_mean"}
+    code, _, err = cli(capsys, "run", str(repo / "recipes" / "sd3_clip.toml"), "--out", str(tmp_path / "offline"))
+    assert code == 2 and err.count("\n") == 1, err  # as shipped, offline: one line
