@@ -186,6 +186,7 @@ REWARDS = Registry(
         "composite": "rewardtune.rewards.composite:build_composite_reward",
         "teacher": "rewardtune.rewards.teacher:build_teacher_reward",
         "shapes": "rewardtune.rewards.shapes:build_shapes_reward",
+        "pickscore": "rewardtune.rewards.pickscore:build_pickscore_reward",
     },
     instance_of("rewardtune.rewards.base:Reward", "a Reward (a subclass of rewardtune.rewards.base.Reward; docs/plugins.md)"),
 )

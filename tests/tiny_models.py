@@ -120,3 +120,17 @@ def write_tiny_sd3_pipeline(path: Path, *, seed: int = 0, shift: float = 3.0) ->
     )
     pipeline.save_pretrained(path)
     return path
+
+
+def write_tiny_clip_model(path: Path, *, image_size: int = 32, seed: int = 0) -> Path:
+    """A random transformers CLIPModel with its tokenizer and CLIPImageProcessor in one folder (PickScore's layout)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vocab = write_clip_tokenizer(path)
+    text = clip_text_config(vocab).to_dict()
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": image_size, "patch_size": 8}
+    transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(path)
+    transformers.CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size).save_pretrained(path)
+    return path
