@@ -565,7 +565,7 @@ def test_a_separate_resnet_energy_trains_on_images_and_refuses_the_mlp_options()
     assert energy(real).shape == (16,)
     for _ in range(30):
         energy.update(real, fake)
-    assert float(energy(real).mean()) > float(energy(fake).mean())  # reward = -E: the data scores higher
+    assert float(energy(real).detach().mean()) > float(energy(fake).detach().mean())  # reward = -E: the data scores higher
     conditional = build_energy_reward((3, 8, 8), None, 3, Conditioning(num_classes=4), share_with_value=False,
                                       network="resnet", channels=8)
     assert conditional(real[:4], Conditions.from_labels([0, 1, 2, 3])).shape == (4,)
