@@ -271,7 +271,7 @@ def sample_trainer(trainer: Trainer, n: int, *, labels=None, prompts=None, seed:
     backbone = trainer.evaluated_backbone()
     guide = value_guide(trainer.algorithm, guidance, "--guidance") if guidance else None
     gen = torch.Generator(device=backbone.device).manual_seed(seed)
-    with trainer.plugin_owners.attributing("while sampling"):
+    with trainer.plugin_owners.attributing("while sampling"), trainer.autocast():  # the run's precision
         if wanted is None:
             return trainer.evaluator.draw(backbone, n, gen, guide), None
         rows = wanted.select(torch.arange(len(wanted)).repeat_interleave(n))  # condition i in rows i*n .. i*n+n-1

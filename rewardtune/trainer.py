@@ -66,8 +66,8 @@ class TrainConfig:
     # default: every core) or "auto" (cpu_threads.cpu_thread_count: 1 for small networks, else at most 4)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast of the networks' forward passes in rollouts,
     # updates and evaluation; log-probs, sigma_t, values and TD targets stay fp32; fp16 scales every loss
-    skip_nonfinite: bool = False  # skip (and count, `skipped_steps`) an optimiser step whose gradients are NaN/inf
-    # instead of letting it poison the weights (the run then stops with NonFiniteError)
+    skip_nonfinite: bool = False  # skip (and count, `skipped_steps`) an optimiser step whose gradients are NaN/inf;
+    # without it such a step stops the run with NonFiniteError (the last checkpoint is kept)
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ class Trainer:
         for opt in self.optimizers().values():  # fp16 loss scaling and the non-finite policy are the run's
             opt.configure(loss_scaling=config.mixed_precision == "fp16", skip_nonfinite=config.skip_nonfinite,
                           device_type=self.device.type)
-        self.skipped_steps = 0  # optimiser steps skipped for non-finite gradients (before this session: checkpoint)
+        self.skipped_steps = 0  # steps skipped for non-finite gradients before this trainer (from the checkpoint)
         self.step = 0
         self.initial_metrics: dict[str, float] | None = None
         self.best: dict | None = None  # {"step", "metric", "value"} of the checkpoint kept in checkpoints/best
@@ -521,7 +521,7 @@ class Trainer:
                 raise
             raise failure from err
         metrics.update(getattr(self.reward, "last_terms", None) or {})  # a composite reward's per-term means
-        if cfg.skip_nonfinite:
+        if cfg.skip_nonfinite or cfg.mixed_precision == "fp16":  # fp16's overflow steps are skipped steps too
             metrics["skipped_steps"] = float(self.total_skipped_steps())
         check_finite(metrics, self.step + 1)
         if self.ema is not None:
