@@ -405,3 +405,21 @@ def test_two_processes_train_an_sd_lora_recipe_with_identical_parameters(sd_dir,
     assert result.returncode == 0 or finished_then_aborted(result, out), result.stderr[-3000:]
     verdicts = [json.loads((out / f"verdict_rank{r}.json").read_text()) for r in range(2)]
     assert all(v["identical_to_rank0"] and v["world_size"] == 2 and v["step"] == 2 for v in verdicts)
+
+
+def test_components_load_one_by_one_with_sds_schedule(sd_dir, tmp_path):
+    """unet, vae and text_encoder folders instead of a pipeline (the text encoder's folder holding its tokenizer);
+    without a scheduler config the schedule is SD's own, and the weights are the pipeline's."""
+    import shutil
+
+    text = tmp_path / "text"
+    shutil.copytree(sd_dir / "text_encoder", text)
+    for name in (sd_dir / "tokenizer").iterdir():
+        shutil.copy(name, text / name.name)
+    torch.manual_seed(0)
+    parts = build_sd_backbone(IMAGE, TEXT, pretrained=str(tmp_path / "no_pipeline"), unet=str(sd_dir / "unet"),
+                              vae=str(sd_dir / "vae"), text_encoder=str(text), num_steps=3)
+    whole = backbone(sd_dir)
+    torch.testing.assert_close(parts.alphas_cumprod, whole.alphas_cumprod)  # scaled_linear, as the pipeline's
+    z, t, c = torch.randn(2, *parts.sample_shape), torch.tensor([0, 2]), prompts("a cat", "red")
+    torch.testing.assert_close(parts.mean_at(z, t, c), whole.mean_at(z, t, c))

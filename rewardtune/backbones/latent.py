@@ -83,7 +83,7 @@ def chain_prompts(condition: Conditions | None, n: int) -> list[str]:
     if condition is None:
         return [""] * n
     if condition.prompts is None:
-        raise ValueError("backbone 'sd' is conditioned on prompts, but the conditions have none (class labels?)")
+        raise ValueError("a text-to-image backbone is conditioned on prompts, but the conditions have none (class labels?)")
     return list(condition.prompts)
 
 
@@ -216,7 +216,8 @@ def load_component(
         raise PluginError(f"backbone 'sd' needs {module.split('.')[0]}: pip install 'rewardtune[latent]'") from None
     try:
         with quiet_libraries():  # offline, huggingface_hub and diffusers warn and log before failing
-            return cls.from_pretrained(source, subfolder=subfolder or None, **kwargs)
+            where = {"subfolder": subfolder} if subfolder else {}  # transformers fails on subfolder=None
+            return cls.from_pretrained(source, **where, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PluginError(
@@ -224,6 +225,12 @@ def load_component(
             f"({first[:160]}); offline, point backbone.pretrained{f' (or backbone.{option})' if option else ''} at a "
             "local folder written by save_pretrained"
         ) from None
+
+
+SD_SCHEDULE = {"num_train_steps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "prediction": "epsilon"}
+"""The training schedule of every Stable Diffusion 1.x/2.x model, used where a pipeline's scheduler config is missing
+(components given one by one); SD 2.x 768 models predict v (`prediction = "v_prediction"`)."""
 
 
 def scheduler_settings(source: str) -> dict:
@@ -320,7 +327,8 @@ def build_sd_backbone(
     `pretrained` is a hub id or a pipeline folder; `unet`, `vae`, `text_encoder` (each a folder written by
     `save_pretrained`, the text encoder's folder also holding its tokenizer) replace that component. The image size is
     the data's ([3, H, W]); the latents are (unet in_channels, H / f, W / f), f the VAE's downsampling. `cfg_scale`
-    defaults to 5 (DDPO's) with [conditions] and 1 without; `prediction = "auto"` takes the pipeline scheduler's prediction type (epsilon without one).
+    defaults to 5 (DDPO's) with [conditions] and 1 without; `prediction = "auto"` takes the pipeline scheduler's
+    prediction type. Without a scheduler config at `pretrained` the schedule is SD's (`SD_SCHEDULE`).
 
     Raises:
         PluginError: a component that cannot be loaded (offline: one line naming the local-path option).
@@ -334,10 +342,9 @@ def build_sd_backbone(
                                 None if text_encoder else "text_encoder", "text encoder", "text_encoder")
     tokenizer = load_component("transformers:CLIPTokenizer", text_encoder or pretrained,
                                None if text_encoder else "tokenizer", "tokenizer", "text_encoder")
-    settings = scheduler_settings(pretrained) if not unet else {}
+    settings = {**SD_SCHEDULE, **scheduler_settings(pretrained)}  # the pipeline's, where it has a scheduler config
     if prediction != "auto":
         settings["prediction"] = prediction
-    settings.setdefault("prediction", "epsilon")
     latent_shape = latent_shape_of(sample_shape, vae_model, int(unet_model.config.in_channels))
     prepare_network(unet_model, lora_rank, lora_alpha, lora_targets, gradient_checkpointing)
     return LatentEpsilonPolicy(
