@@ -108,11 +108,16 @@ class SilentReporter:
 
 
 class EMA:
-    """Exponential moving average of a module's parameters, with the usual (1 + n) / (10 + n) warm-up."""
+    """Exponential moving average of a module's parameters, with the usual (1 + n) / (10 + n) warm-up.
+
+    Only the trainable parameters are averaged copies: the frozen ones (a base UNet under LoRA, a VAE, a text
+    encoder) and the buffers are the live module's own tensors, shared, so an EMA of a LoRA backbone costs the size of
+    its adapters, not a second copy of the model."""
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self.module = copy.deepcopy(module).requires_grad_(False)
+        shared = [*(p for p in module.parameters() if not p.requires_grad), *module.buffers()]
+        self.module = copy.deepcopy(module, memo={id(t): t for t in shared}).requires_grad_(False)
         self.updates = 0
 
     @torch.no_grad()
@@ -120,9 +125,8 @@ class EMA:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for p_ema, p in zip(self.module.parameters(), module.parameters()):
-            p_ema.lerp_(p, 1 - decay)
-        for b_ema, b in zip(self.module.buffers(), module.buffers()):
-            b_ema.copy_(b)
+            if p_ema is not p:
+                p_ema.lerp_(p, 1 - decay)
 
 
 def lr_multiplier(schedule: str, step: int, total: int, final_fraction: float) -> float:

@@ -423,3 +423,19 @@ def test_components_load_one_by_one_with_sds_schedule(sd_dir, tmp_path):
     torch.testing.assert_close(parts.alphas_cumprod, whole.alphas_cumprod)  # scaled_linear, as the pipeline's
     z, t, c = torch.randn(2, *parts.sample_shape), torch.tensor([0, 2]), prompts("a cat", "red")
     torch.testing.assert_close(parts.mean_at(z, t, c), whole.mean_at(z, t, c))
+
+
+def test_the_ema_of_a_lora_backbone_averages_the_adapters_and_shares_the_rest(sd_dir):
+    from rewardtune.trainer import EMA
+
+    policy = backbone(sd_dir, lora_rank=2)
+    ema = EMA(policy, 0.5)
+    live = dict(policy.named_parameters())
+    for name, p in ema.module.named_parameters():
+        assert (p is live[name]) == (not live[name].requires_grad), name  # frozen: shared; trained: a copy
+    assert all(a is b for a, b in zip(ema.module.buffers(), policy.buffers()))
+    lora = next(n for n in live if "lora_B" in n)
+    with torch.no_grad():
+        live[lora].add_(1.0)
+    ema.update(policy)  # warm-up decay min(0.5, 2/11): the EMA moves 9/11 of the way
+    torch.testing.assert_close(dict(ema.module.named_parameters())[lora], live[lora] * (9 / 11))
