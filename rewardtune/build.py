@@ -270,6 +270,10 @@ def make_image_evaluator(data, cfg: EvalConfig, owners: PluginOwners):
         )
     images = getattr(data, "images", None)
     if images is None and hasattr(data, "images"):  # data `none`: the reward's metrics only, nothing to compare with
+        for key in ("feature_extractor", "reference_samples"):
+            if getattr(cfg, key) != getattr(EvalConfig, key):
+                raise RecipeError(f"eval.{key} sets the Fréchet distance's features or reference, but [data] kind = "
+                                  "\"none\" has no images to compare with; drop it")
         return ImageEvaluator(data, num_samples=cfg.num_samples, feature_extractor="", reference_samples=0)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise RecipeError(

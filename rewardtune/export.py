@@ -54,6 +54,8 @@ def export_backbone(backbone, out_dir: Path, *, force: bool = False) -> list[Pat
         raise RecipeError(f"export writes sd, sd3 and ddpm runs as diffusers pipelines; this run's backbone is "
                           f"{type(backbone).__name__}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RecipeError(f"{out_dir} is a file; --to names a folder to write")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
             raise RecipeError(f"{out_dir} is not empty; use another --to, or --force to replace it")

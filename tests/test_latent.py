@@ -439,3 +439,25 @@ def test_the_ema_of_a_lora_backbone_averages_the_adapters_and_shares_the_rest(sd
         live[lora].add_(1.0)
     ema.update(policy)  # warm-up decay min(0.5, 2/11): the EMA moves 9/11 of the way
     torch.testing.assert_close(dict(ema.module.named_parameters())[lora], live[lora] * (9 / 11))
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("eval.feature_extractor=helpers:tiny_features", "eval.feature_extractor sets the Fréchet"),
+    ("eval.reference_samples=100", "eval.reference_samples sets the Fréchet"),
+])
+def test_data_none_refuses_fid_settings_it_would_ignore(sd_dir, tiny_clip_dir, setting, message, tmp_path, capsys):  # noqa: F811
+    repo = Path(__file__).resolve().parent.parent
+    settings = [f"backbone.pretrained={sd_dir}", f"conditions.text_encoder.model={sd_dir}", f"data.size={SD_IMAGE_SIZE}",
+                f"reward.model=local-dir:{tiny_clip_dir}", setting]
+    args = [item for s in settings for item in ("--set", s)]
+    code, _, err = cli(capsys, "run", str(repo / "recipes" / "sd15_clip.toml"), "--out", str(tmp_path / "run"), *args)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_export_refuses_a_file_as_its_folder(sd_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = sd_recipe(sd_dir, tmp_path / "sd.toml")
+    assert cli(capsys, "run", str(recipe), "--out", str(tmp_path / "run"), "--set", "train.steps=1")[0] == 0
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli(capsys, "export", str(tmp_path / "run"), "--to", str(tmp_path / "file"))
+    assert code == 2 and "is a file" in err
