@@ -218,6 +218,7 @@ def test_flow_matching_pretraining_learns_the_data():
         ({"algorithm": {"kind": "flow_matching", "level_sampling": "beta"}}, "level_sampling: 'beta' is not one of"),
         ({"backbone": {"kind": "flow", "unet": TINY_UNET}}, "a unet needs images"),
         ({"backbone": {"kind": "flow", "shift": -1.0}}, "shift must be > 0"),
+        ({"backbone": {"kind": "flow", "noise_level": -0.1}}, "noise_level must be >= 0"),
     ],
 )
 def test_a_mismatched_flow_recipe_is_a_one_line_error(change, message):
@@ -238,3 +239,5 @@ def test_an_image_flow_backbone_pretrains_and_clamps_its_output():
     assert out.shape == (3, 1, 8, 8) and float(out.abs().max()) <= 1.0
     with pytest.raises(ValueError, match="the UNet makes 1x8x8 images"):
         build_flow_backbone((3, 8, 8), unet=TINY_UNET)
+    with pytest.raises(ValueError, match="hidden is an option of the velocity MLP"):
+        build_flow_backbone((1, 8, 8), unet=TINY_UNET, hidden=64)

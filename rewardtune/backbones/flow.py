@@ -150,9 +150,9 @@ def build_flow_backbone(
     num_steps: int = 5,
     shift: float = 1.0,
     noise_level: float = 0.7,
-    hidden: int = 128,
-    depth: int = 3,
-    time_dim: int = 128,
+    hidden: int | None = None,
+    depth: int | None = None,
+    time_dim: int | None = None,
     unet: dict | None = None,
     learn_sigma: bool = True,
     fix_last_sigma: bool = False,
@@ -161,21 +161,26 @@ def build_flow_backbone(
 ) -> FlowChainPolicy:
     """A flow-matching velocity network as a T-step policy (pretrain it with algorithm `flow_matching`).
 
-    Vectors: a TimeMLP (`hidden`, `depth`, `time_dim`), the sample being x_T itself. Images: a diffusers
+    Vectors: a TimeMLP (`hidden` 128, `depth` 3, `time_dim` 128), the sample being x_T itself. Images: a diffusers
     `UNet2DModel` built from the `unet` config table (its constructor arguments), the sample being x_T clamped to
     [-1, 1]. With `conditioning` (a [conditions] table) the network also takes the condition's embedding, and
     `cfg_scale` is the policy's classifier-free guidance scale.
 
     Raises:
-        ValueError: a `unet` for vector data, or a UNet whose image size is not the data's.
+        ValueError: a `unet` for vector data, MLP options beside a `unet`, or a UNet whose image size is not the data's.
     """
     policy_kwargs = {"learn_sigma": learn_sigma, "fix_last_sigma": fix_last_sigma, "sigma_floor": sigma_floor}
+    mlp_options = {"hidden": hidden, "depth": depth, "time_dim": time_dim}
     if unet is None:
         dim = 1
         for size in sample_shape:
             dim *= size
-        net: nn.Module = TimeMLP(dim, dim, hidden=hidden, depth=depth, time_dim=time_dim, conditioning=conditioning)
+        net: nn.Module = TimeMLP(dim, dim, hidden=hidden or 128, depth=depth or 3, time_dim=time_dim or 128,
+                                 conditioning=conditioning)
     else:
+        given = [k for k, v in mlp_options.items() if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} is an option of the velocity MLP; with a unet table, set the UNet's sizes there")
         from diffusers import UNet2DModel
 
         from rewardtune.backbones.ddpm import UNetEps, check_image_shape
