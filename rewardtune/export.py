@@ -5,9 +5,10 @@ What is written (the network a run samples with: the EMA weights when the run ke
   to `DIR/lora`), without T5 when the run had none (load it with `text_encoder_3=None, tokenizer_3=None`);
 - an `sd` run: a `StableDiffusionPipeline` folder (`DiffusionPipeline.from_pretrained(DIR)` loads it) whose UNet is
   the tuned one, LoRA adapters merged into it; a LoRA run also gets `DIR/lora/pytorch_lora_weights.safetensors`,
-  the adapters alone in diffusers' format (`pipe.unet.load_lora_adapter(DIR / "lora")` on the base model);
+  the adapters alone in diffusers' format (on the base model: `pipe.unet.load_lora_adapter(DIR / "lora",
+  weight_name="pytorch_lora_weights.safetensors", prefix=None)`);
 - an unconditional `ddpm` run: a `DDPMPipeline` folder (the UNet and the training schedule);
-- both: `DIR/rewardtune_sampler.json`, the T-step sampler the run was tuned as (SAMPLER_FORMAT): the settings that
+- each: `DIR/rewardtune_sampler.json`, the T-step sampler the run was tuned as (SAMPLER_FORMAT): the settings that
   rebuild its schedule, the learned sigma_t, the CFG scale, the latent shape, and the explicit per-step
   arrays of the update
 
@@ -18,7 +19,8 @@ What is written (the network a run samples with: the EMA weights when the run ke
   same seed and conditions, gives what `rewardtune sample` gives for the run (to float tolerance).
 
 An sd3 folder's sampler file holds the flow-SDE steps instead (levels s_t, coef_a, coef_b: x_{t+1} = a_t x_t +
-b_t v(x_t, 1000 s_t, c) + sigma_t z_t). Other backbones (`mlp`, `edm`, `flow`, a conditional `ddpm`) have no diffusers pipeline to become: a clear error.
+b_t v(x_t, 1000 s_t, c) + sigma_t z_t). Other backbones (`mlp`, `edm`, `flow`, a conditional `ddpm`) have no
+diffusers pipeline to become: a one-line error.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ SAMPLER_FORMAT = "rewardtune-sampler/1"
 
 
 def export_backbone(backbone, out_dir: Path, *, force: bool = False) -> list[Path]:
-    """Write `backbone` (an `sd` or unconditional `ddpm` policy) to `out_dir` as described in the module docstring.
-    Returns the paths written at the top level.
+    """Write `backbone` (an `sd`, `sd3` or unconditional `ddpm` policy) to `out_dir` as described in the module
+    docstring. Returns the paths written at the top level.
 
     Raises:
-        RecipeError: a backbone that cannot be exported, or a non-empty `out_dir` without `force`.
+        RecipeError: a backbone that cannot be exported, `out_dir` a file, or a non-empty `out_dir` without `force`.
     """
     from rewardtune.backbones.latent import LatentEpsilonPolicy
     from rewardtune.backbones.sd3 import LatentFlowPolicy

@@ -219,6 +219,7 @@ def test_flow_matching_pretraining_learns_the_data():
         ({"backbone": {"kind": "flow", "unet": TINY_UNET}}, "a unet needs images"),
         ({"backbone": {"kind": "flow", "shift": -1.0}}, "shift must be > 0"),
         ({"backbone": {"kind": "flow", "noise_level": -0.1}}, "noise_level must be >= 0"),
+        ({"backbone": {"kind": "flow", "time_dim": 0}}, "time_dim must be >= 1"),
     ],
 )
 def test_a_mismatched_flow_recipe_is_a_one_line_error(change, message):

@@ -175,8 +175,10 @@ def build_flow_backbone(
         dim = 1
         for size in sample_shape:
             dim *= size
-        net: nn.Module = TimeMLP(dim, dim, hidden=hidden or 128, depth=depth or 3, time_dim=time_dim or 128,
-                                 conditioning=conditioning)
+        sizes = {k: v if v is not None else default for (k, v), default in zip(mlp_options.items(), (128, 3, 128))}
+        if sizes["time_dim"] < 1:
+            raise ValueError("time_dim must be >= 1: a velocity depends on the noise level")
+        net: nn.Module = TimeMLP(dim, dim, **sizes, conditioning=conditioning)
     else:
         given = [k for k, v in mlp_options.items() if v is not None]
         if given:
