@@ -461,3 +461,22 @@ def test_export_refuses_a_file_as_its_folder(sd_dir, tmp_path, capsys, monkeypat
     (tmp_path / "file").write_text("x")
     code, _, err = cli(capsys, "export", str(tmp_path / "run"), "--to", str(tmp_path / "file"))
     assert code == 2 and "is a file" in err
+
+
+def test_a_lora_run_starts_another_with_its_adapters(sd_dir, tmp_path, capsys, monkeypatch):
+    """backbone.init_from of a LoRA run loads its adapters (all its checkpoint holds of the UNet) into a sampler of
+    another T, on top of the base model the recipe loads."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = sd_recipe(sd_dir, tmp_path / "sd.toml")
+    recipe.write_text(recipe.read_text().replace("sampler_lr = 1e-3", "sampler_lr = 3e-2"))
+    assert cli(capsys, "run", str(recipe), "--out", str(tmp_path / "first"), "--set", "train.steps=2")[0] == 0
+    trained = load_file(tmp_path / "first/checkpoints/step_00000002/model.safetensors")
+    second = rt.build_trainer(rt.load_recipe(recipe, [f"backbone.init_from={tmp_path / 'first'}",
+                                                      "backbone.num_steps=3"]))
+    adapters = {k: v for k, v in second.backbone.state_dict().items() if "lora_" in k}
+    assert adapters and second.backbone.num_steps == 3
+    for key, value in adapters.items():
+        torch.testing.assert_close(value, trained[f"backbone.{key}"], rtol=0, atol=0)
+    assert any(bool(v.abs().sum() > 0) for k, v in adapters.items() if "lora_B" in k)  # trained, not the zero start
