@@ -20,7 +20,12 @@ import math
 import torch
 
 from rewardtune.conditions import Conditions
-from rewardtune.rewards.base import Reward, check_reward_output, reward_name
+from rewardtune.rewards.base import (
+    Reward,
+    check_reward_output,
+    reward_input,
+    reward_name,
+)
 
 REWARD_SAMPLES = 2000  # samples whose mean reward is `reward_mean`
 SPLITS = (("train", ""), ("held_out", "held_out/"))  # evaluated splits and their metric prefixes
@@ -65,6 +70,7 @@ def reward_evaluation_metrics(reward: Reward, samples: torch.Tensor, condition: 
     import inspect
 
     takes_context = "context" in inspect.signature(reward.evaluation_metrics).parameters
+    samples = reward_input(reward, samples)  # in the reward's declared image range
     if condition is None or not takes_context:
         return reward.evaluation_metrics(samples)
     return reward.evaluation_metrics(samples, context=condition)

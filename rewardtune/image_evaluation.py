@@ -33,7 +33,7 @@ from rewardtune.conditions import Conditions
 from rewardtune.evaluation import draw_samples, generators
 from rewardtune.metrics.fid import build_feature_extractor, frechet_distance
 from rewardtune.metrics.precision_recall import precision_recall
-from rewardtune.rewards.base import Reward
+from rewardtune.rewards.base import Reward, call_reward, reward_input
 
 PR_MAX_FEATURES = 10_000  # features per side for precision/recall (their k-NN radii cost O(N^2) distances)
 PR_SUBSET_SEED = 0  # the seed of the reference subset precision/recall use
@@ -132,8 +132,8 @@ class ImageEvaluator:
             draw = lambda c: self.draw(backbone, len(c), gen, guide, c)
             return reward_metrics_by_split(reward, conditions, condition, fake, per, draw, backbone.device)
         with torch.no_grad():
-            metrics = {"reward_mean": float(reward(fake[:2000].to(backbone.device)).mean())}
-        return metrics | reward.evaluation_metrics(fake.to(backbone.device))  # e.g. target_class_fraction
+            metrics = {"reward_mean": float(call_reward(reward, fake[:2000].to(backbone.device)).mean())}
+        return metrics | reward.evaluation_metrics(reward_input(reward, fake.to(backbone.device)))  # e.g. a class rate
 
     def per_class_metrics(
         self, fake: torch.Tensor, fake_features: torch.Tensor, condition: Conditions, device
@@ -162,7 +162,7 @@ class ImageEvaluator:
         if reward is not None and not reward.learns:
             probe = torch.zeros(8, *self.data.sample_shape) if self.data.images is None else self.data.images[:8]
             with torch.no_grad():
-                names |= {"reward_mean", *reward.evaluation_metrics(probe)}
+                names |= {"reward_mean", *reward.evaluation_metrics(reward_input(reward, probe))}
         return names
 
     def plot(

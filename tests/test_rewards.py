@@ -580,3 +580,42 @@ def test_a_separate_resnet_energy_trains_on_images_and_refuses_the_mlp_options()
         build_energy_reward((2,), None, 3, share_with_value=False, network="resnet")
     with pytest.raises(ValueError, match="network belongs to the \\[value\\] section"):
         build_energy_reward((3, 8, 8), build_time_mlp_value((3, 8, 8), hidden=8, depth=1), 3, network="resnet")
+
+
+class UnitRangeBrightness(Reward):
+    """Mean pixel of images it takes in [0, 1] (as most reward models' own code does); records its inputs."""
+
+    name = "unit_brightness"
+    image_range = (0.0, 1.0)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        self.seen.append(x.detach())
+        return x.flatten(1).mean(1)
+
+    def evaluation_metrics(self, x: torch.Tensor) -> dict[str, float]:
+        self.seen.append(x.detach())
+        return {"bright_fraction": float((x > 0.5).float().mean())}
+
+
+def test_a_reward_gets_images_in_the_range_it_declares():
+    from rewardtune.conditional_evaluation import reward_evaluation_metrics
+    from rewardtune.rewards.base import call_reward
+
+    reward = UnitRangeBrightness()
+    x = torch.rand(4, 3, 8, 8) * 2 - 1  # samples: [-1, 1]
+    x.requires_grad_(True)
+    torch.testing.assert_close(-reward.cost(x), ((x + 1) / 2).flatten(1).mean(1))
+    (grad,) = torch.autograd.grad(reward.cost(x).sum(), x)
+    torch.testing.assert_close(grad, torch.full_like(x, -0.5 / (3 * 8 * 8)))  # d/dx of the mapped mean
+    reward_evaluation_metrics(reward, x.detach(), None)
+    assert all(float(seen.min()) >= 0 and float(seen.max()) <= 1 for seen in reward.seen)
+    vectors = torch.randn(5, 2) * 3  # vectors are not images: unchanged
+    torch.testing.assert_close(call_reward(reward, vectors), vectors.mean(1))
+    composite = CompositeReward({"unit": (UnitRangeBrightness(), 1.0), "sum": (SumReward(), 1.0)})
+    torch.testing.assert_close(composite(x.detach()), ((x.detach() + 1) / 2).flatten(1).mean(1) + SumReward()(x.detach()))
+    with pytest.raises(TypeError, match="image_range must be \\(low, high\\) with low < high"):
+        type("Backwards", (Reward,), {"image_range": (1.0, 0.0)})

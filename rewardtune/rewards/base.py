@@ -33,6 +33,15 @@ class Reward(nn.Module):
     name: ClassVar[str] = ""
     differentiable: ClassVar[bool] = True
     learns: ClassVar[bool] = False
+    image_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)  # the pixel range `forward` and `evaluation_metrics`
+    # take images [B, C, H, W] in: samples come in [-1, 1] and are mapped affinely to it ((0, 1) for most reward
+    # models' code); vectors are passed as they are
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        low, high = cls.image_range
+        if not low < high:
+            raise TypeError(f"{cls.__name__}.image_range must be (low, high) with low < high, got {cls.image_range}")
 
     def cost(self, x: torch.Tensor, context=None) -> torch.Tensor:
         """The terminal cost -r(x, c): [B]. `context` (the samples' `Conditions`, or None) reaches `forward` only when
@@ -62,8 +71,19 @@ class Reward(nn.Module):
 
 
 def call_reward(reward: nn.Module, x: torch.Tensor, context=None):
-    """reward(x, context), or reward(x) when there is no context or the reward's `forward` takes none."""
+    """reward(x, context), or reward(x) when there is no context or the reward's `forward` takes none; images in the
+    reward's declared `image_range` (`reward_input`)."""
+    x = reward_input(reward, x)
     return reward(x, context) if context is not None and takes_context(reward) else reward(x)
+
+
+def reward_input(reward: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Samples as `reward` takes them: images [B, C, H, W], which come in [-1, 1], mapped affinely to the reward's
+    `image_range` (a no-op for the default (-1, 1)); vectors unchanged. Differentiable."""
+    low, high = getattr(reward, "image_range", (-1.0, 1.0))
+    if x.dim() != 4 or (low, high) == (-1.0, 1.0):
+        return x
+    return low + (x + 1) * ((high - low) / 2)
 
 
 def takes_context(reward: nn.Module) -> bool:
