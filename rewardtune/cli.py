@@ -296,7 +296,8 @@ def export(
     from rewardtune.export import export_backbone
 
     trainer = load_run(run_dir, best=best)
-    written = export_backbone(trainer.evaluated_backbone(), to, force=force)
+    written = export_backbone(trainer.evaluated_backbone(), to, force=force,
+                              mixed_precision=trainer.config.mixed_precision)
     print_error(f"exported {run_dir} to {to}: " + ", ".join(p.name for p in written))
 
 

@@ -209,7 +209,8 @@ def draw_samples(
         stop = min(start + batch, n)
         c = None if condition is None else condition.select(list(range(start, stop)))
         x = backbone.sample(stop - start, generator, guide=guide, condition=c).final
-        chunks.append(backbone.output(x).cpu())
+        out = backbone.output(x)  # at least fp32, whatever precision decoded it (bf16 autocast)
+        chunks.append(out.to(torch.promote_types(out.dtype, torch.float32)).cpu())
     return torch.cat(chunks)
 
 

@@ -42,9 +42,10 @@ SAMPLER_FILE = "rewardtune_sampler.json"
 SAMPLER_FORMAT = "rewardtune-sampler/1"
 
 
-def export_backbone(backbone, out_dir: Path, *, force: bool = False) -> list[Path]:
+def export_backbone(backbone, out_dir: Path, *, force: bool = False, mixed_precision: str = "no") -> list[Path]:
     """Write `backbone` (an `sd`, `sd3` or unconditional `ddpm` policy) to `out_dir` as described in the module
-    docstring. Returns the paths written at the top level.
+    docstring; `mixed_precision` (the run's train.mixed_precision) is recorded so that `sample_exported` samples in
+    the run's precision. Returns the paths written at the top level.
 
     Raises:
         RecipeError: a backbone that cannot be exported, `out_dir` a file, or a non-empty `out_dir` without `force`.
@@ -69,6 +70,7 @@ def export_backbone(backbone, out_dir: Path, *, force: bool = False) -> list[Pat
         written, spec = export_latent(backbone, out_dir), sampler_spec(backbone, "sd")
     else:
         written, spec = export_pixel(backbone, out_dir), sampler_spec(backbone, "ddpm")
+    spec["mixed_precision"] = mixed_precision
     (out_dir / SAMPLER_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     return [*written, out_dir / SAMPLER_FILE]
 
@@ -243,7 +245,8 @@ def sample_exported(
 ) -> torch.Tensor:
     """n samples [n, 3, H, W] in [-1, 1] of an exported folder, with the run's T-step sampler: one chain per prompt
     of `prompts` (n of them; an sd export without prompts samples the empty prompt), `batch` chains at a time. The
-    same seed and prompts give `rewardtune sample`'s samples of the run (which draws images 500 chains at a time)."""
+    same seed and prompts give `rewardtune sample`'s samples of the run (which draws images 500 chains at a time), in
+    the run's mixed precision (under bf16, to bf16's rounding: merged LoRA weights round otherwise)."""
     from rewardtune.evaluation import draw_samples
 
     policy = load_exported(out_dir)
@@ -253,4 +256,7 @@ def sample_exported(
             raise ValueError(f"{len(prompts)} prompts for {n} samples")
         condition = Conditions(prompts=tuple(prompts))
     generator = torch.Generator(device=policy.device).manual_seed(seed)
-    return draw_samples(policy, n, generator, None, batch, condition)
+    precision = json.loads((Path(out_dir) / SAMPLER_FILE).read_text()).get("mixed_precision", "no")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(policy.device.type, dtype=dtype, enabled=dtype is not None):  # the run's precision
+        return draw_samples(policy, n, generator, None, batch, condition)

@@ -295,7 +295,11 @@ def test_an_exported_sd_run_loads_in_diffusers_and_reproduces_rewardtune_sample(
     assert cli(capsys, "export", str(tmp_path / "run"), "--to", str(tmp_path / "exported"))[0] == 2  # not empty
 
 
-def test_an_sd_recipe_runs_under_bf16_autocast(sd_dir, tmp_path, capsys, monkeypatch):
+def test_an_sd_recipe_runs_under_bf16_autocast_and_exports_in_its_precision(sd_dir, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from rewardtune.export import sample_exported
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = sd_recipe(sd_dir, tmp_path / "sd.toml")
     code, _, err = cli(capsys, "run", str(recipe), "--out", str(tmp_path / "run"), "--set", "train.steps=2",
@@ -304,6 +308,14 @@ def test_an_sd_recipe_runs_under_bf16_autocast(sd_dir, tmp_path, capsys, monkeyp
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert any(r.get("skipped_steps") == 0 for r in records)
     assert json.loads((tmp_path / "run/eval.json").read_text())["metrics"]["reward_mean"] >= 0
+    code, _, err = cli(capsys, "sample", str(tmp_path / "run"), "--prompt", "a cat", "-n", "2", "-o", str(tmp_path / "s.npz"))
+    assert code == 0, err
+    assert cli(capsys, "export", str(tmp_path / "run"), "--to", str(tmp_path / "exported"))[0] == 0
+    expected = torch.from_numpy(np.load(tmp_path / "s.npz")["samples"])  # drawn under bf16 autocast: fp32 images
+    assert expected.dtype == torch.float32
+    got = sample_exported(tmp_path / "exported", 2, prompts=["a cat"] * 2)
+    # to bf16's rounding: the export merged the adapters into the weights, which bf16 rounds otherwise than W x + BAx
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.05)
 
 
 @pytest.mark.parametrize("recipe", ["sd15_clip.toml", "sd15_aesthetic.toml"])
