@@ -230,6 +230,7 @@ def sample(
     seed: int = 0,
     best: bool = False,
     guidance: float = 0.0,
+    cfg_scale: float | None = None,
 ):
     """Samples of a run's latest (or best) checkpoint, what `rewardtune sample` writes.
 
@@ -246,6 +247,7 @@ def sample(
         seed: the sampling seed.
         best: sample checkpoints/best instead of the latest checkpoint.
         guidance: value guidance scale lambda (0: none; needs a value function).
+        cfg_scale: classifier-free guidance scale to sample with (None: the run's own; conditional runs).
     Returns:
         (samples [N, *sample_shape] on the CPU, the condition of each sample (N rows, on the CPU; prompts come with
         their embeddings) or None for an unconditional run). Samples of one condition are consecutive rows.
@@ -254,6 +256,8 @@ def sample(
             label run), a label out of range, an empty prompt; a run directory that cannot be loaded.
     """
     trainer = load_run(run_dir, best=best)
+    if cfg_scale is not None:
+        set_cfg_scale(trainer, cfg_scale)
     return sample_trainer(trainer, n, labels=labels, prompts=prompts, seed=seed, guidance=guidance, run=str(run_dir))
 
 

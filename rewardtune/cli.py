@@ -229,6 +229,10 @@ def sample(
         float, typer.Option("--guidance", help="Value guidance scale lambda (0: none; needs a value function).", metavar="SCALE")
     ] = 0.0,
     best: Annotated[bool, typer.Option("--best", help="Use checkpoints/best instead of the latest checkpoint.")] = False,
+    cfg_scale: Annotated[
+        float | None,
+        typer.Option("--cfg-scale", help="Sample with this classifier-free guidance scale (conditional runs).", metavar="W"),
+    ] = None,
     label: Annotated[
         list[int] | None,
         typer.Option(
@@ -265,7 +269,8 @@ def sample(
     if n is None:
         n = default_sample_count(output, conditional=api.is_conditional_run(run_dir))
     samples, condition = api.sample(
-        run_dir, n, labels=label or None, prompts=prompts or None, seed=seed, best=best, guidance=guidance
+        run_dir, n, labels=label or None, prompts=prompts or None, seed=seed, best=best, guidance=guidance,
+        cfg_scale=cfg_scale,
     )
     shape = tuple(samples.shape[1:])
     try:

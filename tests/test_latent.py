@@ -492,3 +492,25 @@ def test_a_lora_run_starts_another_with_its_adapters(sd_dir, tmp_path, capsys, m
     for key, value in adapters.items():
         torch.testing.assert_close(value, trained[f"backbone.{key}"], rtol=0, atol=0)
     assert any(bool(v.abs().sum() > 0) for k, v in adapters.items() if "lora_B" in k)  # trained, not the zero start
+
+
+def test_sample_takes_another_cfg_scale(sd_dir, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = sd_recipe(sd_dir, tmp_path / "sd.toml")  # cfg_scale = 2.0
+    assert cli(capsys, "run", str(recipe), "--out", str(tmp_path / "run"), "--set", "train.steps=1")[0] == 0
+
+    def draw(*options: str) -> np.ndarray:
+        out = tmp_path / f"s{len(list(tmp_path.glob('s*.npz')))}.npz"
+        code, _, err = cli(capsys, "sample", str(tmp_path / "run"), "--prompt", "a cat", "-n", "2", "-o", str(out), *options)
+        assert code == 0, err
+        return np.load(out)["samples"]
+
+    default, same, unguided = draw(), draw("--cfg-scale", "2"), draw("--cfg-scale", "1")
+    np.testing.assert_array_equal(default, same)
+    assert not np.allclose(default, unguided)
+    repo = Path(__file__).resolve().parent.parent
+    assert cli(capsys, "run", str(repo / "recipes/tiny_8gaussians.toml"), "--out", str(tmp_path / "plain"))[0] == 0
+    code, _, err = cli(capsys, "sample", str(tmp_path / "plain"), "--cfg-scale", "2", "-o", str(tmp_path / "p.npz"))
+    assert code == 2 and "--cfg-scale" in err and err.count("\n") == 1, err
