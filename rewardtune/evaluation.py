@@ -22,6 +22,7 @@ from rewardtune.conditional_evaluation import (
 from rewardtune.conditions import Conditions
 from rewardtune.metrics.auc import energy_auc, uniform_box
 from rewardtune.metrics.sliced_wasserstein import sliced_wasserstein
+from rewardtune.precision import at_least_fp32
 from rewardtune.rewards.base import Reward, check_reward_output, reward_name
 
 
@@ -209,8 +210,7 @@ def draw_samples(
         stop = min(start + batch, n)
         c = None if condition is None else condition.select(list(range(start, stop)))
         x = backbone.sample(stop - start, generator, guide=guide, condition=c).final
-        out = backbone.output(x)  # at least fp32, whatever precision decoded it (bf16 autocast)
-        chunks.append(out.to(torch.promote_types(out.dtype, torch.float32)).cpu())
+        chunks.append(at_least_fp32(backbone.output(x)).cpu())  # whatever precision decoded it
     return torch.cat(chunks)
 
 

@@ -36,6 +36,7 @@ import torch
 from rewardtune.backbones.epsilon import EpsilonChainPolicy
 from rewardtune.conditions import Conditions
 from rewardtune.errors import RecipeError, RewardtuneError
+from rewardtune.precision import autocast
 from rewardtune.quiet import quiet_libraries
 
 SAMPLER_FILE = "rewardtune_sampler.json"
@@ -142,11 +143,13 @@ def export_pixel(backbone: EpsilonChainPolicy, out_dir: Path) -> list[Path]:
     return [out_dir / "model_index.json"]
 
 
+def floats(t: torch.Tensor) -> list[float]:
+    """A tensor [T] as JSON numbers (float64)."""
+    return [float(v) for v in t.detach().cpu().double()]
+
+
 def sampler_spec(backbone: EpsilonChainPolicy, kind: str) -> dict:
     """The sampler of `backbone` as JSON-ready data (see the module docstring)."""
-    def floats(t: torch.Tensor) -> list[float]:
-        return [float(v) for v in t.detach().cpu().double()]
-
     return {
         "format": SAMPLER_FORMAT,
         "backbone": kind,
@@ -165,9 +168,6 @@ def sampler_spec(backbone: EpsilonChainPolicy, kind: str) -> dict:
 
 def flow_sampler_spec(backbone) -> dict:
     """The sampler of an sd3 backbone as JSON-ready data (the flow SDE's steps; backbones/flow.py)."""
-    def floats(t: torch.Tensor) -> list[float]:
-        return [float(v) for v in t.detach().cpu().double()]
-
     return {
         "format": SAMPLER_FORMAT,
         "backbone": "sd3",
@@ -185,55 +185,58 @@ def flow_sampler_spec(backbone) -> dict:
     }
 
 
-def load_exported(out_dir: str | Path) -> EpsilonChainPolicy:
-    """The sampler of an exported folder, rebuilt from the folder alone (diffusers' `from_pretrained` and the JSON).
+def read_sampler_spec(out_dir: Path) -> dict:
+    """The exported folder's `rewardtune_sampler.json`.
 
     Raises:
         RewardtuneError: no sampler file, or one of another format.
     """
-    from diffusers import DiffusionPipeline
-
-    out_dir = Path(out_dir)
     try:
         spec = json.loads((out_dir / SAMPLER_FILE).read_text())
     except (OSError, ValueError) as err:
         raise RewardtuneError(f"{out_dir} holds no exported sampler ({SAMPLER_FILE}: {err})") from None
     if spec.get("format") != SAMPLER_FORMAT:
         raise RewardtuneError(f"{out_dir / SAMPLER_FILE} is of format {spec.get('format')!r}, not {SAMPLER_FORMAT!r}")
-    settings = spec["settings"]
+    return spec
+
+
+def load_exported(out_dir: str | Path, spec: dict | None = None) -> EpsilonChainPolicy:
+    """The sampler of an exported folder, rebuilt from the folder alone (diffusers' `from_pretrained` and the JSON,
+    read here unless `spec` is given).
+
+    Raises:
+        RewardtuneError: no sampler file, or one of another format.
+    """
+    from diffusers import DiffusionPipeline
+
+    from rewardtune.nets.conditioning import Conditioning
+
+    out_dir = Path(out_dir)
+    spec = read_sampler_spec(out_dir) if spec is None else spec
+    settings, shape, cfg_scale = spec["settings"], tuple(spec["sample_shape"]), spec["cfg_scale"]
+    # the latent policies' `conditioning` only says that the network takes prompts (they encode them themselves)
     if spec["backbone"] == "sd3":
         from rewardtune.backbones.sd3 import (
             LatentFlowPolicy,
             SD3PromptStates,
             load_sd3_pipeline,
         )
-        from rewardtune.nets.conditioning import Conditioning
 
         pipeline = load_sd3_pipeline(str(out_dir), spec["use_t5"])
-        policy = LatentFlowPolicy(
-            pipeline.transformer, pipeline.vae, SD3PromptStates(pipeline, spec["max_sequence_length"]),
-            tuple(spec["sample_shape"]), conditioning=Conditioning(text_dim=1), cfg_scale=spec["cfg_scale"], **settings,
-        )
-        with torch.no_grad():
-            policy.log_sigma.copy_(torch.tensor([math.log(s) for s in spec["sigma"]]))
-        return policy.eval()
-    pipeline = DiffusionPipeline.from_pretrained(out_dir)
-    if spec["backbone"] == "sd":
+        policy = LatentFlowPolicy(pipeline.transformer, pipeline.vae, SD3PromptStates(pipeline, spec["max_sequence_length"]),
+                                  shape, conditioning=Conditioning(text_dim=1), cfg_scale=cfg_scale, **settings)
+    elif spec["backbone"] == "sd":
         from rewardtune.backbones.latent import LatentEpsilonPolicy, PromptStates
-        from rewardtune.nets.conditioning import Conditioning
 
-        text_dim = int(pipeline.text_encoder.config.hidden_size)
-        policy = LatentEpsilonPolicy(
-            pipeline.unet, pipeline.vae, PromptStates(pipeline.text_encoder, pipeline.tokenizer),
-            tuple(spec["sample_shape"]), conditioning=Conditioning(text_dim=text_dim), cfg_scale=spec["cfg_scale"],
-            **settings,
-        )
+        pipeline = DiffusionPipeline.from_pretrained(out_dir)
+        policy = LatentEpsilonPolicy(pipeline.unet, pipeline.vae, PromptStates(pipeline.text_encoder, pipeline.tokenizer),
+                                     shape, conditioning=Conditioning(text_dim=1), cfg_scale=cfg_scale, **settings)
     else:
         from rewardtune.backbones.base import IMAGE_RANGE
         from rewardtune.backbones.ddpm import UNetEps
 
-        policy = EpsilonChainPolicy(UNetEps(pipeline.unet), tuple(spec["sample_shape"]), output_range=IMAGE_RANGE,
-                                    **settings)
+        pipeline = DiffusionPipeline.from_pretrained(out_dir)
+        policy = EpsilonChainPolicy(UNetEps(pipeline.unet), shape, output_range=IMAGE_RANGE, **settings)
     with torch.no_grad():
         policy.log_sigma.copy_(torch.tensor([math.log(s) for s in spec["sigma"]]))
     return policy.eval()
@@ -249,14 +252,13 @@ def sample_exported(
     the run's mixed precision (under bf16, to bf16's rounding: merged LoRA weights round otherwise)."""
     from rewardtune.evaluation import draw_samples
 
-    policy = load_exported(out_dir)
+    spec = read_sampler_spec(Path(out_dir))
+    policy = load_exported(out_dir, spec)
     condition = None
     if prompts is not None:
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts for {n} samples")
         condition = Conditions(prompts=tuple(prompts))
     generator = torch.Generator(device=policy.device).manual_seed(seed)
-    precision = json.loads((Path(out_dir) / SAMPLER_FILE).read_text()).get("mixed_precision", "no")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    with torch.autocast(policy.device.type, dtype=dtype, enabled=dtype is not None):  # the run's precision
+    with autocast(policy.device.type, spec.get("mixed_precision", "no")):  # the run's precision
         return draw_samples(policy, n, generator, None, batch, condition)

@@ -70,7 +70,8 @@ class GradStep:
             group["lr"] = group["base_lr"] * scale
 
     def step(self, loss: torch.Tensor) -> float:
-        """Back-propagate `loss`, average gradients over processes, clip, and step. Returns the gradient norm."""
+        """Back-propagate `loss`, average gradients over processes, clip, and step. Returns the gradient norm (0 for a
+        step skipped for non-finite gradients, which `skipped` counts)."""
         self.optimizer.zero_grad(set_to_none=True)
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
         scaled.backward(inputs=self.parameters)  # leave other modules' .grad alone
@@ -95,7 +96,7 @@ class GradStep:
             if self.scaler is not None:
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
             self.skipped += 1
-            return float(norm)
+            return 0.0  # nothing was applied (a non-finite norm would stop the run through its metrics)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

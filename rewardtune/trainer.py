@@ -46,6 +46,7 @@ from rewardtune.errors import (
 from rewardtune.evaluation import round_metrics
 from rewardtune.modes import eval_mode
 from rewardtune.plugin_failures import PluginOwners
+from rewardtune.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -304,8 +305,7 @@ class Trainer:
 
     def autocast(self):
         """The [train] mixed_precision autocast for the networks' forward passes (a no-op context for "no")."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast(self.device.type, self.config.mixed_precision)
 
     def total_skipped_steps(self) -> int:
         """Optimiser steps skipped for non-finite gradients over the whole run (`skip_nonfinite`)."""

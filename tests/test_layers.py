@@ -26,7 +26,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 TOP_LEVEL_BELOW_TRAINER = ["evaluation.py", "image_evaluation.py", "optim.py", "agreement.py", "modes.py", "types.py", "errors.py", "imports.py",
-                           "tables.py", "checkpoint.py", "sampling.py"]
+                           "tables.py", "checkpoint.py", "sampling.py", "precision.py"]
 BELOW_TRAINER = [p for c in COMPONENTS for p in sorted((PACKAGE / c).glob("*.py"))] + [
     PACKAGE / name for name in TOP_LEVEL_BELOW_TRAINER
 ]

@@ -4,9 +4,11 @@ and counted when asked, and stops the run otherwise."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +89,50 @@ def test_the_skipped_count_is_checkpointed_and_resumed(tmp_path):
     trainer.skipped_steps = 5
     trainer.commit()
     assert rt.api.load_run(tmp_path / "run").total_skipped_steps() == 5
+
+
+class CastOutput(torch.nn.Module):
+    """A stand-in backbone whose samples come out in a given dtype (as a decoder under autocast gives them)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def sample(self, n, generator=None, guide=None, condition=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(final=torch.randn(n, 3, 4, 4, generator=generator, dtype=torch.float64))
+
+    def output(self, x):
+        return x.to(self.dtype)
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                  (torch.float32, torch.float32), (torch.float64, torch.float64)])
+def test_samples_are_at_least_fp32_whatever_decoded_them(dtype, expected):
+    from rewardtune.evaluation import draw_samples
+
+    samples = draw_samples(CastOutput(dtype), 5, torch.Generator().manual_seed(0), None, 2)
+    assert samples.dtype == expected and samples.shape == (5, 3, 4, 4)
+
+
+@pytest.mark.parametrize(("precision", "output"), [("bf16", "s.npy"), ("fp16", "s.npz"), ("bf16", "grid.png")])
+def test_a_mixed_precision_run_samples_to_every_format(precision, output, tmp_path, capsys):
+    from test_cli import cli
+
+    recipe = ROOT / "recipes" / "tiny_8gaussians.toml"
+    code, _, err = cli(capsys, "run", str(recipe), "--out", str(tmp_path / "run"), "--set", "train.steps=2",
+                       "--set", f"train.mixed_precision={precision}")
+    assert code == 0, err
+    if precision == "fp16":  # its loss scaling's skipped overflow steps are reported, and they do not stop the run
+        records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+        assert any("skipped_steps" in r for r in records)
+    code, _, err = cli(capsys, "sample", str(tmp_path / "run"), "-n", "16", "-o", str(tmp_path / output))
+    if output.endswith(".png"):  # vectors: no image grid, and the refusal says so in one line
+        assert code == 2 and err.count("\n") == 1, err
+        return
+    assert code == 0, err
+    samples = np.load(tmp_path / output)
+    samples = samples["samples"] if output.endswith(".npz") else samples
+    assert samples.dtype == np.float32 and samples.shape == (16, 2) and np.isfinite(samples).all()

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from rewardtune.conditions import Conditions
+from rewardtune.precision import at_least_fp32
 from rewardtune.types import Trajectory
 
 IMAGE_RANGE = (-1.0, 1.0)
@@ -130,17 +131,15 @@ class GaussianChainPolicy(nn.Module):
     ) -> torch.Tensor:
         """Reparameterised transition x_{t+1} = mean(x_t, t, c) + sigma_t * noise (differentiable in phi)."""
         sigma = self.sigma()[t].view(-1, *([1] * len(self.sample_shape)))
-        mean = self.mean_at(x, t, condition)
-        return mean.to(torch.promote_types(mean.dtype, torch.float32)) + sigma * noise  # the state stays fp32
+        return at_least_fp32(self.mean_at(x, t, condition)) + sigma * noise  # the state stays fp32
 
     def log_prob(
         self, x_next: torch.Tensor, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None
     ) -> torch.Tensor:
         """log pi(x_{t+1} | x_t, c), summed over dimensions: [B]."""
         sigma = self.sigma()[t]  # [B]
-        mean = self.mean_at(x, t, condition)
-        precision = torch.promote_types(mean.dtype, torch.float32)  # fp32 even when the network ran in bf16/fp16
-        sq = (x_next.to(precision) - mean.to(precision)).flatten(1).pow(2).sum(1)
+        mean = at_least_fp32(self.mean_at(x, t, condition))  # fp32 even when the network ran in bf16/fp16
+        sq = (at_least_fp32(x_next) - mean).flatten(1).pow(2).sum(1)
         d = self.event_dim
         return -0.5 * sq / sigma**2 - d * sigma.log() - 0.5 * d * math.log(2 * math.pi)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewardtune.backbones.flow import FlowChainPolicy
+from rewardtune.backbones.flow import TIMESTEP_SCALE, FlowChainPolicy
 from rewardtune.backbones.latent import (
     LatentOutput,
     chain_prompts,
@@ -118,7 +118,7 @@ class LatentFlowPolicy(LatentOutput, FlowChainPolicy):
         """v_theta(z, s, c) [B, C, h, w] for levels s [B], guided at `cfg_scale` (default: the policy's) with the
         empty prompt as the unconditional branch."""
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
-        timestep = 1000.0 * s
+        timestep = TIMESTEP_SCALE * s
         states, pooled = self.prompt_states(chain_prompts(condition, x.shape[0]))
         if scale == 1.0:
             return self.velocity(x, timestep, states, pooled)

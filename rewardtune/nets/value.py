@@ -13,6 +13,7 @@ from torch import nn
 from rewardtune.conditions import Conditions, condition_tensor
 from rewardtune.nets.conditioning import Conditioning
 from rewardtune.optim import GradStep
+from rewardtune.precision import at_least_fp32
 
 
 class ValueFunction(nn.Module):
@@ -46,15 +47,10 @@ class ValueFunction(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
         args = (x, t.float()) if self.time_dependent else (x,)
         if condition is None:
-            return full_precision(self.net(*args).view(-1))
+            return at_least_fp32(self.net(*args).view(-1))  # TD targets are fp32 under bf16/fp16 autocast
         if self.conditioning is None:
             raise ValueError("this value function is unconditional but was given conditions")
-        return full_precision(self.net(*args, c=condition_tensor(condition)).view(-1))
-
-
-def full_precision(values: torch.Tensor) -> torch.Tensor:
-    """`values` in at least fp32 (a value computed under bf16/fp16 autocast enters the TD targets in fp32)."""
-    return values.to(torch.promote_types(values.dtype, torch.float32))
+        return at_least_fp32(self.net(*args, c=condition_tensor(condition)).view(-1))
 
 
 def build_time_mlp_value(

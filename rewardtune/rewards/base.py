@@ -22,6 +22,7 @@ from torch import nn
 
 from rewardtune.errors import PluginError
 from rewardtune.nets.frozen import keep_out_of_checkpoints  # noqa: F401  (re-exported: the plugins' import path)
+from rewardtune.precision import at_least_fp32
 
 
 class Reward(nn.Module):
@@ -49,9 +50,7 @@ class Reward(nn.Module):
         rewards = call_reward(self, x, context)
         if not isinstance(rewards, torch.Tensor):  # not negatable: let the contract check name the plugin
             check_reward_output(reward_name(self), rewards, x.shape[0])
-        if rewards.is_floating_point():  # at least fp32: a reward computed under bf16/fp16 autocast
-            rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
-        return -rewards
+        return -at_least_fp32(rewards)  # a reward computed under bf16/fp16 autocast enters the costs in fp32
 
     def evaluation_metrics(self, x: torch.Tensor, context=None) -> dict[str, float]:
         """Extra metrics of samples `x` that evaluators report (e.g. a classifier's target-class fraction); a

@@ -1,0 +1,20 @@
+"""Mixed precision in one place: the autocast dtype of `train.mixed_precision`, and `at_least_fp32`, which every
+quantity the maths needs exactly (states, log-probabilities, values, rewards, samples) passes through when a network
+ran in bf16/fp16."""
+
+from __future__ import annotations
+
+import torch
+
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device_type: str, mixed_precision: str):
+    """`torch.autocast` for a `train.mixed_precision` setting ("no": a context that changes nothing)."""
+    dtype = AUTOCAST_DTYPES[mixed_precision]
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32 when it is in a lower floating precision; fp32, fp64 and integer tensors as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32)) if x.is_floating_point() else x
