@@ -68,6 +68,7 @@ class Point(enum.IntEnum):
     BEST = 10  # after the main process copied the best checkpoint
     FIT_END = 11  # the end of Trainer.fit
     GATHER = 12  # gather_objects, before every rank's objects are gathered
+    CHECKPOINT_GATHER = 13  # after every rank gathered a sharded run's checkpoint tensors
 
 
 POINT_NAMES = {
@@ -83,6 +84,7 @@ POINT_NAMES = {
     Point.BEST: "the best checkpoint's copy",
     Point.FIT_END: "the end of training",
     Point.GATHER: "a gather of every rank's objects",
+    Point.CHECKPOINT_GATHER: "a checkpoint's gather of sharded tensors",
 }
 VALUE_NAMES = {
     Point.GRADIENTS: ("the number of gradient elements", "the gradient dtype"),

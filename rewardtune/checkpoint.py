@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rewardtune.errors import CheckpointError
+from rewardtune.sharding import full_tensors, shard_like
 
 LATEST = "latest"
 
@@ -31,22 +32,28 @@ def checkpoint_name(step: int) -> str:
 
 
 def flatten_modules(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """{"<module>.<key>": tensor}, each tensor cloned to CPU so that shared storage is saved independently."""
+    """{"<module>.<key>": tensor}, each tensor cloned to CPU so that shared storage is saved independently.
+
+    A tensor sharded by FSDP is gathered whole (a collective: under FSDP every rank calls this, in the same order)."""
     flat = {}
     for name, module in modules.items():
         for key, value in module.state_dict().items():
-            flat[f"{name}.{key}"] = value.detach().cpu().contiguous().clone()
+            flat[f"{name}.{key}"] = full_tensors(value.detach()).cpu().contiguous().clone()
     return flat
 
 
 def load_modules(modules: dict[str, torch.nn.Module], flat: dict[str, torch.Tensor], *, strict: bool = True) -> None:
-    """Load `flat` (from `flatten_modules`) into `modules`; a missing or unexpected key is a CheckpointError."""
+    """Load `flat` (from `flatten_modules`) into `modules`; a missing or unexpected key is a CheckpointError.
+
+    Into a module sharded by FSDP, each rank loads its own shard of the full tensors (no communication)."""
     for name, module in modules.items():
         prefix = f"{name}."
         sub = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
         try:
+            current = module.state_dict()
+            sub = {k: shard_like(v, current[k]) if k in current else v for k, v in sub.items()}
             module.load_state_dict(sub, strict=strict)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()
             raise CheckpointError(f"checkpoint does not fit module {name!r}: {first[-1].strip() if first else err}")
 
@@ -62,14 +69,13 @@ def write_rng(root: Path, step: int, rank: int, rng_state: dict) -> None:
     torch.save(rng_state, tmp / f"rng_rank{rank}.pt")
 
 
-def commit_checkpoint(
-    root: Path, step: int, modules: dict[str, torch.nn.Module], state: dict, *, keep: int = 2
-) -> Path:
-    """Main process: write weights and state into the staging folder, rename it into place, then point `latest`."""
+def commit_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict, *, keep: int = 2) -> Path:
+    """Main process: write `weights` (`flatten_modules`) and `state` into the staging folder, rename it into place,
+    then point `latest`."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(root, step)
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(flatten_modules(modules), str(tmp / "model.safetensors"))
+    save_file(weights, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     final = root / checkpoint_name(step)
     old = root / f".old_{final.name}"

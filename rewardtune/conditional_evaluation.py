@@ -56,12 +56,15 @@ def class_accuracy(predicted: torch.Tensor, condition: Conditions) -> dict[str, 
 
 @torch.no_grad()
 def conditional_reward_metrics(reward: Reward, samples: torch.Tensor, condition: Conditions) -> dict[str, float]:
-    """`reward_mean` of the first REWARD_SAMPLES samples [N, ...] under their conditions, and the reward's own
-    `evaluation_metrics(samples, context)`."""
-    n = min(REWARD_SAMPLES, samples.shape[0])
-    head, context = samples[:n], condition.select(list(range(n)))
-    rewards = -check_reward_output(reward_name(reward), reward.cost(head, context), n)
-    return {"reward_mean": float(rewards.mean()), **reward_evaluation_metrics(reward, samples, condition)}
+    """`reward_mean` of the first REWARD_SAMPLES samples [N, ...] under their conditions (not for a learning reward,
+    whose value moves with it), and the reward's own `evaluation_metrics(samples, context)`."""
+    metrics = {}
+    if not reward.learns:
+        n = min(REWARD_SAMPLES, samples.shape[0])
+        head, context = samples[:n], condition.select(list(range(n)))
+        rewards = -check_reward_output(reward_name(reward), reward.cost(head, context), n)
+        metrics["reward_mean"] = float(rewards.mean())
+    return metrics | reward_evaluation_metrics(reward, samples, condition)
 
 
 def reward_evaluation_metrics(reward: Reward, samples: torch.Tensor, condition: Conditions | None) -> dict[str, float]:

@@ -123,16 +123,19 @@ class ImageEvaluator:
         return metrics | self.reward_metrics(fake, reward, backbone, gen, guide, conditions, condition, per)
 
     def reward_metrics(self, fake, reward, backbone, gen, guide, conditions, condition, per: int) -> dict[str, float]:
-        """A non-learning reward's metrics of the samples `fake`: per condition and split for a conditional run
+        """The reward's metrics of the samples `fake`: per condition and split for a conditional run
         (`reward_metrics_by_split`, `per` samples of each condition), else `reward_mean` and the reward's own
-        `evaluation_metrics`."""
-        if reward is None or reward.learns:
+        `evaluation_metrics`. A learning reward has no `reward_mean` (it moves with the reward), only its own
+        metrics (a composite's: those of its terms, e.g. a verifier's accuracy beside a learned energy)."""
+        if reward is None or (reward.learns and not reward.reports_evaluation_metrics):
             return {}
         if condition is not None:
             draw = lambda c: self.draw(backbone, len(c), gen, guide, c)
             return reward_metrics_by_split(reward, conditions, condition, fake, per, draw, backbone.device)
-        with torch.no_grad():
-            metrics = {"reward_mean": float(call_reward(reward, fake[:2000].to(backbone.device)).mean())}
+        metrics = {}
+        if not reward.learns:
+            with torch.no_grad():
+                metrics["reward_mean"] = float(call_reward(reward, fake[:2000].to(backbone.device)).mean())
         return metrics | reward.evaluation_metrics(reward_input(reward, fake.to(backbone.device)))  # e.g. a class rate
 
     def per_class_metrics(
@@ -159,10 +162,10 @@ class ImageEvaluator:
         """The names `evaluate` reports with `reward` (checked against `eval.keep_best` before training). A reward's
         own `evaluation_metrics` are named by calling it on a few data images."""
         names = set() if self.data.images is None else {"frechet_distance", "precision", "recall"}
-        if reward is not None and not reward.learns:
+        if reward is not None and (not reward.learns or reward.reports_evaluation_metrics):
             probe = torch.zeros(8, *self.data.sample_shape) if self.data.images is None else self.data.images[:8]
             with torch.no_grad():
-                names |= {"reward_mean", *reward.evaluation_metrics(reward_input(reward, probe))}
+                names |= {*([] if reward.learns else ["reward_mean"]), *reward.evaluation_metrics(reward_input(reward, probe))}
         return names
 
     def plot(

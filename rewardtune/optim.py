@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from rewardtune.agreement import Point, exchange, payload_signature, world_size
 from rewardtune.errors import NonFiniteError
+from rewardtune.sharding import full_tensors, holds_sharded, is_sharded, shard_like
 
 
 class GradStep:
@@ -71,19 +72,28 @@ class GradStep:
 
     def step(self, loss: torch.Tensor) -> float:
         """Back-propagate `loss`, average gradients over processes, clip, and step. Returns the gradient norm (0 for a
-        step skipped for non-finite gradients, which `skipped` counts)."""
+        step skipped for non-finite gradients, which `skipped` counts).
+
+        Parameters sharded by FSDP (`sharding.py`) get their averaged gradient shards from FSDP's reduce-scatter, which
+        runs only in a plain `backward()` (FSDP computes gradients on the gathered parameters, not on the sharded ones
+        `inputs=` would name): then other modules' `.grad` fill too, which their own `GradStep`s clear before use."""
         self.optimizer.zero_grad(set_to_none=True)
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
-        scaled.backward(inputs=self.parameters)  # leave other modules' .grad alone
         params = self.parameters
+        sharded = [p for p in params if is_sharded(p)]
+        if sharded:
+            scaled.backward()
+        else:
+            scaled.backward(inputs=params)  # leave other modules' .grad alone
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        average_gradients(params)  # every rank then holds the same gradients, so the same finiteness
-        if self.grad_clip is not None:
+        average_gradients([p for p in params if not is_sharded(p)])  # every rank: the same gradients, so finiteness
+        if self.grad_clip is not None and not sharded:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
-            norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+            norm = global_grad_norm(params)
+            if self.grad_clip is not None:
+                clip_gradients(params, norm, self.grad_clip)
         if not bool(torch.isfinite(norm)):  # the averaged gradients: every rank decides alike
             overflow = self.scaler is not None and self.scaler.get_scale() > 1.0  # fp16's routine: back off, retry
             if not (overflow or self.skip_nonfinite):
@@ -105,16 +115,35 @@ class GradStep:
         return float(norm)
 
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        """Adam's state; moments of FSDP-sharded parameters gathered to full tensors (a collective then: every rank
+        calls it), so the checkpoint does not depend on the number of processes."""
+        state = self.optimizer.state_dict()
+        return full_tensors(state) if holds_sharded(state) else state
 
     def load_state_dict(self, state: dict) -> None:
         """Load Adam's moments and step counts from `state` but keep this optimiser's hyperparameters (base lr, lr,
         betas, eps, weight decay, ...): they come from the recipe, which a resume may have changed. (torch's own
-        `load_state_dict` would put back the saved ones, so a resumed run would record one lr and use another.)"""
+        `load_state_dict` would put back the saved ones, so a resumed run would record one lr and use another.)
+        Moments of sharded parameters are cut to this rank's shard."""
         configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        state = self.shard_state(state)
         self.optimizer.load_state_dict(state)
         for group, hyperparameters in zip(self.optimizer.param_groups, configured, strict=True):
             group.update(hyperparameters)
+
+    def shard_state(self, state: dict) -> dict:
+        """`state` (a full optimiser state) with each sharded parameter's moments as this rank's shards."""
+        params = self.parameters
+        if not any(is_sharded(p) for p in params) or "state" not in state:
+            return state
+        moments = {}
+        for index, entry in state["state"].items():
+            param = params[int(index)] if int(index) < len(params) else None
+            moments[index] = {
+                k: shard_like(v, param) if param is not None and isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                for k, v in entry.items()
+            }
+        return {**state, "state": moments}
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -135,6 +164,25 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         n = p.grad.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
+
+
+def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all of `params`' gradients together, each FSDP shard counted once (every rank gets the same
+    value; a collective when some gradients are sharded)."""
+    norms = []
+    for p in params:
+        if p.grad is not None:
+            norm = p.grad.detach().float().norm()
+            norms.append(norm.full_tensor() if is_sharded(norm) else norm)
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def clip_gradients(params: list[torch.nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale the gradients so that their global norm `norm` is at most `max_norm` (torch's clip_grad_norm_ rule)."""
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor.to(p.grad.device))
 
 
 def all_mean(x: torch.Tensor) -> torch.Tensor:

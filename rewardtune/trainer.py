@@ -18,11 +18,13 @@ Several processes: every decision the ranks branch on is agreed, and an error on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +49,12 @@ from rewardtune.evaluation import round_metrics
 from rewardtune.modes import eval_mode
 from rewardtune.plugin_failures import PluginOwners
 from rewardtune.precision import autocast
+from rewardtune.sharding import (
+    ShardingPlan,
+    shard_backbone,
+    sharding_plan,
+    swap_parameters,
+)
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,7 @@ class EMA:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for p_ema, p in zip(self.module.parameters(), module.parameters()):
-            if p_ema is not p:
+            if p_ema is not p and p.requires_grad:  # frozen ones are shared (or, under FSDP, equal copies)
                 p_ema.lerp_(p, 1 - decay)
 
 
@@ -204,6 +212,7 @@ class Trainer:
         broadcast_modules(self.modules())
         backbone.eval()  # at rest between phases (see the module docstring); EMA below copies the mode
         self.ema = EMA(backbone, config.ema_decay) if config.ema_decay > 0 else None
+        self.sharded = self.shard(sharding_plan(accelerator))
         for opt in self.optimizers().values():  # fp16 loss scaling and the non-finite policy are the run's
             opt.configure(loss_scaling=config.mixed_precision == "fp16", skip_nonfinite=config.skip_nonfinite,
                           device_type=self.device.type)
@@ -218,6 +227,21 @@ class Trainer:
         # Per-rank streams: data draws on the CPU, rollouts and noise on the accelerator's device.
         self.data_gen = torch.Generator().manual_seed(config.seed * 1000 + self.rank + 1)
         self.train_gen = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.rank + 500)
+
+    def shard(self, plan: ShardingPlan | None) -> bool:
+        """Shard the backbone's network (and the EMA's) under FSDP2 when the launch asked for FSDP with more than one
+        process (`sharding.py`), and point the optimisers at the sharded parameters. Returns whether it sharded."""
+        if plan is None:
+            return False
+        if self.accelerator.num_processes < 2:
+            self.reporter.message("note: FSDP with one process has nothing to shard; the run trains unsharded")
+            return False
+        with agreement.together(Point.INIT, self.device):
+            also = [self.ema.module] if self.ema is not None else []
+            mapping = shard_backbone(self.backbone, plan, self.device, also=also)
+            for opt in self.optimizers().values():
+                swap_parameters(opt.optimizer, mapping)
+        return True
 
     # ---- what is saved -------------------------------------------------------------------------------------------
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -252,13 +276,21 @@ class Trainer:
             return
         with agreement.together(Point.CHECKPOINT_RNG, self.device):
             ckpt.write_rng(root, self.step, self.rank, {"data": self.data_gen.get_state(), "train": self.train_gen.get_state()})
+        with agreement.together(Point.CHECKPOINT_GATHER, self.device):  # sharded tensors: every rank gathers them
+            contents = self.checkpoint_contents() if self.sharded else None
         with agreement.together(Point.CHECKPOINT_COMMIT, self.device):
             if self.is_main:
-                self.commit()
+                self.commit(contents)
         self.saved_step = self.step
 
-    def commit(self) -> None:
-        """The main process's part of `save`: weights, optimisers and trainer state of this step."""
+    def commit(self, contents: tuple[dict, dict] | None = None) -> None:
+        """The main process's part of `save`: weights, optimisers and trainer state of this step (`contents`, when
+        every rank has gathered them already)."""
+        weights, state = contents if contents is not None else self.checkpoint_contents()
+        ckpt.commit_checkpoint(self.checkpoint_root, self.step, weights, state, keep=self.config.keep_checkpoints)
+
+    def checkpoint_contents(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(weights, state) of this step as the checkpoint holds them: full tensors, whatever the sharding."""
         state = {
             "step": self.step,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
@@ -270,7 +302,7 @@ class Trainer:
             "elapsed_s": self.elapsed(),
             "skipped_steps": self.total_skipped_steps(),
         }
-        ckpt.commit_checkpoint(self.checkpoint_root, self.step, self.modules(), state, keep=self.config.keep_checkpoints)
+        return ckpt.flatten_modules(self.modules()), state
 
     def load(self, path: Path) -> None:
         weights, state, rng = ckpt.read_checkpoint(path, self.rank)
@@ -330,10 +362,9 @@ class Trainer:
                 given = {} if self.conditions is None else {"conditions": self.conditions}
                 with self.autocast():
                     metrics = round_metrics(self.evaluator.evaluate(backbone, self.reward, seed, guide, **given))
-                if self.is_main and plot_name and self.eval_config.plot and self.out_dir is not None:
-                    self.evaluator.plot(
-                        backbone, self.reward, self.out_dir / plot_name, seed, title=f"step {self.step}", **given
-                    )
+                if plot_name and self.eval_config.plot and self.out_dir is not None and (self.is_main or self.sharded):
+                    with plot_path(self.out_dir / plot_name, keep=self.is_main) as path:  # sharded: every rank samples
+                        self.evaluator.plot(backbone, self.reward, path, seed, title=f"step {self.step}", **given)
             metrics = agreement.broadcast_from_main(metrics, self.device)
         return metrics
 
@@ -557,20 +588,20 @@ class Trainer:
         return metrics
 
 
-REPLICATED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU", "MULTI_SDAA",
-              "MULTI_NEURON"}
-"""accelerate's distributed types that keep a whole copy of every parameter on each process, as the trainer needs."""
+SUPPORTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU", "MULTI_SDAA",
+             "MULTI_NEURON", "FSDP"}
+"""accelerate's distributed types the trainer runs: data parallel (replicated parameters, gradients averaged in
+`GradStep`) and FSDP (the backbone's network sharded with FSDP2, `sharding.py`)."""
 
 
 def check_distributed_type(accelerator) -> None:
-    """rewardtune keeps every parameter replicated and averages gradients itself (optim.GradStep), so a launch
-    that asks accelerate to shard (FSDP, DeepSpeed, Megatron) would be silently ignored: refuse it in one line."""
+    """Refuse, in one line, a launch whose parallelism the trainer would not apply (DeepSpeed, Megatron-LM, XLA):
+    rewardtune drives its networks through its own `GradStep`s, which those engines replace."""
     kind = getattr(getattr(accelerator, "distributed_type", None), "name", "NO")
-    if kind not in REPLICATED:
+    if kind not in SUPPORTED:
         raise RecipeError(
-            f"accelerate was launched with {kind}, which shards parameters; rewardtune replicates them and averages "
-            "gradients itself (docs/architecture.md, Multiple processes): launch with --multi_gpu (data parallel), and "
-            "fit large models with LoRA, bf16 and gradient checkpointing"
+            f"accelerate was launched with {kind}, which rewardtune does not run: launch data parallel (--multi_gpu) "
+            "or sharded with FSDP2 (recipes/accelerate/fsdp.yaml); docs/architecture.md, Multiple processes"
         )
 
 
@@ -584,6 +615,17 @@ def check_launch_precision(accelerator, mixed_precision: str) -> None:
             f"{mixed_precision!r}: the recipe's is the one applied, so set it (--set train.mixed_precision={launched}) "
             "or launch with --mixed_precision no"
         )
+
+
+@contextlib.contextmanager
+def plot_path(path: Path, *, keep: bool):
+    """`path` itself when `keep`, else the same name in a temporary folder deleted afterwards: a sharded backbone's
+    sampling is a collective, so every rank draws the plot and only the main process keeps it."""
+    if keep:
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        yield Path(folder) / path.name
 
 
 def update_mode_is_train(algorithm) -> bool:

@@ -21,7 +21,7 @@ class Payload:
 
 
 def committed(tmp_path: Path) -> Path:
-    return ckpt.commit_checkpoint(tmp_path, 3, {"net": nn.Linear(2, 2)}, {"step": 3})
+    return ckpt.commit_checkpoint(tmp_path, 3, ckpt.flatten_modules({"net": nn.Linear(2, 2)}), {"step": 3})
 
 
 def test_commit_writes_the_layout_and_latest_last(tmp_path: Path):

@@ -278,13 +278,17 @@ def test_per_condition_advantage_statistics_agree_across_ranks(tmp_path: Path):
 
 
 def test_the_shipped_accelerate_configs_load_and_the_cpu_one_runs(tmp_path: Path):
-    """recipes/accelerate/*.yaml are accelerate config files (data parallel: replicated parameters); the 2-process
-    CPU one runs the tiny recipe with identical parameters on both ranks."""
+    """recipes/accelerate/*.yaml are accelerate config files (data parallel, or FSDP2 for the fsdp*.yaml ones, whose
+    2-process run test_latent.py tests); the 2-process CPU one runs the tiny recipe with identical parameters on both
+    ranks."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     for path in sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")):
         config = load_config_from_file(str(path))
-        assert config.distributed_type.name == "MULTI_GPU" and config.mixed_precision == "no", path.name
+        expected = "FSDP" if path.name.startswith("fsdp") else "MULTI_GPU"
+        assert config.distributed_type.name == expected and config.mixed_precision == "no", path.name
+        if expected == "FSDP":
+            assert config.fsdp_config["fsdp_version"] == 2, path.name
     out = tmp_path / "mp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/multi_cpu.yaml",
                "tests/multiprocess_check.py", "recipes/tiny_8gaussians.toml", str(out), "train.steps=3"]

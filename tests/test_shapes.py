@@ -10,6 +10,10 @@ import pytest
 import torch
 
 import rewardtune.nets.shapes as shapes_nets
+from rewardtune.conditional_evaluation import (
+    conditional_reward_metrics,
+    reward_evaluation_metrics,
+)
 from rewardtune.conditions import Conditions
 from rewardtune.data.shapes import (
     BORDER,
@@ -33,6 +37,8 @@ from rewardtune.data.shapes_prompts import write_prompt_files
 from rewardtune.errors import PluginError, RecipeError
 from rewardtune.metrics.fid import build_feature_extractor, check_feature_extractor
 from rewardtune.registry import DATA, REWARDS
+from rewardtune.rewards.base import Reward
+from rewardtune.rewards.composite import CompositeReward
 from rewardtune.rewards.shapes import (
     ShapesReward,
     detect_objects,
@@ -283,6 +289,32 @@ def test_reward_evaluation_metrics_per_category():
     wrong = Conditions.from_prompts(conditions.prompts, [yellow_triangle.metadata()] * len(scenes))
     assert reward.evaluation_metrics(images, wrong) == {"accuracy": 0.0, "accuracy/single": 0.0}
     assert reward.evaluation_metrics(images) == {}
+
+
+class LearnedZero(Reward):
+    """A learning reward with no metrics of its own (a stand-in for a learned energy)."""
+
+    learns = True
+
+    def forward(self, x, context=None):
+        return x.new_zeros(x.shape[0])
+
+
+def test_a_composite_reports_its_verifier_beside_a_learned_energy():
+    """reward = verifier + learned term: evaluation reports the verifier's accuracies (every term's own metrics, in the
+    term's image range, with the conditions), and no reward_mean, which would move with the learned term."""
+    scenes = [s for category in CATEGORIES for s in all_scenes([category])[:2]]
+    images = render_many(scenes, 16, torch.Generator().manual_seed(0)) * 2 - 1  # samples come in [-1, 1]
+    conditions = Conditions.from_prompts([s.caption() for s in scenes], [s.metadata() for s in scenes])
+    verifier = ShapesReward()
+    composite = CompositeReward({"shapes": (verifier, 1.0), "energy": (LearnedZero(), 1.0)})
+    assert composite.learns and composite.reports_evaluation_metrics and not LearnedZero().reports_evaluation_metrics
+    expected = reward_evaluation_metrics(verifier, images, conditions)
+    assert expected["accuracy"] == 1.0 and composite.evaluation_metrics(images, conditions) == expected
+    assert conditional_reward_metrics(composite, images, conditions) == expected  # no reward_mean
+    assert set(conditional_reward_metrics(verifier, images, conditions)) == {"reward_mean", *expected}
+    twice = CompositeReward({"a": (verifier, 1.0), "b": (ShapesReward(partial=True), 1.0)})
+    assert set(twice.evaluation_metrics(images, conditions)) == {*expected, *(f"b/{k}" for k in expected)}
 
 
 # ---- the feature extractor ------------------------------------------------------------------------------------------

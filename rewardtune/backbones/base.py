@@ -59,6 +59,8 @@ class GaussianChainPolicy(nn.Module):
         output_range: (low, high) that `output` clamps the final state to (images: (-1, 1)); None: x_T as it is.
     """
 
+    network_name = ""  # the attribute that holds the network (a subclass names it; `sharding.py` shards it)
+
     def __init__(
         self,
         sample_shape: tuple[int, ...],

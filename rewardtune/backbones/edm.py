@@ -53,6 +53,8 @@ def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> 
 class EDMChainPolicy(GaussianChainPolicy):
     """A T-step ancestral sampler around an EDM denoiser; see the module docstring."""
 
+    network_name = "network"  # the attribute holding the denoising network (what FSDP shards)
+
     def __init__(
         self,
         network: nn.Module,

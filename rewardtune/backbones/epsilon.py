@@ -55,6 +55,8 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         **policy_kwargs: passed to `GaussianChainPolicy` (learn_sigma, fix_last_sigma, sigma_floor, prior).
     """
 
+    network_name = "eps_net"  # the attribute holding the denoising network (what FSDP shards)
+
     def __init__(
         self,
         eps_net: nn.Module,

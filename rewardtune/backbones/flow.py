@@ -101,6 +101,8 @@ class FlowChainPolicy(GaussianChainPolicy):
             output_range).
     """
 
+    network_name = "velocity_net"  # the attribute holding the denoising network (what FSDP shards)
+
     def __init__(
         self,
         velocity_net: nn.Module,

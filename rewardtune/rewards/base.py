@@ -58,6 +58,12 @@ class Reward(nn.Module):
         called without it)."""
         return {}
 
+    @property
+    def reports_evaluation_metrics(self) -> bool:
+        """Whether this reward has metrics of its own (overrides `evaluation_metrics`): evaluators report them even
+        for a learning reward, whose `reward_mean` they leave out (it moves with the reward)."""
+        return type(self).evaluation_metrics is not Reward.evaluation_metrics
+
     def update(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
         """One training step of a learning reward (data `real` vs sampler output `fake`, both [B, ...]). In a
         conditional run the trainer calls `update(real, fake, real_condition, fake_condition)` with each side's

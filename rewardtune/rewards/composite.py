@@ -127,6 +127,22 @@ class CompositeReward(Reward):
             values = (values - mean) / std
         return (self.weights.to(values.dtype)[:, None] * values).sum(0)  # [B]
 
+    def evaluation_metrics(self, x: torch.Tensor, context=None) -> dict[str, float]:
+        """Every term's own `evaluation_metrics` of `x` (each in the term's image range, with `context` where the term
+        takes it), a key prefixed with its term's name when an earlier term reported it: e.g. the shapes verifier's
+        accuracies beside a learned energy."""
+        from rewardtune.conditional_evaluation import reward_evaluation_metrics
+
+        metrics: dict[str, float] = {}
+        for term_name, term in self.terms.items():
+            for key, value in reward_evaluation_metrics(term, x, context).items():
+                metrics[f"{term_name}/{key}" if key in metrics else key] = value
+        return metrics
+
+    @property
+    def reports_evaluation_metrics(self) -> bool:
+        return any(term.reports_evaluation_metrics for term in self.terms.values())
+
     def update(
         self, real: torch.Tensor, fake: torch.Tensor, real_condition=None, fake_condition=None
     ) -> dict[str, float]:
