@@ -10,9 +10,14 @@ AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device_type: str, mixed_precision: str):
-    """`torch.autocast` for a `train.mixed_precision` setting ("no": a context that changes nothing)."""
+    """`torch.autocast` for a `train.mixed_precision` setting ("no": a context that changes nothing).
+
+    Autocast's cache of low-precision weight copies is off: a training iteration takes several optimiser steps inside
+    one autocast region (the value's T TD steps, the energy's step, then the policy step on the updated value), and a
+    cached copy is not refreshed when its weight changes in place, so every forward after the region's first step
+    would use the weights of before it. FSDP refills its gathered weights in place at every forward too."""
     dtype = AUTOCAST_DTYPES[mixed_precision]
-    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,22 @@ def test_bf16_autocast_keeps_log_probs_states_and_values_in_fp32():
     torch.testing.assert_close(log_prob, exact, rtol=0.05, atol=0.5)  # only the network's bf16 rounding differs
 
 
+def test_a_forward_after_an_optimiser_step_in_the_same_autocast_region_uses_the_new_weights():
+    """An iteration steps the value T times, and the energy, inside one autocast region: with torch's weight cache
+    the forwards after the first step would still use the bf16 copies of the weights from before it."""
+    trainer = tiny("train.mixed_precision=bf16")
+    value, opt = trainer.algorithm.value, trainer.algorithm.optimizers()["value"]
+    x, t = torch.randn(16, 2), torch.full((16,), 3)
+    with trainer.autocast():
+        before = value(x, t)
+        opt.step(before.float().pow(2).mean())
+        after = value(x, t)
+    with trainer.autocast():
+        fresh = value(x, t)  # a new region: no cache either way
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+
+
 def test_a_bf16_run_trains_and_evaluates(tmp_path):
     trainer = tiny("train.mixed_precision=bf16", "train.skip_nonfinite=true")
     trainer.out_dir = None
