@@ -18,8 +18,11 @@ What is written (the network a run samples with: the EMA weights when the run ke
   re-implemented without rewardtune. `sample_exported(DIR, ...)` runs it from the exported folder alone and, for the
   same seed and conditions, gives what `rewardtune sample` gives for the run (to float tolerance).
 
-An sd3 folder's sampler file holds the flow-SDE steps instead (levels s_t, coef_a, coef_b: x_{t+1} = a_t x_t +
-b_t v(x_t, 1000 s_t, c) + sigma_t z_t). Other backbones (`mlp`, `edm`, `flow`, a conditional `ddpm`) have no
+- a `flux` run: a `FluxPipeline` folder, adapters merged (and alone in `DIR/lora`), its scheduler, text encoders
+  and tokenizers the source pipeline's;
+
+An sd3 or flux folder's sampler file holds the flow-SDE steps instead (levels s_t, coef_a, coef_b: x_{t+1} = a_t x_t +
+b_t v(x_t, 1000 s_t, c) + sigma_t z_t; flux's also its guidance_scale). Other backbones (`mlp`, `edm`, `flow`, a conditional `ddpm`) have no
 diffusers pipeline to become: a one-line error.
 """
 
@@ -51,11 +54,12 @@ def export_backbone(backbone, out_dir: Path, *, force: bool = False, mixed_preci
     Raises:
         RecipeError: a backbone that cannot be exported, `out_dir` a file, or a non-empty `out_dir` without `force`.
     """
+    from rewardtune.backbones.flux import FluxPolicy
     from rewardtune.backbones.latent import LatentEpsilonPolicy
     from rewardtune.backbones.sd3 import LatentFlowPolicy
 
     if not isinstance(backbone, EpsilonChainPolicy | LatentFlowPolicy):
-        raise RecipeError(f"export writes sd, sd3 and ddpm runs as diffusers pipelines; this run's backbone is "
+        raise RecipeError(f"export writes sd, sd3, flux and ddpm runs as diffusers pipelines; this run's backbone is "
                           f"{type(backbone).__name__}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -65,8 +69,10 @@ def export_backbone(backbone, out_dir: Path, *, force: bool = False, mixed_preci
             raise RecipeError(f"{out_dir} is not empty; use another --to, or --force to replace it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(backbone, LatentFlowPolicy):
-        written, spec = export_sd3(backbone, out_dir), flow_sampler_spec(backbone)
+    if isinstance(backbone, FluxPolicy):
+        written, spec = export_flux(backbone, out_dir), flow_sampler_spec(backbone, "flux")
+    elif isinstance(backbone, LatentFlowPolicy):
+        written, spec = export_sd3(backbone, out_dir), flow_sampler_spec(backbone, "sd3")
     elif isinstance(backbone, LatentEpsilonPolicy):
         written, spec = export_latent(backbone, out_dir), sampler_spec(backbone, "sd")
     else:
@@ -131,6 +137,22 @@ def export_sd3(backbone, out_dir: Path) -> list[Path]:
     return written
 
 
+def export_flux(backbone, out_dir: Path) -> list[Path]:
+    """The FluxPipeline folder (adapters merged; the source pipeline's scheduler, text encoders and tokenizers) and,
+    for a LoRA run, the adapters in diffusers' format."""
+    from diffusers import FluxPipeline
+
+    written = [out_dir / "model_index.json"]
+    transformer = merged_network(backbone, out_dir, written)
+    source = backbone.prompt_states.pipeline[0]
+    pipeline = FluxPipeline(
+        transformer=transformer, scheduler=source.scheduler, vae=backbone.vae, text_encoder=source.text_encoder,
+        tokenizer=source.tokenizer, text_encoder_2=source.text_encoder_2, tokenizer_2=source.tokenizer_2,
+    )
+    pipeline.save_pretrained(out_dir)
+    return written
+
+
 def export_pixel(backbone: EpsilonChainPolicy, out_dir: Path) -> list[Path]:
     """The DDPMPipeline folder of an unconditional `ddpm` run."""
     from diffusers import DDPMPipeline
@@ -166,13 +188,12 @@ def sampler_spec(backbone: EpsilonChainPolicy, kind: str) -> dict:
     }
 
 
-def flow_sampler_spec(backbone) -> dict:
-    """The sampler of an sd3 backbone as JSON-ready data (the flow SDE's steps; backbones/flow.py)."""
-    return {
+def flow_sampler_spec(backbone, kind: str) -> dict:
+    """The sampler of an sd3 or flux backbone as JSON-ready data (the flow SDE's steps; backbones/flow.py)."""
+    spec = {
         "format": SAMPLER_FORMAT,
-        "backbone": "sd3",
+        "backbone": kind,
         "settings": {"num_steps": backbone.num_steps, "shift": backbone.shift, "noise_level": backbone.noise_level},
-        "use_t5": backbone.prompt_states.pipeline[0].text_encoder_3 is not None,
         "max_sequence_length": backbone.prompt_states.max_sequence_length,
         "cfg_scale": float(backbone.cfg_scale),
         "sample_shape": list(backbone.sample_shape),
@@ -183,6 +204,13 @@ def flow_sampler_spec(backbone) -> dict:
         "update": "x_{t+1} = coef_a[t] x_t + coef_b[t] v(x_t, 1000 levels[t], c) + sigma[t] z_t; v guided at cfg_scale "
                   "with the empty prompt as the unconditional branch",
     }
+    if kind == "sd3":
+        spec["use_t5"] = backbone.prompt_states.pipeline[0].text_encoder_3 is not None
+    else:  # flux: the transformer takes the level itself, its distilled guidance and 2x2-packed latents
+        spec["guidance_scale"] = backbone.guidance_scale
+        spec["update"] += ("; the FLUX transformer is called with levels[t] (not 1000 levels[t]), guidance_scale and "
+                           "the latents packed in 2x2 patches, as FluxPipeline calls it")
+    return spec
 
 
 def read_sampler_spec(out_dir: Path) -> dict:
@@ -215,7 +243,18 @@ def load_exported(out_dir: str | Path, spec: dict | None = None) -> EpsilonChain
     spec = read_sampler_spec(out_dir) if spec is None else spec
     settings, shape, cfg_scale = spec["settings"], tuple(spec["sample_shape"]), spec["cfg_scale"]
     # the latent policies' `conditioning` only says that the network takes prompts (they encode them themselves)
-    if spec["backbone"] == "sd3":
+    if spec["backbone"] == "flux":
+        from rewardtune.backbones.flux import (
+            FluxPolicy,
+            FluxPromptStates,
+            load_flux_pipeline,
+        )
+
+        pipeline = load_flux_pipeline(str(out_dir))
+        policy = FluxPolicy(pipeline.transformer, pipeline.vae, FluxPromptStates(pipeline, spec["max_sequence_length"]),
+                            shape, guidance_scale=spec["guidance_scale"], conditioning=Conditioning(text_dim=1),
+                            cfg_scale=cfg_scale, **settings)
+    elif spec["backbone"] == "sd3":
         from rewardtune.backbones.sd3 import (
             LatentFlowPolicy,
             SD3PromptStates,

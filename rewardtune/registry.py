@@ -160,7 +160,8 @@ BACKBONES = Registry(
     "rewardtune.backbones",
     {"mlp": "rewardtune.backbones.mlp:build_mlp_backbone", "ddpm": "rewardtune.backbones.ddpm:build_ddpm_backbone",
      "edm": "rewardtune.backbones.edm:build_edm_backbone", "flow": "rewardtune.backbones.flow:build_flow_backbone",
-     "sd": "rewardtune.backbones.latent:build_sd_backbone", "sd3": "rewardtune.backbones.sd3:build_sd3_backbone"},
+     "sd": "rewardtune.backbones.latent:build_sd_backbone", "sd3": "rewardtune.backbones.sd3:build_sd3_backbone",
+     "flux": "rewardtune.backbones.flux:build_flux_backbone"},
     instance_of("rewardtune.backbones.base:GaussianChainPolicy", "a GaussianChainPolicy (rewardtune.backbones.base)"),
 )
 VALUES = Registry(

@@ -122,6 +122,50 @@ def write_tiny_sd3_pipeline(path: Path, *, seed: int = 0, shift: float = 3.0) ->
     return path
 
 
+def write_t5_tokenizer(path: Path, max_length: int = 16):
+    """A T5 tokenizer (transformers' tokenizers-backed Unigram) over a few words and the letters, saved to `path`."""
+    import transformers
+
+    words = ["a", "an", "red", "blue", "green", "yellow", "circle", "square", "triangle", "cat", "dog", "photo", "of"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"\u2581{w}", -1.0) for w in words),
+             *((c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz")]
+    tokenizer = transformers.T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(path)
+    return transformers.T5Tokenizer.from_pretrained(path)
+
+
+def write_tiny_flux_pipeline(path: Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A random FLUX.1-layout pipeline folder (`FluxPipeline.save_pretrained`): a CLIP text model, a tiny T5 encoder
+    and tokenizer, a 1+1-layer FluxTransformer2DModel on 4-channel latents packed 2x2 (in_channels 16), a 2x
+    AutoencoderKL, and FLUX.1-dev's dynamically shifting scheduler."""
+    import transformers
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer, config = tiny_tokenizer(path)
+    t5_tokenizer = write_t5_tokenizer(path.parent / f"{path.name}_t5_tokenizer")
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(t5_tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipeline = FluxPipeline(
+        scheduler=scheduler, vae=tiny_vae(scaling_factor=0.36, shift_factor=0.12),
+        text_encoder=transformers.CLIPTextModel(config), tokenizer=tokenizer, text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer, transformer=transformer,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
 def write_tiny_clip_model(path: Path, *, image_size: int = 32, seed: int = 0) -> Path:
     """A random transformers CLIPModel with its tokenizer and CLIPImageProcessor in one folder (PickScore's layout)."""
     import transformers

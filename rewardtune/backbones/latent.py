@@ -213,7 +213,7 @@ def load_component(
     try:
         cls = getattr(__import__(module, fromlist=[name]), name)
     except ImportError:
-        raise PluginError(f"backbone 'sd' needs {module.split('.')[0]}: pip install 'rewardtune[latent]'") from None
+        raise PluginError(f"the {what} needs {module.split('.')[0]}: pip install 'rewardtune[latent]'") from None
     try:
         with quiet_libraries():  # offline, huggingface_hub and diffusers warn and log before failing
             where = {"subfolder": subfolder} if subfolder else {}  # transformers fails on subfolder=None

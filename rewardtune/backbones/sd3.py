@@ -39,43 +39,63 @@ from rewardtune.nets.conditioning import Conditioning, classifier_free_guidance
 from rewardtune.nets.frozen import keep_out_of_checkpoints
 
 
-class SD3PromptStates(nn.Module):
-    """Prompts -> (token states [N, L, D], pooled embeddings [N, P]) of an SD3 pipeline's frozen text encoders,
-    through the pipeline's `encode_prompt`, cached per prompt.
+class PipelinePromptStates(nn.Module):
+    """Prompts -> (token states [N, L, D], pooled embeddings [N, P]) of a pipeline's frozen text encoders, through
+    the pipeline's own `encode_prompt` (`encode`, per subclass), cached per prompt.
 
     Args:
-        pipeline: a `StableDiffusion3Pipeline` holding the text encoders, tokenizers and transformer (its config
-            sizes the T5 stand-in when T5 is absent).
-        max_sequence_length: T5's token length (256 for SD3).
+        pipeline: the diffusers pipeline holding the text encoders and tokenizers (not a submodule: its
+            transformer is the policy's network).
+        encoder_names: the pipeline attributes that hold its text encoders (absent ones skipped).
+        max_sequence_length: T5's token length.
     """
 
-    def __init__(self, pipeline, max_sequence_length: int = 256) -> None:
+    def __init__(self, pipeline, encoder_names: Sequence[str], max_sequence_length: int) -> None:
         super().__init__()
-        self.encoders = nn.ModuleDict({
-            name: getattr(pipeline, name).eval().requires_grad_(False)
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipeline, name, None) is not None
-        })
-        self.pipeline = [pipeline]  # not a submodule: its transformer is the policy's network
+        self.encoders = nn.ModuleDict({name: getattr(pipeline, name).eval().requires_grad_(False)
+                                       for name in encoder_names if getattr(pipeline, name, None) is not None})
+        self.pipeline = [pipeline]
         self.max_sequence_length = max_sequence_length
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         keep_out_of_checkpoints(self, "encoders")
 
-    def train(self, mode: bool = True) -> SD3PromptStates:
+    def train(self, mode: bool = True) -> PipelinePromptStates:
         return super().train(False)  # frozen: always in eval mode
+
+    def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states [N, L, D], pooled [N, P]) of `prompts` from the pipeline's `encode_prompt`."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.encoders.parameters()).device
         new = sorted({p for p in prompts if p not in self.cache})
         if new:
-            states, _, pooled, _ = self.pipeline[0].encode_prompt(
-                new, None, None, device=device, do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
+            states, pooled = self.encode(new, device)
             for prompt, state, pool in zip(new, states, pooled):
                 self.cache[prompt] = (state.float().cpu(), pool.float().cpu())
         states = torch.stack([self.cache[p][0] for p in prompts]).to(device)
         pooled = torch.stack([self.cache[p][1] for p in prompts]).to(device)
+        return states, pooled
+
+
+class SD3PromptStates(PipelinePromptStates):
+    """An SD3 pipeline's prompt states: CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width,
+    then T5's (zeros without T5); the two pooled projections concatenated.
+
+    Args:
+        pipeline: a `StableDiffusion3Pipeline` (its config sizes the T5 stand-in when T5 is absent).
+        max_sequence_length: T5's token length (256 for SD3).
+    """
+
+    def __init__(self, pipeline, max_sequence_length: int = 256) -> None:
+        super().__init__(pipeline, ("text_encoder", "text_encoder_2", "text_encoder_3"), max_sequence_length)
+
+    def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        states, _, pooled, _ = self.pipeline[0].encode_prompt(
+            prompts, None, None, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
         return states, pooled
 
 
