@@ -1,6 +1,7 @@
 """Evaluators: the metrics of a run, computed from a backbone (and its reward), plus the pictures people look at.
 
-`ToyEvaluator` (2D data): sliced Wasserstein-2 between model samples and fresh data, repeated (mean and std), and,
+`ToyEvaluator` (2D data): sliced Wasserstein-2 between model samples and fresh data, repeated (mean and std), the
+fraction of modes covered for a Gaussian mixture (`mode_coverage`: >= 1% of the samples within 2 sigma), and,
 when the reward is an energy, the AUC of the energy for data against uniform noise; for a reward that does not
 learn, its mean over the samples. Its plot is the paper's Figure 2: samples over the energy heat map.
 """
@@ -21,6 +22,7 @@ from rewardtune.conditional_evaluation import (
 )
 from rewardtune.conditions import Conditions
 from rewardtune.metrics.auc import energy_auc, uniform_box
+from rewardtune.metrics.modes import mode_coverage
 from rewardtune.metrics.sliced_wasserstein import sliced_wasserstein
 from rewardtune.precision import at_least_fp32
 from rewardtune.rewards.base import Reward, check_reward_output, reward_name
@@ -28,8 +30,9 @@ from rewardtune.rewards.base import Reward, check_reward_output, reward_name
 
 @dataclass
 class ToyEvaluator:
-    """Metrics `sliced_wasserstein`, `sliced_wasserstein_std`, with an energy `energy_auc`, and with a reward that does
-    not learn `reward_mean` and the reward's own `evaluation_metrics`.
+    """Metrics `sliced_wasserstein`, `sliced_wasserstein_std`, for a Gaussian-mixture data source `mode_coverage` (of
+    the last repeat's samples), with an energy `energy_auc`, and with a reward that does not learn `reward_mean` and the
+    reward's own `evaluation_metrics`.
 
     Args:
         data: the data source (`sample(n, generator)` and `sample_shape`).
@@ -75,6 +78,8 @@ class ToyEvaluator:
             "sliced_wasserstein": float(sw.mean()),
             "sliced_wasserstein_std": float(sw.std(unbiased=False)) if len(sws) > 1 else 0.0,
         }
+        if hasattr(self.data, "centers") and hasattr(self.data, "mode_std"):  # a Gaussian mixture: modes covered
+            metrics["mode_coverage"] = mode_coverage(fake, self.data.centers, self.data.mode_std)
         if condition is not None and condition.labels is not None and hasattr(self.data, "classify"):
             metrics.update(class_accuracy(self.data.classify(fake), condition))
         if reward is not None and getattr(reward, "learns", False):
@@ -90,6 +95,8 @@ class ToyEvaluator:
     def metric_names(self, reward: Reward | None) -> set[str]:
         """The names `evaluate` reports with `reward` (checked against `eval.keep_best` before training)."""
         names = {"sliced_wasserstein", "sliced_wasserstein_std"}
+        if hasattr(self.data, "centers") and hasattr(self.data, "mode_std"):
+            names.add("mode_coverage")
         if reward is not None and getattr(reward, "learns", False):
             names.add("energy_auc")
         elif reward is not None:  # a reward's own evaluation_metrics are named by calling it on a few data points

@@ -211,6 +211,9 @@ DATA = Registry(
     "rewardtune.data",
     {
         "8gaussians": "rewardtune.data.toy:build_eight_gaussians",
+        "25gaussians": "rewardtune.data.toy:build_twenty_five_gaussians",
+        "pinwheel": "rewardtune.data.toy:build_pinwheel",
+        "swissroll": "rewardtune.data.toy:build_swiss_roll",
         "digits": "rewardtune.data.images:build_digits",
         "cifar10": "rewardtune.data.images:build_cifar10",
         "image_folder": "rewardtune.data.images:build_image_folder",

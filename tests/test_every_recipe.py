@@ -35,6 +35,7 @@ COVERED_ELSEWHERE = {
     "sd15_aesthetic.toml": "test_latent.py::test_the_sd15_recipes_run_with_local_stand_ins",
     "sd15_clip.toml": "test_latent.py::test_the_sd15_recipes_run_with_local_stand_ins",
     "sd3_clip.toml": "test_sd3.py::test_the_sd3_recipe_runs_with_local_stand_ins",
+    "flux_clip.toml": "test_flux.py::test_the_flux_recipe_runs_with_local_stand_ins",
 }
 TINY = ["--set", "train.batch_size=4", "--set", "train.eval_every=2", "--set", "train.log_every=1", "--set", "eval.num_samples=16",
         "--set", "value.channels=8"]
