@@ -3,6 +3,7 @@ shared notes dxmi-official-code-facts.md) and the policy built on it."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rewardtune.backbones.schedules import (
@@ -46,3 +47,79 @@ def test_continuous_timestep_inverts_alpha_bar_at_integers():
     k = torch.tensor([0, 1, 57, 500, 998], dtype=torch.float64)
     # exact at integer steps up to float64 rounding of the linear interpolation
     torch.testing.assert_close(continuous_timestep(AC[k.long()], AC), k, rtol=0, atol=1e-9)
+
+
+# ---- the VP-SDE discretisation of DDGAN / DDAEBM --------------------------------------------------------------------
+def test_vp_sde_levels_follow_the_closed_form_marginals():
+    """alpha_bar_k = prod (1 - beta_i) equals exp(-t'^2 (b_max - b_min) / 2 - t' b_min) at t'_k = eps + (1 - eps) k / T,
+    and beta_0 is the variance of level 0 itself."""
+    import math
+
+    from rewardtune.backbones.schedules import vp_sde_schedule, vp_sde_times
+
+    for beta_min, beta_max, steps in ((0.1, 20.0, 4), (0.01, 0.1, 4), (0.1, 20.0, 1), (0.1, 20.0, 8)):
+        schedule = vp_sde_schedule(steps, beta_min, beta_max)
+        times = vp_sde_times(steps)
+        assert schedule.num_steps == steps and math.isclose(float(times[0]), 1e-3) and float(times[-1]) == 1.0
+        closed = torch.exp(-0.5 * times**2 * (beta_max - beta_min) - times * beta_min)
+        torch.testing.assert_close(schedule.alpha_bars, closed, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(schedule.betas[0], 1 - closed[0])
+    # CIFAR-10, T = 4: the last level is almost pure noise
+    assert float(vp_sde_schedule(4).alpha_bars[-1]) < 1e-4
+    lsun = vp_sde_times(4, spacing="lsun")  # k floor(500 / (T - 1)) / 999, then 1
+    torch.testing.assert_close(lsun, torch.tensor([0.0, 166 / 999, 332 / 999, 498 / 999, 1.0], dtype=torch.float64))
+    clamped = vp_sde_schedule(4, spacing="lsun", max_beta=0.999)
+    assert float(clamped.betas.max()) <= 0.999
+    torch.testing.assert_close(clamped.alpha_bars, torch.cumprod(1 - clamped.betas, 0))
+
+
+def test_the_posterior_is_the_gaussian_conditional_and_diffusers_ddpm_step():
+    """q(x_{k-1} | x_k, x_0) from Gaussian conditioning of the joint (x_{k-1}, x_k | x_0), and the same coefficients
+    as diffusers' DDPMScheduler on that schedule."""
+    from diffusers import DDPMScheduler
+
+    from rewardtune.backbones.schedules import ddpm_posterior, vp_sde_schedule
+
+    schedule = vp_sde_schedule(4)
+    posterior = ddpm_posterior(schedule)
+    betas = schedule.betas[1:]
+    abar = torch.cumprod(1 - betas, 0)
+    for k in range(1, 5):
+        prev = abar[k - 2] if k > 1 else torch.tensor(1.0, dtype=torch.float64)
+        # x_{k-1} = sqrt(prev) x0 + sqrt(1 - prev) e1;  x_k = sqrt(1 - b_k) x_{k-1} + sqrt(b_k) e2
+        cov = (1 - betas[k - 1]).sqrt() * (1 - prev)  # Cov(x_{k-1}, x_k | x0)
+        var_k = 1 - abar[k - 1]
+        coef_xk = cov / var_k
+        coef_x0 = prev.sqrt() - coef_xk * abar[k - 1].sqrt()
+        variance = (1 - prev) - cov**2 / var_k
+        torch.testing.assert_close(posterior.coef_xk[k], coef_xk)
+        torch.testing.assert_close(posterior.coef_x0[k], coef_x0)
+        torch.testing.assert_close(posterior.variance[k], variance.clamp_min(0), atol=1e-12, rtol=1e-9)
+    scheduler = DDPMScheduler(num_train_timesteps=4, trained_betas=betas.tolist(), clip_sample=False,
+                              prediction_type="sample")  # the network predicts x_0, as DDAEBM's generator does
+    scheduler.set_timesteps(4)
+    x0, xk = torch.randn(3, 2), torch.randn(3, 2)
+    for k in range(1, 5):  # diffusers' 0-based step k - 1 is the transition x_k -> x_{k-1}
+        got = scheduler.step(x0, k - 1, xk, generator=torch.Generator().manual_seed(k)).prev_sample
+        noise = torch.randn(xk.shape, generator=torch.Generator().manual_seed(k)) if k > 1 else torch.zeros_like(xk)
+        expected = (posterior.coef_x0[k] * x0.double() + posterior.coef_xk[k] * xk.double()
+                    + posterior.variance[k].sqrt() * noise.double())
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_pairs_have_the_forward_process_moments():
+    from rewardtune.backbones.schedules import forward_pairs, vp_sde_schedule
+
+    schedule = vp_sde_schedule(4)
+    x = torch.full((200000, 1), 0.8, dtype=torch.float64)
+    levels = torch.full((200000,), 3)
+    previous, current = forward_pairs(x, levels, schedule, torch.Generator().manual_seed(0))
+    abar = schedule.alpha_bars
+    assert abs(float(previous.mean()) - 0.8 * float(abar[2].sqrt())) < 0.01
+    assert abs(float(previous.var()) - float(1 - abar[2])) < 0.01
+    assert abs(float(current.mean()) - 0.8 * float(abar[3].sqrt())) < 0.01  # the pair's second is level k's marginal
+    assert abs(float(current.var()) - float(1 - abar[3])) < 0.01
+    residual = current - (1 - schedule.betas[3]).sqrt() * previous  # x_k | x_{k-1}: the step's own noise
+    assert abs(float(residual.var()) - float(schedule.betas[3])) < 0.01
+    with pytest.raises(ValueError):
+        forward_pairs(x[:2], torch.tensor([0, 1]), schedule)

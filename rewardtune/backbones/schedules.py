@@ -4,6 +4,8 @@
 - `strided_timesteps`: a plain strided ("trailing") sub-sequence of T DDPM steps that starts from pure noise (k = K-1).
 - `ddim_transition`: the coefficients of one DDIM (eta = 1, i.e. ancestral/posterior-variance) step between two noise
   levels, written in the policy form x_{t+1} = a_t x_t + c_t eps(x_t) + sigma_t z of the DxMI paper's Eq. (1).
+- `vp_sde_schedule`, `forward_pairs`, `ddpm_posterior`: the few-step VP-SDE discretisation of DDGAN / DDAEBM (DDAEBM
+  Eqs. 47-48), teacher-forced pairs (x_{k-1}, x_k) from data, and the DDPM posterior q(x_{k-1} | x_k, x_0).
 """
 
 from __future__ import annotations
@@ -151,3 +153,115 @@ def ancestral_split(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sigma_up = torch.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
     sigma_down = torch.sqrt(s_to**2 - sigma_up**2)
     return sigma_up, sigma_down
+
+
+# ---- the VP-SDE few-step discretisation of DDGAN / DDAEBM ------------------------------------------------------------
+# Levels k = 0..T count from (near-)data to noise, as in the papers (x_0 data, x_T noise); a policy that runs from
+# noise to data (rewardtune's sampler time t = 0..T) takes level k = T - t.
+
+
+def vp_sde_variance(t: torch.Tensor, beta_min: float, beta_max: float) -> torch.Tensor:
+    """The VP-SDE's marginal variance 1 - exp(-t^2 (beta_max - beta_min) / 2 - t beta_min) at continuous times t in
+    [0, 1] (DDAEBM Eq. 47; DDGAN's `var_func_vp`), float64."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    log_mean_coeff = -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
+    return 1.0 - torch.exp(2.0 * log_mean_coeff)
+
+
+def vp_sde_times(num_steps: int, *, eps_small: float = 1e-3, spacing: str = "uniform") -> torch.Tensor:
+    """The T + 1 continuous times t'_k, k = 0..T, of the discretisation (DDAEBM Eq. 48), float64.
+
+    "uniform": t'_k = eps + (1 - eps) k / T (the CIFAR-10 / CelebA / toy code). "lsun": t'_k = k floor(500 / (T - 1)) /
+    999 for k < T and t'_T = 1 (no eps; the LSUN code's spacing, which stops the first T levels at about t' = 0.5).
+
+    Raises:
+        ValueError: T < 1 (or < 2 for "lsun"), an unknown spacing, eps_small outside [0, 1).
+    """
+    if num_steps < 1 or (spacing == "lsun" and num_steps < 2):
+        raise ValueError(f"num_steps must be >= {2 if spacing == 'lsun' else 1}, got {num_steps}")
+    if spacing == "uniform":
+        if not 0.0 <= eps_small < 1.0:
+            raise ValueError(f"eps_small must be in [0, 1), got {eps_small}")
+        return torch.arange(num_steps + 1, dtype=torch.float64) / num_steps * (1.0 - eps_small) + eps_small
+    if spacing == "lsun":
+        stride = 1000 // ((num_steps - 1) * 2)
+        ticks = torch.cat([torch.arange(num_steps, dtype=torch.float64) * stride, torch.tensor([999.0], dtype=torch.float64)])
+        return ticks / 999.0
+    raise ValueError(f"unknown spacing {spacing!r}: expected 'uniform' or 'lsun'")
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """A T-level VP-SDE discretisation (float64 tensors).
+
+    `betas` [T + 1]: betas[0] = the variance of level 0 itself (data noised to t'_0 = eps: DDAEBM's x_0 is that, not
+    the clean data) and betas[k] = 1 - alpha_bar_k / alpha_bar_{k-1}; `alpha_bars` [T + 1] = 1 - vp_sde_variance(t'_k),
+    so x_k | data ~ N(sqrt(alpha_bar_k) data, (1 - alpha_bar_k) I) and x_k | x_{k-1} ~ N(sqrt(1 - beta_k) x_{k-1},
+    beta_k I)."""
+
+    betas: torch.Tensor
+    alpha_bars: torch.Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return self.betas.shape[0] - 1
+
+
+def vp_sde_schedule(num_steps: int, beta_min: float = 0.1, beta_max: float = 20.0, *, eps_small: float = 1e-3,
+                    spacing: str = "uniform", max_beta: float | None = None) -> VPSchedule:
+    """The few-step VP-SDE schedule of DDGAN / DDAEBM (`VPSchedule`), from (beta_min, beta_max, T) (defaults: the
+    CIFAR-10 settings 0.1, 20; `vp_sde_times` for `eps_small` and `spacing`). `max_beta` clamps the per-step betas (the
+    image code's 0.999), after which alpha_bars are recomputed as their cumulative product.
+
+    Raises:
+        ValueError: beta_min < 0, beta_max < beta_min, or a bad `vp_sde_times` argument.
+    """
+    if beta_min < 0 or beta_max < beta_min:
+        raise ValueError(f"need 0 <= beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+    variance = vp_sde_variance(vp_sde_times(num_steps, eps_small=eps_small, spacing=spacing), beta_min, beta_max)
+    alpha_bars = 1.0 - variance
+    betas = torch.cat([variance[:1], 1.0 - alpha_bars[1:] / alpha_bars[:-1]])
+    if max_beta is not None:
+        betas = betas.clamp(max=max_beta)
+    return VPSchedule(betas=betas, alpha_bars=torch.cumprod(1.0 - betas, dim=0))
+
+
+def forward_pairs(x: torch.Tensor, levels: torch.Tensor, schedule: VPSchedule, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced pairs (x_{k-1}, x_k) from data x [B, ...] for levels k [B] in 1..T: x_{k-1} drawn from
+    q(x_{k-1} | data) and x_k from q(x_k | x_{k-1}) (DDGAN's `q_sample_pairs`). Returns two tensors like x."""
+    if bool((levels < 1).any()) or bool((levels > schedule.num_steps).any()):
+        raise ValueError(f"levels must be in 1..{schedule.num_steps}")
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    alpha_bar = schedule.alpha_bars.to(x.device)[levels - 1].view(shape).to(x.dtype)
+    beta = schedule.betas.to(x.device)[levels].view(shape).to(x.dtype)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    previous = alpha_bar.sqrt() * x + (1 - alpha_bar).sqrt() * noise
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return previous, (1 - beta).sqrt() * previous + beta.sqrt() * noise
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """q(x_{k-1} | x_k, x_0) = N(coef_x0[k] x_0 + coef_xk[k] x_k, variance[k] I) for k = 1..T (index 0 unused: zeros),
+    float64 [T + 1]."""
+
+    coef_x0: torch.Tensor
+    coef_xk: torch.Tensor
+    variance: torch.Tensor
+
+
+def ddpm_posterior(schedule: VPSchedule) -> Posterior:
+    """The DDPM posterior (Ho et al. 2020, Eqs. 6-7) of `schedule`'s levels 1..T relative to x_0 = level 0 (DDGAN's
+    `Posterior_Coefficients`: the cumulative products restart after beta_0, whose noise is x_0's own):
+    coef_x0 = beta_k sqrt(abar_{k-1}) / (1 - abar_k), coef_xk = (1 - abar_{k-1}) sqrt(1 - beta_k) / (1 - abar_k),
+    variance = beta_k (1 - abar_{k-1}) / (1 - abar_k), with abar_k = prod_{i=1..k} (1 - beta_i) (abar_0 = 1)."""
+    betas = schedule.betas[1:]
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    zero = torch.zeros(1, dtype=torch.float64)
+    return Posterior(
+        coef_x0=torch.cat([zero, betas * abar_prev.sqrt() / (1 - abar)]),
+        coef_xk=torch.cat([zero, (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)]),
+        variance=torch.cat([zero, betas * (1 - abar_prev) / (1 - abar)]),
+    )
