@@ -8,8 +8,8 @@ environment). `shard_backbone` then applies `fully_shard` bottom-up to the block
 `fsdp_transformer_layer_cls_to_wrap`, or the backbone's `shard_blocks` when the config names none) and to the network
 itself, over a one-dimensional device mesh of all processes.
 
-What is sharded: the backbone's denoising network (the module its `network_name` names: a UNet, an SD3 transformer, an MLP), and the
-EMA's copy of it. The value, the reward, frozen text encoders and VAEs, and a full fine-tuning run's frozen KL
+What is sharded: the backbone's denoising network (the module its `network_name` names: a UNet, an SD3 or FLUX
+transformer, an MLP), and the EMA's copy of it. The value, the reward, frozen text encoders and VAEs, and a full fine-tuning run's frozen KL
 reference stay replicated (they are small, or frozen and not stepped). What changes for the rest of the trainer:
 
 - `GradStep` lets FSDP reduce-scatter (average) the sharded gradients and all-reduces only the replicated ones;
@@ -19,8 +19,8 @@ reference stay replicated (they are small, or frozen and not stepped). What chan
   replicated run's, loads in one process (`rewardtune sample`, `export`) and resumes at any world size; on load each
   rank keeps its own shard of the full tensors (`shard_like`).
 
-FSDP1 (`fsdp_version: 1`) and accelerate's FSDP activation checkpointing are refused in one line: use
-`fsdp_version: 2` and the backbone's own `gradient_checkpointing`.
+FSDP1 (`fsdp_version: 1`), accelerate's FSDP activation checkpointing and size-based wrapping are refused in one line:
+use `fsdp_version: 2`, the backbone's own `gradient_checkpointing`, and block-class wrapping.
 """
 
 from __future__ import annotations
@@ -95,14 +95,15 @@ def sharding_plan(accelerator) -> ShardingPlan | None:
 
 def shard_backbone(backbone: nn.Module, plan: ShardingPlan, device: torch.device,
                    *, also: Iterable[nn.Module] = ()) -> dict[int, nn.Parameter]:
-    """Shard `backbone.network` (and the same network of each module in `also`, e.g. the EMA's backbone) in place.
+    """Shard the network `backbone.network_name` names (and the same network of each module in `also`, e.g. the EMA's
+    backbone) in place.
 
     Returns:
         {id(parameter before): parameter after} for every parameter `fully_shard` replaced, to update optimisers that
         were built on the unsharded parameters (`swap_parameters`).
 
     Raises:
-        RecipeError: the backbone has no `network` to shard, or the named block classes occur nowhere in it."""
+        RecipeError: the backbone names no network to shard, or the named block classes occur nowhere in it."""
     from torch.distributed.device_mesh import init_device_mesh
 
     units = [shard_units(owner, plan, backbone) for owner in (backbone, *also)]  # every check before any sharding
