@@ -22,6 +22,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import shutil
 import signal
 import tempfile
@@ -598,6 +599,9 @@ def check_distributed_type(accelerator) -> None:
     """Refuse, in one line, a launch whose parallelism the trainer would not apply (DeepSpeed, Megatron-LM, XLA):
     rewardtune drives its networks through its own `GradStep`s, which those engines replace."""
     kind = getattr(getattr(accelerator, "distributed_type", None), "name", "NO")
+    for engine in ("DEEPSPEED", "MEGATRON_LM"):  # CPU processes keep the request only in the environment
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
+            kind = engine
     if kind not in SUPPORTED:
         raise RecipeError(
             f"accelerate was launched with {kind}, which rewardtune does not run: launch data parallel (--multi_gpu) "

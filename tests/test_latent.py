@@ -407,6 +407,23 @@ def test_a_launch_the_trainer_would_not_apply_is_refused_in_one_line(kind):
         check_distributed_type(SimpleNamespace(distributed_type=DistributedType[supported]))
 
 
+@pytest.mark.parametrize("engine", ["DEEPSPEED", "MEGATRON_LM"])
+def test_an_engine_asked_for_only_in_the_environment_is_refused_too(engine, monkeypatch):
+    """On CPU processes accelerate leaves the distributed type MULTI_CPU and the request in ACCELERATE_USE_<engine>
+    (as it does for FSDP, which sharding.py reads): refused, not run data parallel in silence."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rewardtune.trainer import check_distributed_type
+
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+    with pytest.raises(RecipeError, match=f"launched with {engine}, which rewardtune does not run"):
+        check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "false")
+    check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
 def test_two_processes_train_an_sd_lora_recipe_sharded_as_they_do_data_parallel(sd_dir, tmp_path):
     """`accelerate launch --config_file recipes/accelerate/fsdp.yaml` with 2 CPU processes on the tiny LoRA recipe
     (tests/sharding_check.py): the UNet's blocks and the EMA's are sharded (each rank holds half of them); after 3

@@ -37,18 +37,27 @@ def test_bf16_autocast_keeps_log_probs_states_and_values_in_fp32():
     torch.testing.assert_close(log_prob, exact, rtol=0.05, atol=0.5)  # only the network's bf16 rounding differs
 
 
-def test_a_forward_after_an_optimiser_step_in_the_same_autocast_region_uses_the_new_weights():
-    """An iteration steps the value T times, and the energy, inside one autocast region: with torch's weight cache
-    the forwards after the first step would still use the bf16 copies of the weights from before it."""
-    trainer = tiny("train.mixed_precision=bf16")
-    value, opt = trainer.algorithm.value, trainer.algorithm.optimizers()["value"]
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("module", ["value", "backbone", "energy"])
+def test_a_forward_after_an_optimiser_step_in_the_same_autocast_region_uses_the_new_weights(precision, module):
+    """An iteration steps the value T times, the energy, and the sampler inside one autocast region: with torch's
+    weight cache the forwards after a step would still use the low-precision copies of the weights from before it.
+    Each network, each low precision."""
+    trainer = tiny(f"train.mixed_precision={precision}")
     x, t = torch.randn(16, 2), torch.full((16,), 3)
+    if module == "value":
+        net, opt = (lambda: trainer.algorithm.value(x, t)), trainer.algorithm.optimizers()["value"]
+    elif module == "backbone":
+        net, opt = (lambda: trainer.backbone.eps_net(x, t.float())), trainer.algorithm.optimizers()["sampler"]
+    else:  # the energy is the value at time T here (shared network), called through the reward
+        net, opt = (lambda: -trainer.reward.cost(x)), trainer.algorithm.optimizers()["value"]
+    opt.configure(loss_scaling=False)
     with trainer.autocast():
-        before = value(x, t)
+        before = net()
         opt.step(before.float().pow(2).mean())
-        after = value(x, t)
+        after = net()
     with trainer.autocast():
-        fresh = value(x, t)  # a new region: no cache either way
+        fresh = net()  # a new region: no cache either way
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
 
