@@ -135,6 +135,7 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
         check_shared_energy(context["reward"], context["value"], backbone, data)
     algorithm = call_factory("algorithm", plugins["algorithm"], context, owners)
     check_data_needed(data, context["reward"], algorithm)
+    check_reward_trainer(context["reward"], algorithm, plugins)
     if supply is not None:
         check_metadata(supply, context["reward"])
         check_conditional(plugins, context, algorithm)
@@ -170,6 +171,16 @@ def check_data_needed(data, reward, algorithm) -> None:
         raise RecipeError("[reward] learns from data against the samples, but [data] kind = \"none\" has no data")
     if not algorithm.needs_rollout:
         raise RecipeError(f"[algorithm] {type(algorithm).__name__} trains on data, but [data] kind = \"none\" has none")
+
+
+def check_reward_trainer(reward, algorithm, plugins: dict) -> None:
+    """A learning reward that no rollout update trains (`trained_by_algorithm`, the `time_energy` of DDAEBM) needs an
+    algorithm that steps it (`trains_reward`); with any other it would never learn."""
+    if getattr(reward, "trained_by_algorithm", False) and not getattr(algorithm, "trains_reward", False):
+        raise RecipeError(
+            f"[reward] kind {plugins['reward'].kind!r} is trained by its algorithm (teacher-forced pairs), which "
+            f"[algorithm] kind {plugins['algorithm'].kind!r} does not do: use [algorithm] kind = \"ddaebm\""
+        )
 
 
 def check_data_conditions(data, reward, algorithm) -> None:

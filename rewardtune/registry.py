@@ -161,7 +161,8 @@ BACKBONES = Registry(
     {"mlp": "rewardtune.backbones.mlp:build_mlp_backbone", "ddpm": "rewardtune.backbones.ddpm:build_ddpm_backbone",
      "edm": "rewardtune.backbones.edm:build_edm_backbone", "flow": "rewardtune.backbones.flow:build_flow_backbone",
      "sd": "rewardtune.backbones.latent:build_sd_backbone", "sd3": "rewardtune.backbones.sd3:build_sd3_backbone",
-     "flux": "rewardtune.backbones.flux:build_flux_backbone"},
+     "flux": "rewardtune.backbones.flux:build_flux_backbone",
+     "posterior_sampling": "rewardtune.backbones.posterior:build_posterior_sampling_backbone"},
     instance_of("rewardtune.backbones.base:GaussianChainPolicy", "a GaussianChainPolicy (rewardtune.backbones.base)"),
 )
 VALUES = Registry(
@@ -188,6 +189,7 @@ REWARDS = Registry(
         "teacher": "rewardtune.rewards.teacher:build_teacher_reward",
         "shapes": "rewardtune.rewards.shapes:build_shapes_reward",
         "pickscore": "rewardtune.rewards.pickscore:build_pickscore_reward",
+        "time_energy": "rewardtune.rewards.time_energy:build_time_energy_reward",
     },
     instance_of("rewardtune.rewards.base:Reward", "a Reward (a subclass of rewardtune.rewards.base.Reward; docs/plugins.md)"),
 )
@@ -200,6 +202,7 @@ ALGORITHMS = Registry(
         "flow_matching": "rewardtune.algorithms.flow_matching:build_flow_matching",
         "policy_gradient": "rewardtune.algorithms.policy_gradient:build_policy_gradient",
         "distill": "rewardtune.algorithms.distill:build_distill",
+        "ddaebm": "rewardtune.algorithms.ddaebm:build_ddaebm",
     },
     has_members(
         "needs_rollout", "update", "modules", "optimizers", "state_dict", "load_state_dict",
