@@ -147,7 +147,7 @@ class ToyEvaluator:
             image = ax.imshow(
                 self.energy_grid(backbone, reward).numpy(), extent=(-w, w, -w, w), origin="lower", cmap="Reds", alpha=0.9
             )
-            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="energy E(x) (white: low)")
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=getattr(reward, "cost_label", COST_LABEL))
         else:
             real = self.data.sample(PLOT_SAMPLES, cpu_gen).numpy()
             ax.scatter(real[:, 0], real[:, 1], s=2, c="tab:gray", alpha=0.4, label="data")
@@ -178,6 +178,7 @@ class ToyEvaluator:
 
 
 PLOT_SAMPLES = 2000  # samples in a ToyEvaluator plot
+COST_LABEL = "energy E(x) (white: low)"  # the heat map's colour bar: the cost a learned energy gives (DxMI's E)
 REWARD_SAMPLES = 2000  # samples whose mean reward is `reward_mean`
 
 

@@ -139,3 +139,13 @@ def test_processes_building_the_digits_classifier_cache_together_all_succeed(tmp
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     assert [p.name for p in tmp_path.iterdir()] == ["digits_classifier.safetensors"]
+
+
+def test_the_digits_splits_partition_the_digits_as_the_classifier_does():
+    from rewardtune.nets.digits import TRAIN_COUNT
+
+    every, train, test = (build_digits(split=s) for s in ("all", "train", "test"))
+    assert len(train.images) == TRAIN_COUNT and len(train.images) + len(test.images) == len(every.images)
+    assert torch.equal(torch.cat([train.images, test.images]), every.images)
+    with pytest.raises(ValueError, match="unknown digits split"):
+        build_digits(split="validation")

@@ -81,12 +81,23 @@ def load_digits_images() -> torch.Tensor:
     return (pixels / 16.0 * 2 - 1).unsqueeze(1)
 
 
-def build_digits(*, hflip: bool = False, digit: int | None = None) -> TensorImages:
-    """Data `digits`: sklearn's 8x8 digits (optionally one class only)."""
+def build_digits(*, hflip: bool = False, digit: int | None = None, split: str = "all") -> TensorImages:
+    """Data `digits`: sklearn's 8x8 digits (optionally one class only). `split`: "all" 1,797 images, "train" the
+    first 1,500, "test" the other 297 (the digits classifier's split, `nets/digits.py: TRAIN_COUNT`).
+
+    Raises:
+        ValueError: a digit outside 0..9, an unknown split.
+    """
     from sklearn.datasets import load_digits
+
+    from rewardtune.nets.digits import TRAIN_COUNT
 
     images = load_digits_images()
     labels = torch.from_numpy(load_digits().target).long()
+    parts = {"all": slice(None), "train": slice(None, TRAIN_COUNT), "test": slice(TRAIN_COUNT, None)}
+    if split not in parts:
+        raise ValueError(f"unknown digits split {split!r}: expected \"all\", \"train\" or \"test\"")
+    images, labels = images[parts[split]], labels[parts[split]]
     if digit is not None:
         if not 0 <= digit <= 9:
             raise ValueError(f"digit must be in 0..9, got {digit}")

@@ -80,6 +80,7 @@ class TimeEnergy(Reward):
     name: ClassVar[str] = "time_energy"
     learns: ClassVar[bool] = True
     trained_by_algorithm: ClassVar[bool] = True  # no rollout update: an algorithm that `trains_reward` steps it
+    cost_label: ClassVar[str] = "cost -E(x, 0) (white: low, data-like)"  # the toy heat map's colour bar
 
     def __init__(self, network: nn.Module, num_levels: int, optimizer: GradStep) -> None:
         super().__init__()
