@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_cli import ROOT, cli
+from test_image_recipes import tiny_cifar  # noqa: F401  (fixture: a tiny UNet and an image folder)
 from test_resume import StopAt, final_weights
 
 import rewardtune as rt
@@ -126,3 +127,19 @@ def test_time_energy_with_another_algorithm_is_refused(tmp_path: Path):
     recipe = load_recipe(path)
     with pytest.raises(RecipeError, match="trained by its algorithm"):
         build_experiment(recipe)
+
+
+def test_the_cifar10_recipe_runs_with_local_stand_ins(tiny_cifar, tmp_path: Path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(ROOT)
+    _, images = tiny_cifar
+    small = []
+    for part in ("backbone", "reward"):  # the recipe's UNets at a tenth of their width, one block per level
+        small += ["--set", f"{part}.unet.block_out_channels=[8, 16, 16, 16]", "--set", f"{part}.unet.layers_per_block=1",
+                  "--set", f"{part}.unet.norm_num_groups=4"]
+    code, _, err = cli(capsys, "run", "recipes/ddaebm_cifar10.toml", "--out", str(tmp_path / "run"), "--steps", "2",
+                       "--set", "data.kind=image_folder", "--set", f"data.path={images}", "--set", "data.size=32",
+                       "--set", "train.batch_size=4", "--set", "eval.num_samples=16",
+                       "--set", "eval.feature_extractor=helpers:tiny_features", *small)
+    assert code == 0, err
+    experiment_recipe = (tmp_path / "run" / "recipe.toml").read_text()
+    assert "latent_dim = 100" in experiment_recipe and "ema_decay = 0.9999" in experiment_recipe
