@@ -152,3 +152,12 @@ def test_bad_mixtures_and_grids_are_value_errors():
         time_grid(0)
     with pytest.raises(ValueError, match="t_min"):
         restart(sde, lambda x, t: x, torch.zeros(1, 1), time_grid(4), t_min=0.33, t_max=0.6, restarts=1, restart_steps=2)
+
+
+def test_per_sample_times_give_each_row_its_own_times_density_and_score():
+    gmm = mixture(make_sde("vp"))
+    times = torch.tensor([0.01, 0.3, 0.9], dtype=torch.float64)
+    x = torch.tensor([[0.5, 0.1], [-1.0, 0.4], [2.0, -1.0]], dtype=torch.float64)
+    for i, t in enumerate(times):
+        assert torch.allclose(gmm.score(x, times)[i], gmm.score(x[i : i + 1], float(t))[0])
+        assert torch.allclose(gmm.log_prob(x, times)[i], gmm.log_prob(x[i : i + 1], float(t))[0])

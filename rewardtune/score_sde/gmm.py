@@ -62,18 +62,25 @@ class DiffusedGMM:
         eye = torch.eye(self.dim, dtype=torch.float64)
         return alpha * self.means, alpha**2 * self.covariances + sigma**2 * eye
 
+    def batch_components(self, t: float | torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(means [n, K, D], covariances [n, K, D, D]) at per-sample times t ([n], or a scalar for all)."""
+        t = torch.as_tensor(t, dtype=torch.float64).expand(n)
+        alpha, sigma = self.sde.alpha(t)[:, None, None], self.sde.sigma(t)[:, None, None, None]
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        return alpha * self.means[None], alpha[..., None] ** 2 * self.covariances[None] + sigma**2 * eye
+
     def component_log_probs(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """log w_k + log N(x; alpha_t mu_k, C_k(t)): [B, K] for x [B, D]."""
-        means, covs = self.components(t)
-        chol = torch.linalg.cholesky(covs)  # [K, D, D]
-        diff = x.to(torch.float64)[:, None, :] - means[None]  # [B, K, D]
-        solved = torch.linalg.solve_triangular(chol[None], diff[..., None], upper=False).squeeze(-1)
-        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # [K]
+        """log w_k + log N(x; alpha_t mu_k, C_k(t)): [B, K] for x [B, D] at times t ([B] or a scalar)."""
+        means, covs = self.batch_components(t, x.shape[0])
+        chol = torch.linalg.cholesky(covs)  # [B, K, D, D]
+        diff = x.to(torch.float64)[:, None, :] - means  # [B, K, D]
+        solved = torch.linalg.solve_triangular(chol, diff[..., None], upper=False).squeeze(-1)
+        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # [B, K]
         log_normal = -0.5 * (solved.pow(2).sum(-1) + log_det + self.dim * math.log(2 * math.pi))
         return self.weights.log()[None] + log_normal
 
     def log_prob(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """log p_t(x): [B]."""
+        """log p_t(x): [B] (t [B] or a scalar)."""
         return torch.logsumexp(self.component_log_probs(x, t), dim=1)
 
     def responsibilities(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
@@ -81,10 +88,11 @@ class DiffusedGMM:
         return torch.softmax(self.component_log_probs(x, t), dim=1)
 
     def score(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """grad_x log p_t(x) = sum_k p_t(k | x) (-C_k(t)^{-1} (x - alpha_t mu_k)): [B, D] (float64)."""
-        means, covs = self.components(t)
+        """grad_x log p_t(x) = sum_k p_t(k | x) (-C_k(t)^{-1} (x - alpha_t mu_k)): [B, D] (float64; t [B] or a
+        scalar)."""
         x = x.to(torch.float64)
-        precision_diff = torch.linalg.solve(covs[None], (x[:, None, :] - means[None])[..., None]).squeeze(-1)
+        means, covs = self.batch_components(t, x.shape[0])
+        precision_diff = torch.linalg.solve(covs, (x[:, None, :] - means)[..., None]).squeeze(-1)
         return -(self.responsibilities(x, t)[..., None] * precision_diff).sum(1)
 
     def sample(self, n: int, t: float | torch.Tensor = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
