@@ -203,6 +203,7 @@ ALGORITHMS = Registry(
         "policy_gradient": "rewardtune.algorithms.policy_gradient:build_policy_gradient",
         "distill": "rewardtune.algorithms.distill:build_distill",
         "ddaebm": "rewardtune.algorithms.ddaebm:build_ddaebm",
+        "discriminator_guidance": "rewardtune.algorithms.discriminator_guidance:build_discriminator_guidance",
     },
     has_members(
         "needs_rollout", "update", "modules", "optimizers", "state_dict", "load_state_dict",

@@ -92,3 +92,27 @@ def discriminator_loss(kind: Literal["bce", "dsm_residual", "hybrid"], disc: Tim
     if kind in ("dsm_residual", "hybrid"):
         loss = loss + dsm_residual_loss(disc, model_score, sde, real0, t_real, noise_real)
     return loss
+
+
+class ConvTimeDiscriminator(nn.Module):
+    """d_phi(x, t) -> logits [B] for images x [B, C, H, W] and times t [B] in [0, 1]: three SiLU convolutions (smooth,
+    so grad_x d is a useful guidance field), the time's sinusoidal embedding added after the first, spatial mean,
+    linear head. Same interface as `TimeDiscriminator`."""
+
+    def __init__(self, channels: int, *, width: int = 32, time_dim: int = 64) -> None:
+        super().__init__()
+        from rewardtune.nets.mlp import SinusoidalTimeEmbedding
+
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        self.embed = nn.Sequential(SinusoidalTimeEmbedding(time_dim), nn.Linear(time_dim, width), nn.SiLU())
+        self.body = nn.Sequential(
+            nn.SiLU(), nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.SiLU(), nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.SiLU(),
+        )
+        self.head = nn.Linear(2 * width, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x) + self.embed(t.float() * 1000.0)[:, :, None, None]
+        return self.head(self.body(h).mean(dim=(2, 3))).squeeze(1)
+
+    input_gradient = TimeDiscriminator.input_gradient
