@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import ROOT, cli
+from test_image_recipes import tiny_cifar  # noqa: F401  (fixture: a tiny UNet and an image folder)
 from torch import nn
 
 from rewardtune.algorithms.discriminator_guidance import (
@@ -46,6 +47,7 @@ def test_the_dsm_residual_is_the_eps_residual_minus_the_scaled_correction():
     ab = alg.backbone.step_alphas_cumprod[t]
     with torch.no_grad():
         eps = alg.backbone.predict_eps(x_t, alg.backbone.timesteps[t], ab)
+    assert torch.allclose(alg.backbone.state_noise(t)[1], (1 - ab).sqrt())
     expected = ((eps - noise) - (1 - ab).sqrt()[:, None] * alg.discriminator.a).pow(2).sum(1).mean()
     assert torch.allclose(alg.dsm_residual(x_t, noise, t), expected)
 
@@ -78,7 +80,7 @@ def test_bad_settings_are_recipe_errors():
         build_discriminator_guidance(backbone, gamma=-1.0)
     from rewardtune.backbones.posterior import build_posterior_sampling_backbone
 
-    with pytest.raises(RecipeError, match="eps-prediction backbone"):
+    with pytest.raises(RecipeError, match="declares its states' noise"):
         build_discriminator_guidance(build_posterior_sampling_backbone((2,)))
 
 
@@ -89,4 +91,34 @@ def test_the_digits_recipe_trains_and_samples_with_guidance(tmp_path: Path, caps
                        "eval.num_samples=64", "--set", "train.batch_size=16", "--set", "algorithm.width=8")
     assert code == 0, err
     code, _, err = cli(capsys, "sample", str(run), "-n", "4", "-o", str(tmp_path / "s.npz"), "--guidance", "2")
+    assert code == 0, err
+
+
+def test_an_edm_backbone_declares_its_states_noise_and_eps():
+    from helpers import tiny_edm_network
+
+    from rewardtune.backbones.edm import EDMChainPolicy
+
+    torch.manual_seed(0)
+    backbone = EDMChainPolicy(tiny_edm_network(), (3, 8, 8), num_steps=4)
+    t = torch.tensor([0, 2, 3])
+    a, s = backbone.state_noise(t)
+    assert torch.equal(a, torch.ones(3)) and torch.equal(s, backbone.sigmas[t])
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        expected = (x - backbone.denoise(x, backbone.sigmas[t])) / backbone.sigmas[t].view(-1, 1, 1, 1)
+        assert torch.allclose(backbone.state_eps(x, t), expected)
+    alg = build_discriminator_guidance(backbone, loss="hybrid", width=8)
+    trajectory = backbone.sample(4, torch.Generator().manual_seed(1))
+    assert "discriminator/dsm_residual" in alg.update(torch.rand(4, 3, 8, 8) * 2 - 1, trajectory, torch.Generator())
+
+
+def test_the_edm_cifar10_recipe_runs_with_local_stand_ins(tiny_cifar, tmp_path: Path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(ROOT)
+    _, images = tiny_cifar
+    code, _, err = cli(capsys, "run", "recipes/dg_cifar10_edm.toml", "--out", str(tmp_path / "run"), "--steps", "2",
+                       "--set", "data.kind=image_folder", "--set", f"data.path={images}", "--set", "data.size=8",
+                       "--set", "backbone.network=helpers:tiny_edm_network", "--set", "backbone.num_steps=3",
+                       "--set", "algorithm.width=8", "--set", "train.batch_size=4", "--set", "eval.num_samples=16",
+                       "--set", "eval.feature_extractor=helpers:tiny_features")
     assert code == 0, err

@@ -24,6 +24,7 @@ RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))
 # Recipes that cannot be built offline as they stand, and the test that runs each with local stand-ins.
 COVERED_ELSEWHERE = {
     "ddaebm_cifar10.toml": "test_ddaebm.py::test_the_cifar10_recipe_runs_with_local_stand_ins",
+    "dg_cifar10_edm.toml": "test_discriminator_guidance.py::test_the_edm_cifar10_recipe_runs_with_local_stand_ins",
     "dxmi_cifar10.toml": "test_image_recipes.py",
     "dxmi_cifar10_t4.toml": "test_image_recipes.py",
     "distill_cifar10.toml": "test_image_recipes.py",

@@ -2,13 +2,13 @@
 (Kim et al. 2023; the boosting thesis's improved loss, ../shared/papers/004, Sec. 3.1), without training the sampler.
 
 Each iteration rolls the frozen backbone out (`needs_rollout`) and trains d_phi(x, t) at one chain time t per chain:
-the chain's state x_t (the model's marginal p~_t) against data diffused to the same noise level, x_t = sqrt(ab_t) x_0
-+ sqrt(1 - ab_t) eps (p_t), with ab_t the level of chain time t (`step_alphas_cumprod`; the sample x_T is clean,
-ab = 1). Losses (`score_sde/discriminator.py` has their continuous-time forms):
+the chain's state x_t (the model's marginal p~_t) against data diffused to the same noise level, x_t = a_t x_0 + s_t eps
+(p_t), with (a_t, s_t) the backbone's `state_noise(t)` (eps backbones: sqrt(ab_t), sqrt(1 - ab_t); EDM: 1, sigma_t;
+the sample x_T is clean: a = 1, s = 0). Losses (`score_sde/discriminator.py` has their continuous-time forms):
 
 - `bce`: softplus(-d(real_t, t)) + softplus(d(fake_t, t)), so d -> log p_t / p~_t;
-- `dsm_residual`: ||(eps_theta(x_t) - eps) - sqrt(1 - ab_t) grad_x d(x_t, t)||^2 on the diffused data (J_MSE with
-  lambda = 1 - ab_t: the residual of the model's score s_theta = -eps_theta / sqrt(1 - ab) against the denoising
+- `dsm_residual`: ||(eps_theta(x_t) - eps) - s_t grad_x d(x_t, t)||^2 on the diffused data (J_MSE with lambda = s_t^2:
+  the residual of the model's score s_theta = -eps_theta / s_t, the backbone's `state_eps`, against the denoising
   target; not defined at the clean level, whose rows it skips);
 - `hybrid`: dsm_residual + gamma bce (the thesis's loss).
 
@@ -25,7 +25,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewardtune.backbones.epsilon import EpsilonChainPolicy
 from rewardtune.errors import RecipeError
 from rewardtune.optim import GradStep
 from rewardtune.score_sde.discriminator import (
@@ -40,7 +39,8 @@ class DiscriminatorGuidance:
     """The algorithm of the module docstring.
 
     Args:
-        backbone: a frozen eps-prediction policy (`mlp`, `ddpm`).
+        backbone: a frozen policy that declares its chain states' noise (`state_noise`, `state_eps`: `mlp`, `ddpm`,
+            `edm`).
         discriminator: d(x [B, ...], t [B] in [0, 1]) -> [B] with `input_gradient(x, t, create_graph)`.
         loss: "bce", "dsm_residual" or "hybrid".
         gamma: the hybrid loss's BCE weight.
@@ -50,16 +50,17 @@ class DiscriminatorGuidance:
     needs_rollout = True  # the frozen sampler's chains are the discriminator's model samples
     backbone_mode = "eval"
 
-    def __init__(self, backbone: EpsilonChainPolicy, discriminator: nn.Module, *, loss: str = "hybrid",
+    def __init__(self, backbone, discriminator: nn.Module, *, loss: str = "hybrid",
                  gamma: float = 1.0, lr: float = 1e-3, grad_clip: float | None = None) -> None:
         self.backbone, self.discriminator = backbone, discriminator
         self.loss, self.gamma = loss, gamma
         self.optimizer = GradStep([(discriminator.parameters(), lr)], grad_clip=grad_clip)
 
-    def chain_alpha_bars(self) -> torch.Tensor:
-        """ab of each chain state x_0..x_T: [T + 1] (the last, the sample, is clean: 1)."""
-        ab = self.backbone.step_alphas_cumprod
-        return torch.cat([ab, torch.ones(1, device=ab.device, dtype=ab.dtype)])
+    def chain_noise(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_t, s_t) [N] of chain states at times t in 0..T (the sample, t = T, is clean: 1, 0)."""
+        clean = t == self.backbone.num_steps
+        a, s = self.backbone.state_noise(t.clamp(max=self.backbone.num_steps - 1))
+        return torch.where(clean, torch.ones_like(a), a), torch.where(clean, torch.zeros_like(s), s)
 
     def times(self, t: torch.Tensor) -> torch.Tensor:
         return t.float() / self.backbone.num_steps
@@ -69,9 +70,10 @@ class DiscriminatorGuidance:
         n, steps = real.shape[0], self.backbone.num_steps
         t = torch.randint(0, steps + 1, (n,), generator=generator, device=real.device)
         fake_t = trajectory.states[t, torch.arange(n, device=real.device)]
-        ab = self.chain_alpha_bars()[t].view(-1, *([1] * (real.dim() - 1)))
+        view = (-1, *([1] * (real.dim() - 1)))
+        a, s = self.chain_noise(t)
         noise = torch.randn(real.shape, generator=generator, device=real.device)
-        real_t = ab.sqrt() * real + (1 - ab).sqrt() * noise
+        real_t = a.view(view) * real + s.view(view) * noise
         metrics: dict[str, float] = {}
         loss = real.new_zeros(())
         if self.loss in ("bce", "hybrid"):
@@ -88,15 +90,14 @@ class DiscriminatorGuidance:
         return metrics
 
     def dsm_residual(self, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Mean ||(eps_theta(x_t) - eps) - sqrt(1 - ab_t) grad_x d(x_t, t)||^2 over diffused data rows at chain times
-        t < T (0 for none)."""
+        """Mean ||(eps_theta(x_t) - eps) - s_t grad_x d(x_t, t)||^2 over diffused data rows at chain times t < T (0 for
+        none)."""
         if len(t) == 0:
             return x_t.new_zeros(())
-        ab = self.backbone.step_alphas_cumprod[t]
         with torch.no_grad():
-            eps_model = self.backbone.predict_eps(x_t, self.backbone.timesteps[t], ab)
+            eps_model = self.backbone.state_eps(x_t, t)
         gradient = self.discriminator.input_gradient(x_t, self.times(t), create_graph=True)
-        sigma = (1 - ab).sqrt().view(-1, *([1] * (x_t.dim() - 1)))
+        sigma = self.backbone.state_noise(t)[1].view(-1, *([1] * (x_t.dim() - 1)))
         return ((eps_model - noise) - sigma * gradient).flatten(1).pow(2).sum(1).mean()
 
     def guide(self, scale: float):
@@ -134,15 +135,14 @@ def build_discriminator_guidance(
     width: int = 32,
 ) -> DiscriminatorGuidance:
     """Algorithm `discriminator_guidance` (module docstring). The discriminator is a `TimeDiscriminator` MLP (hidden,
-    depth) for vectors, a `ConvTimeDiscriminator` (width) for images. The backbone is frozen: its parameters are not
-    trained (set no sampler learning rate).
+    depth) for vectors, a `ConvTimeDiscriminator` (width) for images. The backbone is frozen.
 
     Raises:
-        RecipeError: a backbone without an eps-network, an unknown loss, gamma < 0.
+        RecipeError: a backbone without `state_noise` / `state_eps`, an unknown loss, gamma < 0.
     """
-    if not isinstance(backbone, EpsilonChainPolicy):
-        raise RecipeError(f"algorithm 'discriminator_guidance' needs an eps-prediction backbone (mlp, ddpm), got "
-                          f"{type(backbone).__name__}")
+    if not all(callable(getattr(backbone, name, None)) for name in ("state_noise", "state_eps")):
+        raise RecipeError(f"algorithm 'discriminator_guidance' needs a backbone that declares its states' noise "
+                          f"(state_noise, state_eps: mlp, ddpm, edm), not {type(backbone).__name__}")
     if loss not in LOSSES:
         raise RecipeError(f"algorithm.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if gamma < 0:

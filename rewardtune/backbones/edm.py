@@ -93,6 +93,16 @@ class EDMChainPolicy(GaussianChainPolicy):
         d = (x - self.denoise(x, sigma, condition)) / sigma.view(view)
         return x + d * (self.sigma_down[t] - sigma).view(view)
 
+    def state_noise(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_t, s_t) = (1, sigma_t) [N]: chain states at times t < T are x_0 + sigma_t eps."""
+        sigma = self.sigmas[t]
+        return torch.ones_like(sigma), sigma
+
+    def state_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's noise estimate (x - D(x; sigma_t)) / sigma_t at chain states x_t (t < T)."""
+        sigma = self.sigmas[t]
+        return (x - self.denoise(x, sigma)) / sigma.view(-1, *([1] * len(self.sample_shape)))
+
     def network_state(self) -> dict[str, torch.Tensor]:
         return {f"network.{k}": v for k, v in self.network.state_dict().items()}
 

@@ -135,6 +135,16 @@ class EpsilonChainPolicy(GaussianChainPolicy):
         eps = self.predict_eps(x, self.timesteps[t], self.step_alphas_cumprod[t], condition)
         return self.coef_a[t].view(view) * x + self.coef_c[t].view(view) * eps
 
+    def state_noise(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_t, s_t) [N] with x_t ~ a_t x_0 + s_t eps the forward marginal of chain states at times t < T (what
+        discriminator guidance diffuses data to): sqrt(ab_t), sqrt(1 - ab_t)."""
+        ab = self.step_alphas_cumprod[t]
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def state_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's noise estimate at chain states x_t (t < T), unguided (the model score is -eps / s_t)."""
+        return self.predict_eps(x, self.timesteps[t], self.step_alphas_cumprod[t], cfg_scale=1.0)
+
     def network_state(self) -> dict[str, torch.Tensor]:
         """The weights that carry over between samplers of different T (the eps-network only)."""
         return {f"eps_net.{k}": v for k, v in self.eps_net.state_dict().items()}
