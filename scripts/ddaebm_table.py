@@ -1,0 +1,55 @@
+"""The DDAEBM tables of docs/results.md from the runs of scripts/ddaebm_runs.sh.
+
+    python scripts/ddaebm_table.py [OUT]     (OUT defaults to runs/ddaebm)
+
+For each finished 2D run (eval.json): final sliced Wasserstein (mean ± std over the evaluation's 5 samplings), energy
+AUC, mode coverage, the spread of SW over the evaluations of the last 40% of training (max - min: the stability the
+T ablation is about), training time and iterations per second; for the digits runs, the Fréchet distance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def evaluations(run: Path) -> list[tuple[int, dict]]:
+    """(step, metrics) of every periodic evaluation in metrics.jsonl, then the final one."""
+    rows = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "eval" in record:
+            rows.append((record["step"], record["eval"]))
+    final = json.loads((run / "eval.json").read_text())
+    rows.append((final["step"], final["metrics"]))
+    return rows
+
+
+def training_time(run: Path) -> tuple[float, int]:
+    """(seconds, iterations) of the last metrics.jsonl record."""
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    return float(last["time_s"]), int(last["step"])
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/ddaebm")
+    print("| run | iterations | SW final | energy AUC | mode coverage | SW spread, last 40% | time (it/s) |")
+    print("|---|---|---|---|---|---|---|")
+    for run in sorted(p for p in out.iterdir() if (p / "eval.json").is_file()):
+        rows = evaluations(run)
+        step, final = rows[-1]
+        seconds, iterations = training_time(run)
+        if "sliced_wasserstein" in final:
+            late = [m["sliced_wasserstein"] for s, m in rows if s >= 0.6 * step]
+            print(f"| {run.name} | {step:,} | {final['sliced_wasserstein']:.3f} ± {final['sliced_wasserstein_std']:.3f} | "
+                  f"{final.get('energy_auc', float('nan')):.3f} | {final.get('mode_coverage', float('nan')):.2f} | "
+                  f"{max(late) - min(late):.3f} | {seconds:,.0f} s ({iterations / seconds:.1f}) |")
+        elif "frechet_distance" in final:
+            start = json.loads((run / "eval.json").read_text())["initial_metrics"]["frechet_distance"]
+            print(f"| {run.name} | {step:,} | FD {final['frechet_distance']:.2f} (start {start:.2f}) | | | | "
+                  f"{seconds:,.0f} s ({iterations / seconds:.1f}) |")
+
+
+if __name__ == "__main__":
+    main()
