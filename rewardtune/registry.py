@@ -190,6 +190,7 @@ REWARDS = Registry(
         "shapes": "rewardtune.rewards.shapes:build_shapes_reward",
         "pickscore": "rewardtune.rewards.pickscore:build_pickscore_reward",
         "time_energy": "rewardtune.rewards.time_energy:build_time_energy_reward",
+        "discriminator": "rewardtune.rewards.discriminator:build_discriminator_reward",
     },
     instance_of("rewardtune.rewards.base:Reward", "a Reward (a subclass of rewardtune.rewards.base.Reward; docs/plugins.md)"),
 )
