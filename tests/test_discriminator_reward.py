@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from rewardtune.f_divergences import get_f_divergence
-from rewardtune.rewards.discriminator import build_discriminator_reward, f_divergence_reward
+from rewardtune.rewards.discriminator import (
+    build_discriminator_reward,
+    f_divergence_reward,
+)
 
 CLOSED_FORMS = {
     "reverse_kl": lambda l: l - 1,

@@ -20,7 +20,12 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from rewardtune.f_divergences import F_DIVERGENCES, FDivergence, get_f_divergence, ratio_from_logit
+from rewardtune.f_divergences import (
+    F_DIVERGENCES,
+    FDivergence,
+    get_f_divergence,
+    ratio_from_logit,
+)
 from rewardtune.nets.mlp import TimeMLP
 from rewardtune.nets.resnet import ResNetEnergy
 from rewardtune.optim import GradStep
