@@ -22,7 +22,7 @@ from rewardtune.recipe import load_recipe
 TOY = ROOT / "recipes" / "ddaebm_8gaussians.toml"
 DIGITS = ROOT / "recipes" / "ddaebm_digits.toml"
 SHORT = ["train.steps=6", "train.eval_every=0", "train.log_every=2", "train.checkpoint_every=3", "eval.num_samples=300",
-         "eval.repeats=1", "train.batch_size=32"]
+         "eval.repeats=1", "train.batch_size=32", "eval.plot=false"]
 
 
 def test_the_toy_recipe_trains_and_resumes_bitwise(tmp_path: Path):
@@ -74,8 +74,8 @@ def test_the_ablation_switches_drop_their_terms(overrides, forward_kl, has_encod
 
 def test_the_digits_recipe_trains_and_samples_images(tmp_path: Path, capsys):
     code, _, err = cli(capsys, "run", str(DIGITS), "--out", str(tmp_path / "run"), "--set", "train.steps=2",
-                       "--set", "train.eval_every=0", "--set", "eval.num_samples=64", "--set", "train.batch_size=8",
-                       "--set", "eval.keep_best=")
+                       "--set", "train.eval_every=0", "--set", "eval.num_samples=32", "--set", "train.batch_size=8",
+                       "--set", "eval.keep_best=", "--set", "eval.plot=false")
     assert code == 0, err
     code, _, err = cli(capsys, "sample", str(tmp_path / "run"), "-n", "6", "-o", str(tmp_path / "s.npz"))
     assert code == 0, err

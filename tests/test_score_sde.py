@@ -96,17 +96,17 @@ def test_euler_is_first_order_and_heun_second_order_on_a_gaussian(solver, order)
 def test_euler_maruyama_and_restart_sample_the_diffused_marginal_with_the_exact_score():
     sde = make_sde("vp")
     gmm = DiffusedGMM(torch.ones(1), torch.tensor([[0.7, -0.3]]), torch.tensor([[0.25, 0.04]]), sde)
-    n, t_end = 10000, 0.02
+    n, t_end = 5000, 0.02
     start = gmm.sample(n, 1.0, torch.Generator().manual_seed(0))
     exact_mean, exact_cov = gmm.components(t_end)
-    em = euler_maruyama(sde, gmm.score, start, time_grid(400, t_end), torch.Generator().manual_seed(1))
+    em = euler_maruyama(sde, gmm.score, start, time_grid(250, t_end), torch.Generator().manual_seed(1))
     times = time_grid(60, t_end)
     rs = restart(sde, gmm.score, start, times, t_min=float(times[45]), t_max=0.6, restarts=2, restart_steps=20,
                  generator=torch.Generator().manual_seed(2))
     for samples in (em, rs):
         sd = exact_cov.diagonal(dim1=-2, dim2=-1)[0].sqrt()
         assert torch.allclose(samples.mean(0), exact_mean[0], atol=5 * float(sd.max()) / math.sqrt(n) + 0.01)
-        assert torch.allclose(samples.std(0), sd, rtol=0.03)
+        assert torch.allclose(samples.std(0), sd, rtol=0.05)
 
 
 def test_guidance_by_the_exact_log_ratio_gradient_turns_the_model_into_the_target():
@@ -115,12 +115,12 @@ def test_guidance_by_the_exact_log_ratio_gradient_turns_the_model_into_the_targe
     sde = make_sde("subvp")
     p = mixture(sde, (0.4, 0.3, 0.3))
     q = mixture(sde, (0.6, 0.38, 0.02))  # mode 2 almost missing
-    start = p.sample(4000, 1.0, torch.Generator().manual_seed(0))
-    times = time_grid(60, 1e-3)
+    start = p.sample(2500, 1.0, torch.Generator().manual_seed(0))
+    times = time_grid(40, 1e-3)
     guided = guided_score(q.score, lambda x, t: log_ratio_gradient(p, q, x, t))
     plain_masses = mode_masses(p, ode_heun(sde, q.score, start, times))
     guided_masses = mode_masses(p, ode_heun(sde, guided, start, times))
-    assert torch.allclose(guided_masses, p.weights, atol=0.03)
+    assert torch.allclose(guided_masses, p.weights, atol=0.04)
     assert float(plain_masses[2]) < 0.1
     x = p.sample(500, 0.3, torch.Generator().manual_seed(3))
     assert gradient_mse(lambda y: log_ratio_gradient(p, q, y, 0.3), lambda y: guided(y, torch.tensor(0.3)) - q.score(y, 0.3), x) < 1e-10
