@@ -50,6 +50,7 @@ class DiscriminatorReward(Reward):
     name: ClassVar[str] = "discriminator"
     learns: ClassVar[bool] = True
     differentiable: ClassVar[bool] = True
+    cost_label: ClassVar[str] = "cost -r(x) (white: low, data-like)"  # the toy heat map's colour bar
 
     def __init__(self, network: nn.Module, optimizer: GradStep, divergence: FDivergence) -> None:
         super().__init__()
