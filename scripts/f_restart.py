@@ -9,6 +9,11 @@ Algorithm 7; f-PG with f = KL (cost f'(p_psi / p_*) = d + 1, d the state discrim
 epochs), 256 episodes per iteration. Printed per iteration: the re-noise fraction (the thesis's failure modes: -> 1
 or -> 0), SW of the final samples to P, the mass on the three weak modes; beside the plain 6-step ODE sampler and a
 fixed restart sampler (2 restarts from t_3 to t_1) at the same grid.
+
+`--reward terminal` is the variant this project proposes: the costs telescope to the episode's end, so the only cost
+is f'(e^d) of the final sample (d a discriminator of final samples against data), given to every action of the
+episode, instead of a cost per visited state; `--model exact` gives the controller the target's own score, so that
+the only error left is the coarse grid's discretisation, the error restart sampling is meant to correct.
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ from rewardtune.score_sde.solvers import ode_heun, restart, time_grid
 WEAK = [1, 4, 7]
 
 
-def mixtures(sde) -> tuple[DiffusedGMM, DiffusedGMM]:
+def mixtures(sde, exact: bool = False) -> tuple[DiffusedGMM, DiffusedGMM]:
     angles = torch.arange(10) * 2 * math.pi / 10
     means = 2 * torch.stack([angles.cos(), angles.sin()], 1)
     target = DiffusedGMM(torch.full((10,), 0.1), means, torch.full((10,), 0.15**2), sde)
     weights = torch.full((10,), 0.1)
-    weights[WEAK] = 0.01
+    if not exact:
+        weights[WEAK] = 0.01
     return target, DiffusedGMM(weights, means, torch.full((10,), 0.15**2), sde)
 
 
@@ -51,9 +57,9 @@ def evaluate(samples: torch.Tensor, target: DiffusedGMM, reference: torch.Tensor
     return sw, float(mode_masses(target, samples)[WEAK].sum())
 
 
-def train_discriminator(disc, opt, episodes, target, generator, steps: int = 50) -> None:
-    states = episodes.states.flatten(0, 1)
-    times = episodes.times.flatten()
+def train_discriminator(disc, opt, states, times, target, generator, steps: int = 50) -> None:
+    """Cross-entropy steps of d(x, t): the controller's states [N, D] at their times [N] against data diffused to the
+    same times."""
     for _ in range(steps):
         idx = torch.randint(0, len(states), (512,), generator=generator)
         t = times[idx]
@@ -66,11 +72,26 @@ def train_discriminator(disc, opt, episodes, target, generator, steps: int = 50)
         opt.step()
 
 
-def run(seed: int, iterations: int, divergence: str) -> list[tuple[float, float, float]]:
+def episode_costs(disc, episodes, f, env, terminal: bool, target, d_opt, gen) -> torch.Tensor:
+    """Costs [L, B]: f'(e^d) of every visited state, or (`terminal`) of the final sample only, on the last step."""
+    if terminal:
+        t_end = env.times[-1].expand(len(episodes.samples))
+        train_discriminator(disc, d_opt, episodes.samples, t_end, target, gen)
+        costs = torch.zeros_like(episodes.times)
+        with torch.no_grad():
+            costs[-1] = f.f_prime(ratio_from_logit(disc(episodes.samples, t_end)))
+        return costs
+    train_discriminator(disc, d_opt, episodes.states.flatten(0, 1), episodes.times.flatten(), target, gen)
+    with torch.no_grad():
+        logits = disc(episodes.states.flatten(0, 1), episodes.times.flatten()).view(episodes.times.shape)
+        return f.f_prime(ratio_from_logit(logits))
+
+
+def run(seed: int, iterations: int, divergence: str, terminal: bool, exact: bool) -> list[tuple[float, float, float]]:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sde = make_sde("vp")
-    target, model = mixtures(sde)
+    target, model = mixtures(sde, exact)
     env = RestartEnvironment(sde, model.score, time_grid(6, 1e-3), horizon=12)
     policy = RestartController(2).double()
     disc = TimeDiscriminator(2, hidden=64, depth=2).double()
@@ -81,10 +102,7 @@ def run(seed: int, iterations: int, divergence: str) -> list[tuple[float, float,
     curve = []
     for _ in range(iterations):
         episodes = roll_out(env, policy, 256, gen)
-        train_discriminator(disc, d_opt, episodes, target, gen)
-        with torch.no_grad():
-            logits = disc(episodes.states.flatten(0, 1), episodes.times.flatten()).view(episodes.times.shape)
-            costs = f.f_prime(ratio_from_logit(logits))
+        costs = episode_costs(disc, episodes, f, env, terminal, target, d_opt, gen)
         advantage = -costs_to_go(costs, 1.0)
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
         for _ in range(4):
@@ -99,9 +117,9 @@ def run(seed: int, iterations: int, divergence: str) -> list[tuple[float, float,
     return curve
 
 
-def baselines(seed: int) -> dict[str, tuple[float, float]]:
+def baselines(seed: int, exact: bool) -> dict[str, tuple[float, float]]:
     sde = make_sde("vp")
-    target, model = mixtures(sde)
+    target, model = mixtures(sde, exact)
     reference = target.sample(2000, 0.0, torch.Generator().manual_seed(999))
     start = torch.randn((2000, 2), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     times = time_grid(6, 1e-3)
@@ -118,16 +136,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--divergence", default="kl")
+    parser.add_argument("--reward", choices=["visitation", "terminal"], default="visitation")
+    parser.add_argument("--model", choices=["weak_modes", "exact"], default="weak_modes")
     parser.add_argument("--plot", default="")
     args = parser.parse_args()
+    exact = args.model == "exact"
     torch.set_num_threads(1)
     curves = {}
     for seed in args.seeds:
-        curves[seed] = run(seed, args.iterations, args.divergence)
+        curves[seed] = run(seed, args.iterations, args.divergence, args.reward == "terminal", exact)
         first, last = curves[seed][0], curves[seed][-1]
         print(f"seed {seed}: re-noise fraction {first[0]:.2f} -> {last[0]:.2f}, SW {first[1]:.3f} -> {last[1]:.3f}, "
               f"weak-mode mass {first[2]:.3f} -> {last[2]:.3f}", flush=True)
-        for name, (sw, weak) in baselines(seed).items():
+        for name, (sw, weak) in baselines(seed, exact).items():
             print(f"  {name}: SW {sw:.3f}, weak-mode mass {weak:.3f} (P: 0.300)")
     if args.plot:
         import matplotlib
