@@ -91,6 +91,11 @@ def test_sample_on_a_toy_run_and_its_refusals(tmp_path: Path, capsys):
     assert code == 0, err
     code, _, err = cli(capsys, "sample", str(tmp_path / "run"), "-n", "5", "-o", str(tmp_path / "g.npz"), "--guidance", "1")
     assert code == 2 and "value guidance" in err and "Traceback" not in err
+    # a DDAEBM run as another run's starting generator (backbone.init_from), its EMA weights
+    experiment = build_experiment(load_recipe(TOY, [f"backbone.init_from={tmp_path / 'run'}"]))
+    weights = final_weights(tmp_path / "run")
+    for key, value in experiment.backbone.network_state().items():
+        assert torch.equal(value, weights[f"ema.{key}"]), key
 
 
 @pytest.mark.parametrize(

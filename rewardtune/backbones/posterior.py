@@ -181,6 +181,10 @@ class PosteriorSamplingPolicy(GaussianChainPolicy):
             x, _ = self.transition(x, self.level(self.times(t, n)), z, torch.zeros_like(x))
         return x
 
+    def network_state(self) -> dict[str, torch.Tensor]:
+        """The generator's weights (what `backbone.init_from` carries over)."""
+        return {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
+
 
 def implicit_message(what: str) -> str:
     return (f"posterior_sampling is an implicit policy (x_{{k-1}} depends on a latent z): it has no {what}; train it "
