@@ -15,15 +15,15 @@ Two networks:
 - `mlp` (vectors): DDAEBM's toy energy: x through an MLP [16, 32], a sinusoidal embedding of k (16) through an MLP
   [16, 32], both concatenated and passed through `depth` PReLU layers of width `hidden` (300, 300) to a scalar.
 - `unet` (images): E(x, k) = -1/2 ||x - f_theta(x, k)||^2 summed over pixels (the paper's Eq. 24), f a diffusers
-  `UNet2DModel` called with the level k as its timestep.
+  `UNet2DModel` called with the timestep 250 k (the levels spread over the UNet's DDPM-scale time embedding).
 
 The energy is trained by the `ddaebm` algorithm, which owns its update (real pairs against generated ones, with the
-zero-centred gradient penalty); `update` here is not used.
+zero-centred gradient penalty): the reward declares `trained_by_algorithm`, and its `update` raises a RecipeError.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -110,7 +110,7 @@ def build_time_energy_reward(
     num_steps: int,
     /,
     *,
-    network: str = "mlp",
+    network: Literal["mlp", "unet"] = "mlp",
     hidden: int = 300,
     depth: int = 2,
     unet: dict | None = None,
