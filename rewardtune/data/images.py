@@ -9,6 +9,7 @@ give `sample_conditioned(n, generator) -> (images, Conditions)`, the batch with 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -81,7 +82,9 @@ def load_digits_images() -> torch.Tensor:
     return (pixels / 16.0 * 2 - 1).unsqueeze(1)
 
 
-def build_digits(*, hflip: bool = False, digit: int | None = None, split: str = "all") -> TensorImages:
+def build_digits(
+    *, hflip: bool = False, digit: int | None = None, split: Literal["all", "train", "test"] = "all"
+) -> TensorImages:
     """Data `digits`: sklearn's 8x8 digits (optionally one class only). `split`: "all" 1,797 images, "train" the
     first 1,500, "test" the other 297 (the digits classifier's split, `nets/digits.py: TRAIN_COUNT`).
 
