@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewardtune.nets.mlp import TimeMLP
+from rewardtune.nets.mlp import SinusoidalTimeEmbedding, TimeMLP
 from rewardtune.score_sde.sdes import SDE
 
 LOSSES = ("bce", "dsm_residual", "hybrid")
@@ -101,8 +101,6 @@ class ConvTimeDiscriminator(nn.Module):
 
     def __init__(self, channels: int, *, width: int = 32, time_dim: int = 64) -> None:
         super().__init__()
-        from rewardtune.nets.mlp import SinusoidalTimeEmbedding
-
         self.stem = nn.Conv2d(channels, width, 3, padding=1)
         self.embed = nn.Sequential(SinusoidalTimeEmbedding(time_dim), nn.Linear(time_dim, width), nn.SiLU())
         self.body = nn.Sequential(
