@@ -26,7 +26,7 @@ import torch
 from rewardtune.algorithms.policy_gradient import ppo_clip_loss
 from rewardtune.f_divergences import get_f_divergence, ratio_from_logit
 from rewardtune.metrics.sliced_wasserstein import sliced_wasserstein
-from rewardtune.score_sde.discriminator import TimeDiscriminator
+from rewardtune.score_sde.discriminator import TimeDiscriminator, bce_loss
 from rewardtune.score_sde.gmm import DiffusedGMM, mode_masses
 from rewardtune.score_sde.restart_control import (
     RestartController,
@@ -65,8 +65,7 @@ def train_discriminator(disc, opt, states, times, target, generator, steps: int 
         t = times[idx]
         x0 = target.sample(512, 0.0, generator)
         expert = target.sde.alpha(t)[:, None] * x0 + target.sde.sigma(t)[:, None] * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        logits_policy, logits_expert = disc(states[idx], t), disc(expert, t)
-        loss = torch.nn.functional.softplus(-logits_policy).mean() + torch.nn.functional.softplus(logits_expert).mean()
+        loss = bce_loss(disc, states[idx], expert, t, t)  # policy states as "real": d ~ log p_psi / p_*
         opt.zero_grad()
         loss.backward()
         opt.step()

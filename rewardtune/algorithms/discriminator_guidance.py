@@ -31,6 +31,7 @@ from rewardtune.score_sde.discriminator import (
     LOSSES,
     ConvTimeDiscriminator,
     TimeDiscriminator,
+    logistic_loss,
 )
 from rewardtune.types import Trajectory
 
@@ -78,7 +79,7 @@ class DiscriminatorGuidance:
         loss = real.new_zeros(())
         if self.loss in ("bce", "hybrid"):
             d_real, d_fake = self.discriminator(real_t, self.times(t)), self.discriminator(fake_t, self.times(t))
-            bce = nn.functional.softplus(-d_real).mean() + nn.functional.softplus(d_fake).mean()
+            bce = logistic_loss(d_real, d_fake)
             loss = loss + (self.gamma if self.loss == "hybrid" else 1.0) * bce
             metrics.update({"discriminator/bce": bce.item(), "discriminator/real": d_real.mean().item(),
                             "discriminator/fake": d_fake.mean().item()})

@@ -103,7 +103,6 @@ class PosteriorSamplingPolicy(GaussianChainPolicy):
         self.register_buffer("coef_x0", posterior.coef_x0.float())  # [T + 1], by level
         self.register_buffer("coef_xk", posterior.coef_xk.float())
         self.register_buffer("betas", schedule.betas.float())
-        self.register_buffer("alpha_bars", schedule.alpha_bars.float())
         times = level_times if level_times is not None else vp_sde_times(schedule.num_steps)
         self.register_buffer("level_times", times.float())  # [T + 1]: the VP-SDE time t'_k of each level
 

@@ -30,6 +30,7 @@ from rewardtune.nets.mlp import TimeMLP
 from rewardtune.nets.resnet import ResNetEnergy
 from rewardtune.optim import GradStep
 from rewardtune.rewards.base import Reward
+from rewardtune.score_sde.discriminator import logistic_loss
 
 
 def f_divergence_reward(divergence: FDivergence, logit: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ class DiscriminatorReward(Reward):
         """One cross-entropy step: data `real` [B, ...] labelled 1, samples `fake` [B', ...] labelled 0."""
         logits = self.logit(torch.cat([real, fake]))
         l_real, l_fake = logits[: real.shape[0]], logits[real.shape[0] :]
-        loss = nn.functional.softplus(-l_real).mean() + nn.functional.softplus(l_fake).mean()
+        loss = logistic_loss(l_real, l_fake)
         self.optimizer.step(loss)
         return {"discriminator/loss": loss.item(), "discriminator/real": l_real.mean().item(),
                 "discriminator/fake": l_fake.mean().item()}

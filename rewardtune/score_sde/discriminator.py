@@ -48,10 +48,16 @@ class TimeDiscriminator(nn.Module):
         return grad
 
 
+def logistic_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of a classifier's logits, real (label 1) against fake (label 0): mean softplus(-l_real) +
+    mean softplus(l_fake). At its optimum the logit is log p_real / p_fake."""
+    return nn.functional.softplus(-logit_real).mean() + nn.functional.softplus(logit_fake).mean()
+
+
 def bce_loss(disc: TimeDiscriminator, real_t: torch.Tensor, fake_t: torch.Tensor, t_real: torch.Tensor,
              t_fake: torch.Tensor) -> torch.Tensor:
     """J_CE on diffused data `real_t` and diffused model samples `fake_t` at their times (a scalar, batch means)."""
-    return nn.functional.softplus(-disc(real_t, t_real)).mean() + nn.functional.softplus(disc(fake_t, t_fake)).mean()
+    return logistic_loss(disc(real_t, t_real), disc(fake_t, t_fake))
 
 
 def dsm_residual_loss(disc: TimeDiscriminator, model_score: Callable, sde: SDE, x0: torch.Tensor, t: torch.Tensor,
