@@ -8,10 +8,13 @@ The Python API (README.md, docs/recipes.md "Python API") runs a recipe, builds i
     trainer.fit()                                          # runs/mine is a run directory `rewardtune eval` reads
     samples, conditions = rt.sample("runs/mine", 1000)     # what `rewardtune sample` draws (conditions: None
                                                            # unless the recipe has [conditions])
+    rt.score_folder(rt.load_anomaly_model("runs/mvtec"), "images/", "scores/")   # what `rewardtune score` does
 """
 
 from rewardtune.algorithms.ddpm import DDPMPretrain
 from rewardtune.algorithms.dxdp import DxDP, DxDPConfig
+from rewardtune.anomaly.model import load_anomaly_model
+from rewardtune.anomaly.scoring import score_folder
 from rewardtune.api import (
     build_trainer,
     load_run,
@@ -37,6 +40,7 @@ __all__ = [
     "DDPMPretrain", "DxDP", "DxDPConfig", "EightGaussians", "EnergyReward", "EpsilonChainPolicy", "EvalConfig",
     "GaussianChainPolicy", "Reward", "RewardtuneError", "RichReporter", "ToyEvaluator", "TrainConfig", "Trainer",
     "ValueFunction", "build_energy_reward", "build_mlp_backbone", "build_time_mlp_value", "build_trainer",
-    "load_recipe", "load_run", "make_recipe", "run_recipe", "sample", "seed_everything",
+    "load_anomaly_model", "load_recipe", "load_run", "make_recipe", "run_recipe", "sample", "score_folder",
+    "seed_everything",
 ]
 __version__ = "0.1.0"

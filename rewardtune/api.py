@@ -188,13 +188,18 @@ def require_recipe(run_dir: Path) -> None:
 
 
 def load_run(
-    run_dir: str | Path, *, accelerator=None, reporter=None, best: bool = False, step: int | None = None
+    run_dir: str | Path, *, accelerator=None, reporter=None, best: bool = False, step: int | None = None,
+    build_overrides: list[str] | None = None,
 ) -> Trainer:
     """A Trainer holding a run's latest checkpoint, its best one (`best`) or the kept one of `step`, for eval and
-    sample."""
+    sample. `build_overrides` (`table.key=value`) change how the objects are built before the checkpoint loads over
+    them: only settings whose effect the checkpoint replaces (e.g. `reward.pretrain_steps=0`: the autoencoder
+    energy's weights come from the checkpoint, so its pretraining would be wasted)."""
     run_dir = Path(run_dir)
     require_recipe(run_dir)
     raw = read_run_recipe(run_dir)
+    for item in build_overrides or []:
+        apply_override(raw, item)
     teacher = raw.get("distill", {}).get("teacher", "")
     if teacher.endswith(".toml"):  # a teacher recipe was run into <run>/teacher
         raw["distill"]["teacher"] = str(run_dir / "teacher")

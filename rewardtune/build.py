@@ -116,6 +116,7 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
     supply = build_condition_supply(recipe.conditions, data, recipe.base_dir())
     context: dict = {
         "sample_shape": tuple(data.sample_shape),
+        "data": data,
         "teacher": teacher,
         "conditioning": None if supply is None else supply.conditioning,
     }
@@ -133,6 +134,8 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
     if "reward" in plugins:  # rewards see the samples: `output(x_T)`, the data's shape
         context["reward"] = call_factory("reward", plugins["reward"], context, owners)
         check_shared_energy(context["reward"], context["value"], backbone, data)
+    if "prior" in plugins:  # after the reward: a prior may start from the data through the reward's networks
+        set_prior(backbone, call_factory("prior", plugins["prior"], context, owners))
     algorithm = call_factory("algorithm", plugins["algorithm"], context, owners)
     check_data_needed(data, context["reward"], algorithm)
     check_reward_trainer(context["reward"], algorithm, plugins)
@@ -147,6 +150,16 @@ def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Ca
         if supply is None:  # a conditional run's metric names depend on its conditions: checked at step 0 instead
             check_keep_best(recipe.eval, evaluator, context["reward"])
     return Experiment(recipe, data, backbone, context["value"], context["reward"], algorithm, evaluator, owners, supply)
+
+
+def set_prior(backbone, prior) -> None:
+    """The recipe's [prior] replaces the backbone's pi(x_0); a draw must have the policy's state shape."""
+    draw = prior.sample(2, tuple(backbone.sample_shape), torch.Generator().manual_seed(0), "cpu")
+    if tuple(draw.shape) != (2, *backbone.sample_shape):
+        raise RecipeError(
+            f"[prior] draws x_0 of shape {tuple(draw.shape[1:])}, but the backbone's states are {tuple(backbone.sample_shape)}"
+        )
+    backbone.prior = prior.to(backbone.device)
 
 
 def check_shared_energy(reward, value, backbone, data) -> None:
@@ -256,9 +269,12 @@ def check_keep_best(cfg: EvalConfig, evaluator, reward) -> None:
 
 
 def make_evaluator(data, recipe: Recipe, owners: PluginOwners | None = None):
-    """Images (C, H, W) get the FID/precision/recall evaluator; vectors (D,) the sliced-Wasserstein one. Settings
+    """Data that declare `make_evaluator(eval_config)` get theirs (`anomaly_features`: AUROCs); otherwise images
+    (C, H, W) get the FID/precision/recall evaluator and vectors (D,) the sliced-Wasserstein one. Settings
     the evaluator cannot honour for this data are a RecipeError here, before training."""
     cfg, shape = recipe.eval, tuple(data.sample_shape)
+    if hasattr(data, "make_evaluator"):  # data that declare their own evaluation (anomaly detection)
+        return data.make_evaluator(cfg)
     if len(shape) == 3:
         return make_image_evaluator(data, cfg, owners or PluginOwners())
     from rewardtune.evaluation import ToyEvaluator

@@ -1,4 +1,5 @@
-"""The `rewardtune` command line: run, distill, eval, sample, plugins, report.
+"""The `rewardtune` command line: run, distill, eval, sample, export, score (anomaly scores of an image folder),
+plugins, report.
 
 Exit codes: 0 done (also `--help`, `--version`); 1 an internal error (a bug: `--debug` shows the traceback); 2 bad
 input: a `RewardtuneError` (one `error: ...` line on stderr) or a usage error of the command line itself (a `Usage:`
@@ -307,8 +308,49 @@ def export(
 
 
 @app.command(cls=Command)
+def score(
+    run_dir: RunDirArgument,
+    input_folder: Annotated[
+        Path,
+        typer.Argument(
+            help="The images to score (PNG, JPEG, BMP, TIFF; subfolders too). In MVTec's test layout (good/ plus one "
+            "folder per defect type) the images are labelled and the AUROCs computed.",
+            metavar="INPUT_FOLDER", show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("-o", "--out", help="The folder to write scores.csv, overlays/ and auroc.json to (created).",
+                     metavar="OUT", show_default=False),
+    ],
+    masks: Annotated[
+        Path | None,
+        typer.Option("--masks", help="Defect masks in MVTec's ground_truth layout (<defect>/<stem>_mask.png), for the "
+                     "pixel AUROC.", metavar="FOLDER"),
+    ] = None,
+    best: Annotated[bool, typer.Option("--best", help="Use checkpoints/best instead of the latest checkpoint.")] = False,
+) -> None:
+    """Score a folder of images for anomalies with a trained energy (DxMI section 5.3).
+
+    An image's score is the highest energy of its feature map; its overlay shows the energy map upsampled to the
+    image. Writes scores.csv, overlays/*.png and, for a labelled folder, auroc.json (image AUROC; pixel AUROC with
+    --masks).
+    """
+    from rewardtune.anomaly import scoring
+    from rewardtune.errors import RewardtuneError
+
+    scoring.check_paths(input_folder, out, masks)  # before the (slow) model load
+    model = scoring.load_model_for(run_dir, best=best)
+    try:
+        summary = scoring.score_folder(model, input_folder, out, masks_dir=masks)
+    except OSError as err:  # a read-only or full output folder
+        raise RewardtuneError(f"cannot write into {out}: {err.strerror or err}") from None
+    print_anomaly_summary(summary)
+
+
+@app.command(cls=Command)
 def plugins() -> None:
-    """List the backbones, values, rewards, data and algorithms (built-in and installed)."""
+    """List the backbones, values, rewards, data, algorithms and priors (built-in and installed)."""
     from rich.table import Table
 
     from rewardtune.registry import REGISTRIES
@@ -365,6 +407,23 @@ def print_result(result: dict, out_dir: Path) -> None:
         names, rows = condition_rows(result["metrics"], held_out=held_out)
         if rows:
             console.print(condition_table(title, names, rows))
+
+
+def print_anomaly_summary(summary: dict) -> None:
+    """`rewardtune score`'s result: a table of the AUROCs on stdout; notes and the files written on stderr."""
+    from rich.table import Table
+
+    title = f"{summary['images']} images" + (f", {summary['anomalous']} anomalous" if "anomalous" in summary else "")
+    table = Table("metric", "value", title=title, title_justify="left")
+    for key, name in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")):
+        if key in summary:
+            table.add_row(name, f"{summary[key]:.4f}")
+    if table.rows:
+        Console().print(table)
+    for note in summary["notes"]:
+        print_error(f"note: {note}")
+    for what, path in summary["files"].items():
+        print_error(f"{what}: {path}")
 
 
 def condition_table(title: str, names: list[str], rows: dict[str, dict[str, float]]):

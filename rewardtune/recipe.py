@@ -45,7 +45,7 @@ class DistillSection:
     init_from_teacher: bool = True  # start the student's network from the teacher's (same architecture needed)
 
 
-PLUGIN_SECTIONS = ("data", "backbone", "value", "reward", "algorithm")
+PLUGIN_SECTIONS = ("data", "backbone", "value", "reward", "algorithm", "prior")
 REQUIRED_SECTIONS = ("data", "backbone", "algorithm")
 FIXED_SECTIONS: dict[str, type] = {"run": RunConfig, "train": TrainConfig, "eval": EvalConfig}
 OPTIONAL_SECTIONS: dict[str, type] = {"distill": DistillSection}  # in the resolved recipe only when given

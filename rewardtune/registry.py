@@ -26,8 +26,9 @@ from importlib.metadata import entry_points
 from rewardtune.errors import PluginError, PluginNotFoundError
 from rewardtune.imports import import_object
 
-CONTEXT_NAMES = ("sample_shape", "num_steps", "backbone", "value", "reward", "teacher", "conditioning")
-# teacher: [distill]; conditioning: what condition a conditional run's networks take ([conditions]; None otherwise)
+CONTEXT_NAMES = ("sample_shape", "num_steps", "backbone", "value", "reward", "teacher", "conditioning", "data")
+# teacher: [distill]; conditioning: what condition a conditional run's networks take ([conditions]; None otherwise);
+# data: the [data] source (an energy pretrained on it, a prior that starts from it)
 
 
 Contract = Callable[[object], str | None]  # what a built object lacks ("a Reward (...)"), or None when it fits
@@ -162,7 +163,8 @@ BACKBONES = Registry(
      "edm": "rewardtune.backbones.edm:build_edm_backbone", "flow": "rewardtune.backbones.flow:build_flow_backbone",
      "sd": "rewardtune.backbones.latent:build_sd_backbone", "sd3": "rewardtune.backbones.sd3:build_sd3_backbone",
      "flux": "rewardtune.backbones.flux:build_flux_backbone",
-     "posterior_sampling": "rewardtune.backbones.posterior:build_posterior_sampling_backbone"},
+     "posterior_sampling": "rewardtune.backbones.posterior:build_posterior_sampling_backbone",
+     "sphere_mlp": "rewardtune.backbones.sphere:build_sphere_mlp_backbone"},
     instance_of("rewardtune.backbones.base:GaussianChainPolicy", "a GaussianChainPolicy (rewardtune.backbones.base)"),
 )
 VALUES = Registry(
@@ -191,6 +193,7 @@ REWARDS = Registry(
         "pickscore": "rewardtune.rewards.pickscore:build_pickscore_reward",
         "time_energy": "rewardtune.rewards.time_energy:build_time_energy_reward",
         "discriminator": "rewardtune.rewards.discriminator:build_discriminator_reward",
+        "autoencoder": "rewardtune.rewards.autoencoder:build_autoencoder_reward",
     },
     instance_of("rewardtune.rewards.base:Reward", "a Reward (a subclass of rewardtune.rewards.base.Reward; docs/plugins.md)"),
 )
@@ -224,8 +227,23 @@ DATA = Registry(
         "image_folder": "rewardtune.data.images:build_image_folder",
         "shapes": "rewardtune.data.shapes:build_shapes",
         "none": "rewardtune.data.none:build_no_data",
+        "anomaly_features": "rewardtune.data.anomaly:build_anomaly_features",
     },
     data_contract,
 )
+PRIORS = Registry(
+    "prior",
+    "rewardtune.priors",
+    {
+        "standard_normal": "rewardtune.backbones.priors:build_standard_normal_prior",
+        "noised_data": "rewardtune.backbones.priors:build_noised_data_prior",
+    },
+    has_members(
+        "sample", wanted="a prior: a torch.nn.Module with sample(n, shape, generator, device) (backbones/priors.py)",
+        base=instance_of("torch.nn:Module", "a torch.nn.Module"),
+    ),
+)
 
-REGISTRIES = {"backbone": BACKBONES, "value": VALUES, "reward": REWARDS, "algorithm": ALGORITHMS, "data": DATA}
+REGISTRIES = {
+    "backbone": BACKBONES, "value": VALUES, "reward": REWARDS, "algorithm": ALGORITHMS, "data": DATA, "prior": PRIORS,
+}

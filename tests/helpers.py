@@ -6,6 +6,7 @@
 - `QuadraticCost`: a fixed (non-learning) reward r(x) = -||x - m||^2 / 2, i.e. terminal cost E(x) = ||x - m||^2 / 2.
 - `lqg_objective` / `lqg_optimum`: the DxMI Eq. (8) objective of a linear policy in closed form, and the optimal
   policy and objective value of the linear-quadratic-Gaussian problem by a backward (soft-Riccati) recursion.
+- `run_cli`: the command line in this process, with its exit code and output.
 """
 
 from __future__ import annotations
@@ -176,3 +177,23 @@ class TinyEDMNetwork(nn.Module):
 def tiny_edm_network() -> TinyEDMNetwork:
     torch.manual_seed(0)
     return TinyEDMNetwork()
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`rewardtune ARGS` in this process, through the console script's error handler (`cli.main`): (exit code,
+    stdout, stderr). Arguments may be paths."""
+    import sys
+
+    from rewardtune.cli import main
+
+    old = sys.argv
+    sys.argv = ["rewardtune", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -19,21 +20,6 @@ TINY = [
 ]
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process (fast); returns (exit code, stdout, stderr)."""
-    from rewardtune.cli import main
-
-    old = sys.argv
-    sys.argv = ["rewardtune", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def rewardtune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -157,10 +143,10 @@ def test_report_tables_a_folder_of_runs(dxmi_run: Path, tmp_path: Path, capsys):
 
     shutil.copytree(dxmi_run, tmp_path / "dxmi_s0", ignore=shutil.ignore_patterns("checkpoints", "pretrain"))
     (tmp_path / "wall_times.txt").write_text("dxmi_s0 12.5\n")
-    code, out, err = cli(capsys, "report", str(tmp_path), "--curves", str(tmp_path / "c.png"))
+    code, out, err = run_cli(capsys, "report", str(tmp_path), "--curves", str(tmp_path / "c.png"))
     assert code == 0, err
     assert "| dxmi_s0 | 20 |" in out and "| 12 |" in out  # the row and its wall time (12.5 s, rounded to even)
     assert "| dxmi | 1 |" in out  # the per-recipe summary
     assert (tmp_path / "c.png").is_file()
-    code, _, err = cli(capsys, "report", str(tmp_path / "nothing"))
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "nothing"))
     assert code == 2 and "is not a folder" in err

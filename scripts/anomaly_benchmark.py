@@ -1,0 +1,133 @@
+"""The offline anomaly-detection benchmark of docs/results.md (issue W2 7/8): DxMI (tau = 0.1) against its own
+pretrained autoencoder, DxMI at tau = 0, and standard detectors on exactly the same features.
+
+Sets (anomaly/sets.py): "defects", sklearn digits at 32 x 32 with synthetic defects and exact masks (detection and
+localisation AUROC); "novelty", one digit class left out of training (detection AUROC per held-out class).
+Features: the digits classifier's conv layers at 8 x 8 (96 channels, on the unit sphere; anomaly/features.py).
+
+    python scripts/anomaly_benchmark.py [--out runs/anomaly] [--seeds 0 1 2] [--classes 0 1 ... 9] [--jobs 2]
+
+DxMI runs go through `rewardtune run recipes/anomaly_digits_defects.toml` (finished runs are skipped, started ones
+resumed); "autoencoder" is the same run's step-0 evaluation (the pretrained energy before any DxMI step). Writes
+<out>/table.md and <out>/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+RECIPE = "recipes/anomaly_digits_defects.toml"
+TAU0 = ["--set", "algorithm.tau_entropy=0", "--set", "algorithm.tau_velocity=0"]
+BASELINE_NAMES = ("knn", "gaussian", "isolation_forest")
+
+
+def run_dxmi(out: Path, name: str, args: list[str]) -> dict:
+    """`rewardtune run` into out/name (skipped when finished, resumed when started); its eval.json."""
+    run_dir = out / name
+    if not (run_dir / "eval.json").exists():
+        resume = ["--resume"] if (run_dir / "checkpoints").is_dir() else []
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        with open(out / f"{name}.log", "a") as log:
+            subprocess.run(["rewardtune", "run", RECIPE, "--out", str(run_dir), *resume, *args], check=True, env=env,
+                           stdout=log, stderr=subprocess.STDOUT)
+    return json.loads((run_dir / "eval.json").read_text())
+
+
+def baselines(source: str, held_out: int, seed: int) -> dict[str, dict[str, float]]:
+    """kNN, per-location Gaussian and Isolation Forest on the recipe's features: {name: metrics}."""
+    from rewardtune.anomaly.baselines import BASELINES
+    from rewardtune.anomaly.evaluation import detection_metrics
+    from rewardtune.data.anomaly import build_anomaly_features
+
+    data = build_anomaly_features(source=source, held_out=held_out, extractor="digits_cnn")
+    options = {"knn": {"max_train": 20000, "seed": seed}, "gaussian": {}, "isolation_forest": {"seed": seed}}
+    results = {}
+    for name in BASELINE_NAMES:
+        detector = BASELINES[name](**options[name]).fit(data.train_maps)
+        results[name] = detection_metrics(detector.energy_map(data.test_maps), data.anomaly_set)
+    return results
+
+
+def jobs_for(seeds: list[int], classes: list[int]) -> list[tuple[str, list[str]]]:
+    """(run name, rewardtune run arguments) of every DxMI run."""
+    jobs = []
+    for seed in seeds:
+        jobs.append((f"defects_tau0.1_s{seed}", ["--seed", str(seed)]))
+        jobs.append((f"defects_tau0_s{seed}", ["--seed", str(seed), *TAU0]))
+    for k in classes:
+        jobs.append((f"novelty_{k}_tau0.1_s0", ["--seed", "0", "--set", "data.source=digits_novelty",
+                                                 "--set", f"data.held_out={k}"]))
+    return jobs
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def defects_table(results: dict, seeds: list[int]) -> list[str]:
+    rows = ["| method | image AUROC | pixel AUROC |", "|---|---|---|"]
+
+    def row(name: str, metrics: list[dict]) -> str:
+        image = mean_std([m["image_auroc"] for m in metrics])
+        pixel = mean_std([m["pixel_auroc"] for m in metrics])
+        return f"| {name} | {image} | {pixel} |"
+
+    rows.append(row("DxMI, tau = 0.1", [results[f"defects_tau0.1_s{s}"]["metrics"] for s in seeds]))
+    rows.append(row("DxMI, tau = 0", [results[f"defects_tau0_s{s}"]["metrics"] for s in seeds]))
+    rows.append(row("autoencoder alone (DxMI's start)", [results[f"defects_tau0.1_s{s}"]["initial_metrics"] for s in seeds]))
+    for name in BASELINE_NAMES:
+        rows.append(row(name, [results[f"baselines_defects_s{s}"][name] for s in seeds]))
+    return rows
+
+
+def novelty_table(results: dict, classes: list[int]) -> list[str]:
+    header = "| method | " + " | ".join(str(k) for k in classes) + " | mean ± std |"
+    rows = [header, "|---|" + "---|" * (len(classes) + 1)]
+
+    def row(name: str, values: list[float]) -> str:
+        return f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {mean_std(values)} |"
+
+    rows.append(row("DxMI, tau = 0.1", [results[f"novelty_{k}_tau0.1_s0"]["metrics"]["image_auroc"] for k in classes]))
+    rows.append(row("autoencoder alone", [results[f"novelty_{k}_tau0.1_s0"]["initial_metrics"]["image_auroc"]
+                                          for k in classes]))
+    for name in BASELINE_NAMES:
+        rows.append(row(name, [results[f"baselines_novelty_{k}"][name]["image_auroc"] for k in classes]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/anomaly"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--classes", type=int, nargs="*", default=list(range(10)))
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {name: pool.submit(run_dxmi, args.out, name, run_args)
+                   for name, run_args in jobs_for(args.seeds, args.classes)}
+        for seed in args.seeds:
+            results[f"baselines_defects_s{seed}"] = baselines("digits_defects", 0, seed)
+        for k in args.classes:
+            results[f"baselines_novelty_{k}"] = baselines("digits_novelty", k, 0)
+        results.update({name: future.result() for name, future in futures.items()})
+    lines = ["### Defects (digits 32 x 32, synthetic defects)", "", *defects_table(results, args.seeds)]
+    if args.classes:
+        lines += ["", "### Semantic novelty (one digit class held out; detection AUROC)", "",
+                  *novelty_table(results, args.classes)]
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
