@@ -5,7 +5,8 @@ Sets (anomaly/sets.py): "defects", sklearn digits at 32 x 32 with synthetic defe
 localisation AUROC); "novelty", one digit class left out of training (detection AUROC per held-out class).
 Features: the digits classifier's conv layers at 8 x 8 (96 channels, on the unit sphere; anomaly/features.py).
 
-    python scripts/anomaly_benchmark.py [--out runs/anomaly] [--seeds 0 1 2] [--classes 0 1 ... 9] [--jobs 2]
+    python scripts/anomaly_benchmark.py [--out runs/anomaly] [--seeds 0 1 2] [--classes 0 1 ... 9]
+        [--novelty-steps 1000] [--jobs 2]
 
 DxMI runs go through `rewardtune run recipes/anomaly_digits_defects.toml` (finished runs are skipped, started ones
 resumed); "autoencoder" is the same run's step-0 evaluation (the pretrained energy before any DxMI step). Writes
@@ -54,15 +55,16 @@ def baselines(source: str, held_out: int, seed: int) -> dict[str, dict[str, floa
     return results
 
 
-def jobs_for(seeds: list[int], classes: list[int]) -> list[tuple[str, list[str]]]:
-    """(run name, rewardtune run arguments) of every DxMI run."""
+def jobs_for(seeds: list[int], classes: list[int], novelty_steps: int) -> list[tuple[str, list[str]]]:
+    """(run name, rewardtune run arguments) of every DxMI run: the defects set at the recipe's length on every seed,
+    with tau = 0.1 and tau = 0; each held-out class of the novelty set at `novelty_steps` (seed 0)."""
     jobs = []
     for seed in seeds:
         jobs.append((f"defects_tau0.1_s{seed}", ["--seed", str(seed)]))
         jobs.append((f"defects_tau0_s{seed}", ["--seed", str(seed), *TAU0]))
     for k in classes:
         jobs.append((f"novelty_{k}_tau0.1_s0", ["--seed", "0", "--set", "data.source=digits_novelty",
-                                                 "--set", f"data.held_out={k}"]))
+                                                 "--set", f"data.held_out={k}", "--steps", str(novelty_steps)]))
     return jobs
 
 
@@ -108,13 +110,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/anomaly"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--classes", type=int, nargs="*", default=list(range(10)))
+    parser.add_argument("--novelty-steps", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {name: pool.submit(run_dxmi, args.out, name, run_args)
-                   for name, run_args in jobs_for(args.seeds, args.classes)}
+                   for name, run_args in jobs_for(args.seeds, args.classes, args.novelty_steps)}
         for seed in args.seeds:
             results[f"baselines_defects_s{seed}"] = baselines("digits_defects", 0, seed)
         for k in args.classes:

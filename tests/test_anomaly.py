@@ -323,3 +323,18 @@ def test_prior_and_data_errors_are_one_line(tmp_path, capsys):
         assert code == 2, (overrides, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (overrides, err)
+
+
+def test_anomaly_run_resumes_to_the_same_numbers(tmp_path):
+    """Two steps, then two more on --resume, equal four straight: the pretrained autoencoder, the prior's frozen
+    copy and its noise scale come back from the checkpoint."""
+    from rewardtune.api import run_recipe
+    from rewardtune.recipe import load_recipe
+
+    root = write_mvtec_layout(tmp_path / "mvtec", categories=("bottle",), size=32)
+    recipe = REPO / "recipes" / "dxmi_mvtec.toml"
+    settings = [f"data.root={root}", *TINY, "train.eval_every=0", "eval.keep_best=", "eval.best_mode=min"]
+    straight = run_recipe(load_recipe(recipe, [*settings, "train.steps=4"]), tmp_path / "straight")
+    run_recipe(load_recipe(recipe, [*settings, "train.steps=2"]), tmp_path / "resumed")
+    resumed = run_recipe(load_recipe(recipe, [*settings, "train.steps=4"]), tmp_path / "resumed", resume=True, force=True)
+    assert straight["metrics"] == resumed["metrics"]

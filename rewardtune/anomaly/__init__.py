@@ -1,5 +1,5 @@
-"""Energy-based anomaly detection (DxMI, Yoon et al. 2024, §5.3): MVTec-AD in UniAD's unified multi-class setting
-and offline digits benchmarks (`sets`), frozen CNN feature maps projected onto the unit sphere (`features`), and
-standard detectors on the same features to compare against (`baselines`): every detector scores a spatial feature
-map with an energy map, higher meaning more anomalous.
-"""
+"""Energy-based anomaly detection and localisation (DxMI §5.3; docs/anomaly.md): `features` (frozen CNN features on a
+common grid, projected onto the unit sphere), `sets` (MVTec-AD's folder layout and the offline digits benchmarks),
+`baselines` (k-NN, per-location Gaussian, Isolation Forest on the same features), `scoring` (max-pooled image scores,
+bilinear localisation maps, AUROCs, `score_folder` behind `rewardtune score`), `evaluation` (`AnomalyEvaluator`) and
+`model` (a trained run as a scorer; it loads runs, so it sits at the API level)."""
