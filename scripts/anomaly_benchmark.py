@@ -28,6 +28,12 @@ TAU0 = ["--set", "algorithm.tau_entropy=0", "--set", "algorithm.tau_velocity=0"]
 BASELINE_NAMES = ("knn", "gaussian", "isolation_forest")
 
 
+def finished(out: Path, name: str) -> dict | None:
+    """A finished run's eval.json (None when it has not finished)."""
+    path = out / name / "eval.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def run_dxmi(out: Path, name: str, args: list[str]) -> dict:
     """`rewardtune run` into out/name (skipped when finished, resumed when started); its eval.json."""
     run_dir = out / name
@@ -78,13 +84,18 @@ def defects_table(results: dict, seeds: list[int]) -> list[str]:
     rows = ["| method | image AUROC | pixel AUROC |", "|---|---|---|"]
 
     def row(name: str, metrics: list[dict]) -> str:
+        if not metrics:
+            return f"| {name} | not run | not run |"
         image = mean_std([m["image_auroc"] for m in metrics])
         pixel = mean_std([m["pixel_auroc"] for m in metrics])
-        return f"| {name} | {image} | {pixel} |"
+        return f"| {name} | {image} | {pixel} ({len(metrics)} seed{'s' if len(metrics) > 1 else ''}) |"
 
-    rows.append(row("DxMI, tau = 0.1", [results[f"defects_tau0.1_s{s}"]["metrics"] for s in seeds]))
-    rows.append(row("DxMI, tau = 0", [results[f"defects_tau0_s{s}"]["metrics"] for s in seeds]))
-    rows.append(row("autoencoder alone (DxMI's start)", [results[f"defects_tau0.1_s{s}"]["initial_metrics"] for s in seeds]))
+    def runs(prefix: str, key: str = "metrics") -> list[dict]:
+        return [results[f"{prefix}_s{s}"][key] for s in seeds if results.get(f"{prefix}_s{s}")]
+
+    rows.append(row("DxMI, tau = 0.1", runs("defects_tau0.1")))
+    rows.append(row("DxMI, tau = 0", runs("defects_tau0")))
+    rows.append(row("autoencoder alone (DxMI's start)", runs("defects_tau0.1", "initial_metrics")))
     for name in BASELINE_NAMES:
         rows.append(row(name, [results[f"baselines_defects_s{s}"][name] for s in seeds]))
     return rows
@@ -94,12 +105,17 @@ def novelty_table(results: dict, classes: list[int]) -> list[str]:
     header = "| method | " + " | ".join(str(k) for k in classes) + " | mean ± std |"
     rows = [header, "|---|" + "---|" * (len(classes) + 1)]
 
-    def row(name: str, values: list[float]) -> str:
-        return f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {mean_std(values)} |"
+    def row(name: str, values: list[float | None]) -> str:
+        cells = " | ".join("not run" if v is None else f"{v:.3f}" for v in values)
+        done = [v for v in values if v is not None]
+        return f"| {name} | {cells} | {mean_std(done) if done else 'not run'} |"
 
-    rows.append(row("DxMI, tau = 0.1", [results[f"novelty_{k}_tau0.1_s0"]["metrics"]["image_auroc"] for k in classes]))
-    rows.append(row("autoencoder alone", [results[f"novelty_{k}_tau0.1_s0"]["initial_metrics"]["image_auroc"]
-                                          for k in classes]))
+    def dxmi(k: int, key: str) -> float | None:
+        run = results.get(f"novelty_{k}_tau0.1_s0")
+        return None if run is None else run[key]["image_auroc"]
+
+    rows.append(row("DxMI, tau = 0.1", [dxmi(k, "metrics") for k in classes]))
+    rows.append(row("autoencoder alone", [dxmi(k, "initial_metrics") for k in classes]))
     for name in BASELINE_NAMES:
         rows.append(row(name, [results[f"baselines_novelty_{k}"][name]["image_auroc"] for k in classes]))
     return rows
@@ -112,17 +128,20 @@ def main() -> None:
     parser.add_argument("--classes", type=int, nargs="*", default=list(range(10)))
     parser.add_argument("--novelty-steps", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--table-only", action="store_true", help="tables from the runs that finished; run nothing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
+    jobs = jobs_for(args.seeds, args.classes, args.novelty_steps)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {name: pool.submit(run_dxmi, args.out, name, run_args)
-                   for name, run_args in jobs_for(args.seeds, args.classes, args.novelty_steps)}
+        futures = {} if args.table_only else {name: pool.submit(run_dxmi, args.out, name, run_args)
+                                              for name, run_args in jobs}
         for seed in args.seeds:
             results[f"baselines_defects_s{seed}"] = baselines("digits_defects", 0, seed)
         for k in args.classes:
             results[f"baselines_novelty_{k}"] = baselines("digits_novelty", k, 0)
         results.update({name: future.result() for name, future in futures.items()})
+    results.update({name: finished(args.out, name) for name, _ in jobs if name not in results})
     lines = ["### Defects (digits 32 x 32, synthetic defects)", "", *defects_table(results, args.seeds)]
     if args.classes:
         lines += ["", "### Semantic novelty (one digit class held out; detection AUROC)", "",

@@ -338,3 +338,21 @@ def test_anomaly_run_resumes_to_the_same_numbers(tmp_path):
     run_recipe(load_recipe(recipe, [*settings, "train.steps=2"]), tmp_path / "resumed")
     resumed = run_recipe(load_recipe(recipe, [*settings, "train.steps=4"]), tmp_path / "resumed", resume=True, force=True)
     assert straight["metrics"] == resumed["metrics"]
+
+
+def test_resume_refuses_a_changed_prior(tmp_path):
+    """The prior's weights and noise scale are in the checkpoint: a changed [prior] on --resume is refused in one
+    line naming the setting, before anything in the run directory changes."""
+    from rewardtune.api import run_recipe
+    from rewardtune.recipe import load_recipe
+
+    root = write_mvtec_layout(tmp_path / "mvtec", categories=("bottle",), size=32)
+    recipe = REPO / "recipes" / "dxmi_mvtec.toml"
+    settings = [f"data.root={root}", *TINY, "train.steps=2", "train.eval_every=0", "eval.keep_best=",
+                "eval.best_mode=min"]
+    run_recipe(load_recipe(recipe, settings), tmp_path / "run")
+    before = (tmp_path / "run" / "recipe.toml").read_text()
+    with pytest.raises(RecipeError, match="prior.noise_scale") as err:
+        run_recipe(load_recipe(recipe, [*settings, "prior.noise_scale=0.5"]), tmp_path / "run", resume=True, force=True)
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "run" / "recipe.toml").read_text() == before
