@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
+cli = run_cli  # the name the other test modules import (`from test_cli import cli`)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--set", "train.batch_size=32", "--set", "eval.num_samples=500", "--set", "eval.repeats=2",
