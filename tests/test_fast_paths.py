@@ -1,15 +1,25 @@
 """The hot path's shortcuts (issue 19) give the numbers of the plain paths, bit for bit: multi-tensor Adam in
-`GradStep` and its checkpoints both ways."""
+`GradStep`, its checkpoints both ways, gradient norms only on logged steps, and the trainer reading every metric in
+one copy."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import rewardtune as rt
 from rewardtune.optim import GradStep
+from rewardtune.trainer import metric_floats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(*overrides: str):
+    return rt.build_trainer(rt.load_recipe(ROOT / "recipes" / "tiny_8gaussians.toml", list(overrides)))
 
 
 def small_net(seed: int) -> nn.Module:
@@ -76,3 +86,45 @@ def test_adam_state_loads_both_ways_between_the_loop_and_the_multi_tensor_optimi
         loader.step(loss_of(resumed, step))
     for p, q in zip(net.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_an_unlogged_step_returns_no_norm_and_takes_the_same_step():
+    logged_net, quiet_net = small_net(0), small_net(0)
+    logged, quiet = GradStep([(logged_net.parameters(), 1e-2)]), GradStep([(quiet_net.parameters(), 1e-2)])
+    quiet.set_logged(False)
+    for step in range(3):
+        norm = logged.step(loss_of(logged_net, step))
+        assert quiet.step(loss_of(quiet_net, step)) is None
+        assert isinstance(norm, torch.Tensor) and norm.dim() == 0 and float(norm) > 0
+    for p, q in zip(logged_net.parameters(), quiet_net.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_an_unlogged_step_still_skips_a_nonfinite_step_when_asked():
+    weight = nn.Parameter(torch.ones(3))
+    opt = GradStep([([weight], 0.1)])
+    opt.configure(skip_nonfinite=True)
+    opt.set_logged(False)
+    assert opt.step((weight * float("nan")).sum()) is None
+    assert opt.skipped == 1 and torch.equal(weight.detach(), torch.ones(3))
+
+
+# ---- the trainer reads metrics in one copy, and norms only when it logs ------------------------------------------
+def test_metric_floats_reads_tensors_as_item_would_and_keeps_the_order():
+    values = {"a": torch.tensor(0.1), "b": 2.5, "c": torch.tensor(1 / 3, dtype=torch.float64), "d": torch.tensor([7.0])}
+    read = metric_floats(values)
+    assert list(read) == ["a", "b", "c", "d"]
+    assert read == {"a": values["a"].item(), "b": 2.5, "c": values["c"].item(), "d": 7.0}
+    assert all(type(v) is float for v in read.values())
+
+
+def test_the_gradient_norm_is_a_metric_of_logged_steps_only():
+    trainer = tiny("train.steps=6", "train.log_every=3")
+    trainer.out_dir = None
+    seen = []
+    while trainer.step < 6:
+        metrics = trainer.train_step()
+        trainer.step += 1
+        seen.append("policy/grad_norm" in metrics)
+        assert all(type(v) is float for v in metrics.values())
+    assert seen == [False, False, True, False, False, True]

@@ -212,9 +212,9 @@ def sampler_optimizer(
     )
 
 
-def sigma_metrics(backbone: GaussianChainPolicy) -> dict[str, float]:
-    """{"sigma/t": sigma_t} for logging."""
-    return {f"sigma/{t}": float(s) for t, s in enumerate(backbone.sigma().detach())}
+def sigma_metrics(backbone: GaussianChainPolicy) -> dict[str, torch.Tensor]:
+    """{"sigma/t": sigma_t} for logging (0-d tensors: the trainer reads every metric in one copy)."""
+    return {f"sigma/{t}": s for t, s in enumerate(backbone.sigma().detach())}
 
 
 def initial_velocity_scale(backbone: GaussianChainPolicy) -> torch.Tensor:
@@ -280,7 +280,9 @@ class DxDP:
         x = self.backbone.output(x)  # the reward scores the sample the user gets, not the raw state x_T
         return check_reward_output(reward_name(self.reward), self.reward.cost(x, condition), x.shape[0]).detach()
 
-    def evaluate_policy(self, trajectory: Trajectory) -> dict[str, float]:
+    def evaluate_policy(self, trajectory: Trajectory) -> dict[str, torch.Tensor]:
+        """Policy evaluation on the sampled `trajectory`: the terminal regression (unless V(., T) is the shared
+        energy), then the TD steps (Eq. (10)/(12)). Returns the losses as 0-d tensors."""
         states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
         dev = states.device
         losses = {}
@@ -289,13 +291,13 @@ class DxDP:
             target = self.terminal_cost(states[-1], c)
             loss = (self.value_at(states[-1], self._times(T, B, dev), c) - target).pow(2).mean()
             self.value.optimizer.step(loss)
-            losses["value/terminal_loss"] = loss.item()
+            losses["value/terminal_loss"] = loss.detach()
         kl = self.value_kl(trajectory)  # [T, B] or None; the policy does not change during evaluation
         if kl is not None:
-            losses["policy/path_kl"] = float(all_mean(kl.sum(0).mean()))  # E sum_t KL_t: the KL of the chains
+            losses["policy/path_kl"] = all_mean(kl.sum(0).mean())  # E sum_t KL_t: the KL of the chains
         if self.config.td_mode == "sequential":
             td = [self._td_step(trajectory, t, kl) for t in range(T - 1, -1, -1)]
-            losses["value/td_loss"] = sum(td) / T
+            losses["value/td_loss"] = torch.stack(td).double().sum() / T  # the mean, summed in float64 as floats were
         else:
             losses["value/td_loss"] = self._td_step(trajectory, None, kl)
         return losses
@@ -336,13 +338,13 @@ class DxDP:
             )
         return x, tt, target
 
-    def _td_step(self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None = None) -> float:
-        """One Adam step on the squared Bellman residual at time t (all times when t is None)."""
+    def _td_step(self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None = None) -> torch.Tensor:
+        """One Adam step on the squared Bellman residual at time t (all times when t is None); returns the loss."""
         x, tt, target = self.td_batch(trajectory, t, kl)
         c = rows_condition(trajectory, 1 if t is not None else trajectory.num_steps)
         loss = ((self.value(x, tt) if c is None else self.value(x, tt, c)) - target).pow(2).mean()
         self.value.optimizer.step(loss)
-        return loss.item()
+        return loss.detach()
 
     def _transition_log_prob(self, trajectory: Trajectory, steps, tt: torch.Tensor) -> torch.Tensor:
         if self.config.value_entropy == "closed_form" or trajectory.log_probs is None:
@@ -384,7 +386,7 @@ class DxDP:
             loss = loss + self.kl_weight * gaussian_kl(mean, sigma, reference_mean, self.reference.sigma()[t])
         return loss.mean()
 
-    def improve_policy(self, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
+    def improve_policy(self, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         T, B = trajectory.num_steps, trajectory.batch_size
         n = self.config.policy_batch or B
         dev = trajectory.states.device
@@ -394,15 +396,18 @@ class DxDP:
         condition = None if trajectory.condition is None else trajectory.condition.select(index.cpu())
         noise = torch.randn(x.shape, generator=generator, device=dev)
         loss = self.policy_loss(x, t, noise, condition)
-        grad_norm = self.sampler_optimizer.step(loss)
-        return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm}
+        grad_norm = self.sampler_optimizer.step(loss)  # None when the trainer does not log this iteration
+        metrics = {"policy/loss": loss.detach()}
+        if grad_norm is not None:
+            metrics["policy/grad_norm"] = grad_norm
+        return metrics
 
     # ---- one iteration -------------------------------------------------------------------------------------------
     def update(
         self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None, real_condition=None
-    ) -> dict[str, float]:
+    ) -> dict[str, torch.Tensor]:
         """One iteration on the sampled `trajectory` (its conditions ride along in it; the data's, `real_condition`,
-        are not used)."""
+        are not used). Returns the metrics as 0-d tensors (the trainer reads them all in one copy)."""
         self.s2 = self.s2.to(trajectory.states.device)
         if self.reference is not None:
             self.reference.to(trajectory.states.device)
