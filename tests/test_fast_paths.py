@@ -1,6 +1,6 @@
 """The hot path's shortcuts (issue 19) give the numbers of the plain paths, bit for bit: multi-tensor Adam in
-`GradStep`, its checkpoints both ways, gradient norms only on logged steps, and the trainer reading every metric in
-one copy."""
+`GradStep`, its checkpoints both ways, gradient norms only on logged steps, the trainer reading every metric in one
+copy, and DxDP's closed-form entropy computed once per iteration."""
 
 from __future__ import annotations
 
@@ -128,3 +128,20 @@ def test_the_gradient_norm_is_a_metric_of_logged_steps_only():
         seen.append("policy/grad_norm" in metrics)
         assert all(type(v) is float for v in metrics.values())
     assert seen == [False, False, True, False, False, True]
+
+
+# ---- DxDP: the closed-form entropy once per iteration ------------------------------------------------------------
+@pytest.mark.parametrize("value_entropy", ["closed_form", "sample"])
+def test_td_targets_from_the_iterations_log_probs_are_those_computed_per_step(value_entropy):
+    trainer = tiny(f"algorithm.value_entropy={value_entropy}")
+    algorithm = trainer.algorithm
+    trajectory = trainer.backbone.sample(16, torch.Generator().manual_seed(0))
+    log_probs = algorithm.transition_log_probs(trajectory)  # [T, B]
+    for t in [*range(trajectory.num_steps), None]:
+        _, _, shared = algorithm.td_batch(trajectory, t, None, log_probs)
+        _, _, own = algorithm.td_batch(trajectory, t)
+        assert torch.equal(shared, own)
+    if value_entropy == "closed_form":  # per step, as td_batch used to compute it: -H(t) for each row
+        for t in range(trajectory.num_steps):
+            expected = -trainer.backbone.entropy(torch.full((16,), t))
+            assert torch.equal(log_probs[t], expected)

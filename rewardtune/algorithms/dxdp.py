@@ -292,14 +292,17 @@ class DxDP:
             loss = (self.value_at(states[-1], self._times(T, B, dev), c) - target).pow(2).mean()
             self.value.optimizer.step(loss)
             losses["value/terminal_loss"] = loss.detach()
-        kl = self.value_kl(trajectory)  # [T, B] or None; the policy does not change during evaluation
+        # The policy does not change during evaluation: its KL costs [T, B] (or None) and its log-density terms
+        # (`transition_log_probs`) are computed once for every TD step.
+        kl = self.value_kl(trajectory)
         if kl is not None:
             losses["policy/path_kl"] = all_mean(kl.sum(0).mean())  # E sum_t KL_t: the KL of the chains
+        log_probs = self.transition_log_probs(trajectory)
         if self.config.td_mode == "sequential":
-            td = [self._td_step(trajectory, t, kl) for t in range(T - 1, -1, -1)]
+            td = [self._td_step(trajectory, t, kl, log_probs) for t in range(T - 1, -1, -1)]
             losses["value/td_loss"] = torch.stack(td).double().sum() / T  # the mean, summed in float64 as floats were
         else:
-            losses["value/td_loss"] = self._td_step(trajectory, None, kl)
+            losses["value/td_loss"] = self._td_step(trajectory, None, kl, log_probs)
         return losses
 
     def value_kl(self, trajectory: Trajectory) -> torch.Tensor | None:
@@ -312,7 +315,11 @@ class DxDP:
         return transition_kl(self.backbone, self.reference, trajectory, sampled=sampled)
 
     def td_batch(
-        self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None = None
+        self,
+        trajectory: Trajectory,
+        t: int | None,
+        kl: torch.Tensor | None = None,
+        log_probs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The regression batch of one TD step at time t (all T times when None): the states x_t [N, ...], their
         times [N] and the targets of Eq. (10)/(12) plus the KL cost [N] (no gradient); N = B, or T*B.
@@ -321,6 +328,7 @@ class DxDP:
             trajectory: the sampled chains.
             t: the transition x_t -> x_{t+1} to regress, or None for all of them.
             kl: the KL safeguard's cost of every transition [T, B] (`value_kl`), or None.
+            log_probs: the log-density term of every transition [T, B] (`transition_log_probs`; None: computed here).
         """
         states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
         steps = range(T) if t is None else [t]
@@ -329,7 +337,8 @@ class DxDP:
         tt = torch.cat([self._times(u, B, x.device) for u in steps])
         with torch.no_grad():
             v_next = self.value_at(x_next, tt + 1, rows_condition(trajectory, len(steps)))
-            log_prob = self._transition_log_prob(trajectory, steps, tt)
+            log_probs = self.transition_log_probs(trajectory) if log_probs is None else log_probs
+            log_prob = torch.cat([log_probs[u] for u in steps])
             velocity = velocity_cost(x, x_next, self.s2[tt])
             cost_t = time_cost(self.config.time_cost, tt, T, self.config)
             kl_t = None if kl is None else torch.cat([kl[u] for u in steps])
@@ -338,18 +347,26 @@ class DxDP:
             )
         return x, tt, target
 
-    def _td_step(self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None = None) -> torch.Tensor:
+    def _td_step(
+        self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None, log_probs: torch.Tensor
+    ) -> torch.Tensor:
         """One Adam step on the squared Bellman residual at time t (all times when t is None); returns the loss."""
-        x, tt, target = self.td_batch(trajectory, t, kl)
+        x, tt, target = self.td_batch(trajectory, t, kl, log_probs)
         c = rows_condition(trajectory, 1 if t is not None else trajectory.num_steps)
         loss = ((self.value(x, tt) if c is None else self.value(x, tt, c)) - target).pow(2).mean()
         self.value.optimizer.step(loss)
         return loss.detach()
 
-    def _transition_log_prob(self, trajectory: Trajectory, steps, tt: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def transition_log_probs(self, trajectory: Trajectory) -> torch.Tensor:
+        """The TD target's log-density term of every sampled transition: [T, B]. The trajectory's log pi(x_{t+1}|x_t),
+        or with `value_entropy = "closed_form"` (and for trajectories without log-probs) its expectation -H_t, which
+        depends on t only (one [T] computation broadcast over the batch)."""
         if self.config.value_entropy == "closed_form" or trajectory.log_probs is None:
-            return -self.backbone.entropy(tt)
-        return torch.cat([trajectory.log_probs[u] for u in steps])
+            T, B = trajectory.num_steps, trajectory.batch_size
+            steps = torch.arange(T, device=trajectory.states.device)
+            return (-self.backbone.entropy(steps)).view(T, 1).expand(T, B)
+        return trajectory.log_probs
 
     # ---- Eq. (11): policy improvement --------------------------------------------------------------------------
     def policy_loss(
