@@ -1,6 +1,6 @@
 """The hot path's shortcuts (issue 19) give the numbers of the plain paths, bit for bit: multi-tensor Adam in
-`GradStep`, its checkpoints both ways, gradient norms only on logged steps, the trainer reading every metric in one
-copy, and DxDP's closed-form entropy computed once per iteration."""
+`GradStep`, its checkpoints both ways, gradient norms only on logged steps, the value's time-embedding table, the
+trainer reading every metric in one copy, and DxDP's closed-form entropy computed once per iteration."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 import rewardtune as rt
+from rewardtune.nets.mlp import TimeMLP
+from rewardtune.nets.value import build_time_mlp_value
 from rewardtune.optim import GradStep
 from rewardtune.trainer import metric_floats
 
@@ -107,6 +109,35 @@ def test_an_unlogged_step_still_skips_a_nonfinite_step_when_asked():
     opt.set_logged(False)
     assert opt.step((weight * float("nan")).sum()) is None
     assert opt.skipped == 1 and torch.equal(weight.detach(), torch.ones(3))
+
+
+# ---- the value's time-embedding table ----------------------------------------------------------------------------
+@pytest.mark.parametrize("time_scale", [1.0, 100.0, 0.37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_time_table_rows_are_the_computed_embeddings_bit_for_bit(time_scale, dtype):
+    computed = TimeMLP(2, 1, hidden=8, depth=1, time_dim=16, time_scale=time_scale).to(dtype)
+    looked_up = TimeMLP(2, 1, hidden=8, depth=1, time_dim=16, time_scale=time_scale, time_table=6).to(dtype)
+    t = torch.randint(0, 6, (37,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(looked_up.time_embedding(t), computed.time_embedding(t))  # int64 times: the table
+    assert torch.equal(looked_up.time_embedding(t.float()), computed.time_embedding(t.float()))  # floats: computed
+    assert torch.equal(looked_up.time_embedding(t), computed.time_embedding(t.float()))  # what a value used to pass
+
+
+def test_time_table_refuses_a_time_outside_it():
+    net = TimeMLP(2, 1, hidden=8, depth=1, time_dim=16, time_table=4)
+    with pytest.raises(IndexError):
+        net(torch.zeros(2, 2), torch.tensor([1, 4]))
+
+
+def test_a_time_mlp_value_looks_its_times_up_and_values_as_before():
+    torch.manual_seed(0)
+    table = build_time_mlp_value((2,), None, 5, hidden=16, depth=2, time_dim=16)
+    torch.manual_seed(0)
+    plain = build_time_mlp_value((2,), hidden=16, depth=2, time_dim=16)  # no num_steps: no table, float times
+    assert table.integer_times and table.net.time_table == 6 and not plain.integer_times
+    x, t = torch.randn(12, 2), torch.arange(6).repeat(2)
+    assert torch.equal(table(x, t), plain(x, t))
+    assert "tables" not in str(list(table.state_dict()))  # derived, not checkpointed
 
 
 # ---- the trainer reads metrics in one copy, and norms only when it logs ------------------------------------------
