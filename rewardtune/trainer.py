@@ -48,6 +48,7 @@ from rewardtune.errors import (
 )
 from rewardtune.evaluation import round_metrics
 from rewardtune.modes import eval_mode
+from rewardtune.phases import NO_PHASES, Phases
 from rewardtune.plugin_failures import PluginOwners
 from rewardtune.precision import autocast
 from rewardtune.sharding import (
@@ -195,6 +196,7 @@ class Trainer:
         self.backbone, self.algorithm, self.reward = backbone, algorithm, reward
         self.data, self.evaluator = data, evaluator
         self.conditions = conditions
+        self.phases: Phases = NO_PHASES  # times nothing unless a benchmark asks (`time_phases`)
         self.config, self.eval_config = config, eval_config or EvalConfig()
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.reporter = reporter or SilentReporter()
@@ -545,7 +547,20 @@ class Trainer:
 
     def train_step(self, window: tuple[int, int] | None = None) -> dict[str, float]:
         """One iteration (see the module docstring) with the lr schedule over `window` (default: this step's
-        `lr_schedule_window()`); returns the metrics of this rank."""
+        `lr_schedule_window()`); returns the metrics of this rank. Timed by phase into `phases` (`time_phases`):
+        what the named phases inside leave is "bookkeeping" (lr, data batch, metrics, finiteness, EMA)."""
+        with self.phases.phase("bookkeeping"):
+            return self.run_iteration(window)
+
+    def time_phases(self, phases: Phases) -> None:
+        """Time the iterations by phase into `phases` (a benchmark's `phases.PhaseClock`; `NO_PHASES`, the default,
+        times nothing). An algorithm that times its own parts holds a `phases` attribute; it gets them too."""
+        self.phases = phases
+        if hasattr(self.algorithm, "phases"):
+            self.algorithm.phases = phases
+
+    def run_iteration(self, window: tuple[int, int] | None) -> dict[str, float]:
+        """The body of `train_step`."""
         cfg = self.config
         start, end = window if window is not None else self.lr_schedule_window()
         scale = lr_multiplier(cfg.lr_schedule, self.step - start, end - start, cfg.lr_final_fraction)
@@ -578,19 +593,22 @@ class Trainer:
         trajectory = None
         real, real_condition = self.real_batch(batch_size)
         if self.algorithm.needs_rollout:
-            self.backbone.eval()  # rollouts sample the policy that is evaluated and optimised: no dropout
-            condition = self.rollout_conditions(batch_size, real_condition)
-            trajectory = self.backbone.sample(batch_size, self.train_gen, condition=condition)
+            with self.phases.phase("rollout"):
+                self.backbone.eval()  # rollouts sample the policy that is evaluated and optimised: no dropout
+                condition = self.rollout_conditions(batch_size, real_condition)
+                trajectory = self.backbone.sample(batch_size, self.train_gen, condition=condition)
             if self.reward is not None and self.reward.learns:
-                fake = self.backbone.output(trajectory.final)
-                if condition is None:
-                    metrics.update(self.reward.update(real, fake))
-                else:  # E(x, c): the data with their conditions against the samples with theirs
-                    metrics.update(self.reward.update(real, fake, real_condition, condition))
+                with self.phases.phase("reward_update"):
+                    fake = self.backbone.output(trajectory.final)
+                    if condition is None:
+                        metrics.update(self.reward.update(real, fake))
+                    else:  # E(x, c): the data with their conditions against the samples with theirs
+                        metrics.update(self.reward.update(real, fake, real_condition, condition))
         self.backbone.train(self.backbone_training)  # the mode the algorithm's update declares
         try:
             given = {} if self.conditions is None else {"real_condition": real_condition}
-            metrics.update(self.algorithm.update(real, trajectory, self.train_gen, **given))
+            with self.phases.phase("algorithm_update"):  # less the phases the algorithm times itself
+                metrics.update(self.algorithm.update(real, trajectory, self.train_gen, **given))
         finally:
             self.backbone.eval()  # at rest
         return metrics

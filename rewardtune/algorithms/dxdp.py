@@ -38,6 +38,7 @@ from rewardtune.conditions import Conditions
 from rewardtune.modes import eval_mode
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep, all_mean
+from rewardtune.phases import NO_PHASES, Phases
 from rewardtune.rewards.base import (
     Reward,
     check_reward_output,
@@ -240,6 +241,7 @@ class DxDP:
     needs_rollout = True
     backbone_mode = "eval"  # the trainer's mode for the backbone during `update`
     conditional = True  # conditions come with the trajectory; `real_condition` is not needed
+    phases: Phases = NO_PHASES  # times the value and policy steps when a benchmark asks (`Trainer.time_phases`)
 
     def __init__(
         self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction, *, config: DxDPConfig
@@ -428,9 +430,11 @@ class DxDP:
         self.s2 = self.s2.to(trajectory.states.device)
         if self.reference is not None:
             self.reference.to(trajectory.states.device)
-        metrics = self.evaluate_policy(trajectory)
+        with self.phases.phase("value_update"):
+            metrics = self.evaluate_policy(trajectory)
         if self.iteration >= self.config.value_warmup:
-            metrics.update(self.improve_policy(trajectory, generator))
+            with self.phases.phase("policy_step"):
+                metrics.update(self.improve_policy(trajectory, generator))
         if self.config.avr:
             self.s2 = avr_update(self.s2, trajectory, self.config.avr_alpha)
         self.iteration += 1
