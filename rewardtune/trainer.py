@@ -686,8 +686,8 @@ def restore_handlers(previous: dict | None) -> None:
 
 def metric_floats(metrics: dict[str, float | torch.Tensor]) -> dict[str, float]:
     """`metrics` with every tensor value (a 0-d tensor an update returned, e.g. a loss) read as a float: the tensors
-    of each device and dtype are stacked and copied to the host once, so an iteration waits for its device once
-    instead of once per metric. Floats read as `.item()` would read them (float32 values exactly)."""
+    of each device and dtype are stacked and copied to the host together (DxDP's: one float32 and one float64 copy),
+    so an iteration waits for its device once instead of once per metric. The floats are those `.item()` reads."""
     groups: dict[tuple, list[str]] = {}
     for name, value in metrics.items():
         if isinstance(value, torch.Tensor):
