@@ -1,5 +1,5 @@
 """The `rewardtune` command line: run, distill, eval, sample, export, score (anomaly scores of an image folder),
-plugins, report.
+bench (a recipe's iteration time by phase), plugins, report.
 
 Exit codes: 0 done (also `--help`, `--version`); 1 an internal error (a bug: `--debug` shows the traceback); 2 bad
 input: a `RewardtuneError` (one `error: ...` line on stderr) or a usage error of the command line itself (a `Usage:`
@@ -346,6 +346,54 @@ def score(
     except OSError as err:  # a read-only or full output folder
         raise RewardtuneError(f"cannot write into {out}: {err.strerror or err}") from None
     print_anomaly_summary(summary)
+
+
+@app.command(cls=Command)
+def bench(
+    recipe: RecipeArgument,
+    steps: Annotated[int, typer.Option("--steps", help="Timed training iterations.", min=1, metavar="N")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed iterations before them.", min=0, metavar="N")] = 5,
+    samples: Annotated[
+        int, typer.Option("--samples", help="Samples drawn to time the sampler (0: none).", min=0, metavar="N")
+    ] = 1000,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the result to this JSON file.", metavar="PATH")
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option("--profile", help="Also run a few iterations under torch's profiler and write its Chrome trace "
+                     "here.", metavar="PATH"),
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Time a recipe's training iteration by phase (rollout, reward update, value update, policy step, the rest), its
+    sampler's samples per second and the peak memory; one process, no run directory (docs/results.md, Throughput)."""
+    from rich.table import Table
+
+    from rewardtune import checkpoint as ckpt
+    from rewardtune.bench import benchmark, print_rows
+    from rewardtune.errors import RewardtuneError
+    from rewardtune.recipe import load_recipe
+
+    for path, option in ((json_path, "--json"), (profile, "--profile")):
+        if path is not None and not path.parent.is_dir():  # before the benchmark, not after it
+            raise RewardtuneError(f"{option}: the folder {path.parent} does not exist")
+    result = benchmark(load_recipe(recipe, list(set_ or [])), steps=steps, warmup=warmup, samples=samples,
+                       profile=profile)
+    title = (f"{recipe}: T = {result['num_steps']}, batch {result['batch_size']}, {result['device']}, "
+             f"{result['threads']} thread(s); {steps} iterations after {warmup}")
+    table = Table("per iteration", "", title=title, title_justify="left")
+    for name, value in print_rows(result):
+        table.add_row(name, value)
+    Console().print(table)
+    if json_path is not None:
+        try:
+            ckpt.write_json_atomic(json_path, result)
+        except OSError as err:
+            raise RewardtuneError(f"cannot write {json_path}: {err.strerror or err}") from None
+        print_error(f"wrote {json_path}")
+    if profile is not None:
+        print_error(f"profiler trace: {profile}")
 
 
 @app.command(cls=Command)

@@ -25,6 +25,10 @@ from rewardtune.sharding import full_tensors, holds_sharded, is_sharded, shard_l
 class GradStep:
     """Adam on one or more parameter groups, stepped by `step(loss)`.
 
+    Adam runs its multi-tensor (`foreach`) implementation: the same arithmetic as the per-parameter loop, bit for bit
+    (the parameters, moments and checkpoints are those of the loop), without its Python loop over the parameters.
+    torch's fused kernel would be faster still but rounds differently.
+
     Args:
         groups: iterable of (parameters, learning rate) pairs; groups with no parameters are dropped.
         grad_clip: clip the global gradient norm to this value (None: no clipping).
@@ -45,8 +49,9 @@ class GradStep:
                 param_groups.append({"params": params, "lr": float(lr), "base_lr": float(lr)})
         if not param_groups:
             raise ValueError("GradStep needs at least one trainable parameter")
-        self.optimizer = torch.optim.Adam(param_groups, betas=betas)
+        self.optimizer = torch.optim.Adam(param_groups, betas=betas, foreach=True)
         self.grad_clip = grad_clip
+        self.report_norm = True  # whether `step` returns the gradient norm (`set_logged`)
         self.scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (`configure`)
         self.skip_nonfinite = False
         self.skipped = 0  # steps skipped for non-finite gradients since this object was made
@@ -70,13 +75,23 @@ class GradStep:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
 
-    def step(self, loss: torch.Tensor) -> float:
-        """Back-propagate `loss`, average gradients over processes, clip, and step. Returns the gradient norm (0 for a
-        step skipped for non-finite gradients, which `skipped` counts).
+    def set_logged(self, logged: bool) -> None:
+        """Whether the coming steps are logged (the trainer says so before each iteration; default: yes). Unlogged
+        steps return no gradient norm, and compute it only when clipping, loss scaling or `skip_nonfinite` need it."""
+        self.report_norm = logged
+
+    def step(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Back-propagate `loss`, average gradients over processes, clip, and step. Returns the gradient norm, a 0-d
+        tensor (0 for a step skipped for non-finite gradients, which `skipped` counts), or None when the step is not
+        logged (`set_logged`).
 
         Parameters sharded by FSDP (`sharding.py`) get their averaged gradient shards from FSDP's reduce-scatter, which
         runs only in a plain `backward()` (FSDP computes gradients on the gathered parameters, not on the sharded ones
-        `inputs=` would name): then other modules' `.grad` fill too, which their own `GradStep`s clear before use."""
+        `inputs=` would name): then other modules' `.grad` fill too, which their own `GradStep`s clear before use.
+
+        Only loss scaling and `skip_nonfinite` read the norm on the host (they decide on it): otherwise a non-finite
+        step is taken like any other (the weights go non-finite and the trainer's check stops the run), so the step
+        waits for nothing."""
         self.optimizer.zero_grad(set_to_none=True)
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
         params = self.parameters
@@ -88,31 +103,30 @@ class GradStep:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         average_gradients([p for p in params if not is_sharded(p)])  # every rank: the same gradients, so finiteness
+        decides = self.scaler is not None or self.skip_nonfinite
+        norm = None
         if self.grad_clip is not None and not sharded:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        else:
+        elif self.grad_clip is not None or decides or self.report_norm:
             norm = global_grad_norm(params)
             if self.grad_clip is not None:
                 clip_gradients(params, norm, self.grad_clip)
-        if not bool(torch.isfinite(norm)):  # the averaged gradients: every rank decides alike
+        if decides and not bool(torch.isfinite(norm)):  # the averaged gradients: every rank decides alike
             overflow = self.scaler is not None and self.scaler.get_scale() > 1.0  # fp16's routine: back off, retry
             if not (overflow or self.skip_nonfinite):
-                if self.scaler is not None:
-                    raise NonFiniteError("gradients stayed non-finite under fp16 loss scaling down to scale 1; the last "
-                                         "checkpoint is kept (train.skip_nonfinite = true skips and counts such steps)")
-                self.optimizer.step()  # as before: the weights go non-finite and the run's check stops it
-                return float(norm)
+                raise NonFiniteError("gradients stayed non-finite under fp16 loss scaling down to scale 1; the last "
+                                     "checkpoint is kept (train.skip_nonfinite = true skips and counts such steps)")
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
             self.skipped += 1
-            return 0.0  # nothing was applied (a non-finite norm would stop the run through its metrics)
+            return torch.zeros(()) if self.report_norm else None  # nothing was applied
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        return float(norm)
+        return norm.detach() if self.report_norm else None
 
     def state_dict(self) -> dict:
         """Adam's state; moments of FSDP-sharded parameters gathered to full tensors (a collective then: every rank

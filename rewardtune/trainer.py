@@ -48,6 +48,7 @@ from rewardtune.errors import (
 )
 from rewardtune.evaluation import round_metrics
 from rewardtune.modes import eval_mode
+from rewardtune.phases import NO_PHASES, Phases
 from rewardtune.plugin_failures import PluginOwners
 from rewardtune.precision import autocast
 from rewardtune.sharding import (
@@ -195,6 +196,7 @@ class Trainer:
         self.backbone, self.algorithm, self.reward = backbone, algorithm, reward
         self.data, self.evaluator = data, evaluator
         self.conditions = conditions
+        self.phases: Phases = NO_PHASES  # times nothing unless a benchmark asks (`time_phases`)
         self.config, self.eval_config = config, eval_config or EvalConfig()
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.reporter = reporter or SilentReporter()
@@ -436,7 +438,7 @@ class Trainer:
     def after_step(self, metrics: dict[str, float], log_file: Path | None) -> None:
         """Log, evaluate (then keep the best) and checkpoint, each when due."""
         cfg = self.config
-        if log_file is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+        if log_file is not None and self.logs_step(self.step):
             record = {"step": self.step, "time_s": round(self.elapsed(), 3), **round_metrics(metrics)}
             with log_file.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -447,6 +449,10 @@ class Trainer:
             self.keep_if_best(result)
         if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps and self.saved_step != self.step:
             self.save()
+
+    def logs_step(self, step: int) -> bool:
+        """Whether iteration `step` (counted from 1) writes a metrics.jsonl line: every `log_every`, and the last."""
+        return step % self.config.log_every == 0 or step == self.config.steps
 
     def finish(self, done_at_start: int) -> dict[str, float]:
         """The final checkpoint (unless this step's exists, or a resumed finished run trained nothing), the final
@@ -541,13 +547,28 @@ class Trainer:
 
     def train_step(self, window: tuple[int, int] | None = None) -> dict[str, float]:
         """One iteration (see the module docstring) with the lr schedule over `window` (default: this step's
-        `lr_schedule_window()`); returns the metrics of this rank."""
+        `lr_schedule_window()`); returns the metrics of this rank. Timed by phase into `phases` (`time_phases`):
+        what the named phases inside leave is "bookkeeping" (lr, data batch, metrics, finiteness, EMA)."""
+        with self.phases.phase("bookkeeping"):
+            return self.run_iteration(window)
+
+    def time_phases(self, phases: Phases) -> None:
+        """Time the iterations by phase into `phases` (a benchmark's `phases.PhaseClock`; `NO_PHASES`, the default,
+        times nothing). An algorithm that times its own parts holds a `phases` attribute; it gets them too."""
+        self.phases = phases
+        if hasattr(self.algorithm, "phases"):
+            self.algorithm.phases = phases
+
+    def run_iteration(self, window: tuple[int, int] | None) -> dict[str, float]:
+        """The body of `train_step`."""
         cfg = self.config
         start, end = window if window is not None else self.lr_schedule_window()
         scale = lr_multiplier(cfg.lr_schedule, self.step - start, end - start, cfg.lr_final_fraction)
+        logged = self.logs_step(self.step + 1)  # diagnostics only logging reads (gradient norms) are computed then
         for opt in self.optimizers().values():
             opt.set_lr_scale(scale)
-        metrics: dict[str, float] = {}
+            opt.set_logged(logged)
+        metrics: dict[str, float | torch.Tensor] = {}
         try:
             with self.autocast():
                 metrics.update(self.rollout_and_update(cfg.batch_size))
@@ -557,6 +578,7 @@ class Trainer:
                 raise
             raise failure from err
         metrics.update(getattr(self.reward, "last_terms", None) or {})  # a composite reward's per-term means
+        metrics = metric_floats(metrics)
         if cfg.skip_nonfinite or cfg.mixed_precision == "fp16":  # fp16's overflow steps are skipped steps too
             metrics["skipped_steps"] = float(self.total_skipped_steps())
         check_finite(metrics, self.step + 1)
@@ -564,26 +586,29 @@ class Trainer:
             self.ema.update(self.backbone)
         return metrics
 
-    def rollout_and_update(self, batch_size: int) -> dict[str, float]:
+    def rollout_and_update(self, batch_size: int) -> dict[str, float | torch.Tensor]:
         """Steps 1-4 of the iteration (module docstring): data, rollout, the learning reward's and the algorithm's
-        updates; returns their metrics."""
-        metrics: dict[str, float] = {}
+        updates; returns their metrics (floats, or 0-d tensors that `metric_floats` reads)."""
+        metrics: dict[str, float | torch.Tensor] = {}
         trajectory = None
         real, real_condition = self.real_batch(batch_size)
         if self.algorithm.needs_rollout:
-            self.backbone.eval()  # rollouts sample the policy that is evaluated and optimised: no dropout
-            condition = self.rollout_conditions(batch_size, real_condition)
-            trajectory = self.backbone.sample(batch_size, self.train_gen, condition=condition)
+            with self.phases.phase("rollout"):
+                self.backbone.eval()  # rollouts sample the policy that is evaluated and optimised: no dropout
+                condition = self.rollout_conditions(batch_size, real_condition)
+                trajectory = self.backbone.sample(batch_size, self.train_gen, condition=condition)
             if self.reward is not None and self.reward.learns:
-                fake = self.backbone.output(trajectory.final)
-                if condition is None:
-                    metrics.update(self.reward.update(real, fake))
-                else:  # E(x, c): the data with their conditions against the samples with theirs
-                    metrics.update(self.reward.update(real, fake, real_condition, condition))
+                with self.phases.phase("reward_update"):
+                    fake = self.backbone.output(trajectory.final)
+                    if condition is None:
+                        metrics.update(self.reward.update(real, fake))
+                    else:  # E(x, c): the data with their conditions against the samples with theirs
+                        metrics.update(self.reward.update(real, fake, real_condition, condition))
         self.backbone.train(self.backbone_training)  # the mode the algorithm's update declares
         try:
             given = {} if self.conditions is None else {"real_condition": real_condition}
-            metrics.update(self.algorithm.update(real, trajectory, self.train_gen, **given))
+            with self.phases.phase("algorithm_update"):  # less the phases the algorithm times itself
+                metrics.update(self.algorithm.update(real, trajectory, self.train_gen, **given))
         finally:
             self.backbone.eval()  # at rest
         return metrics
@@ -657,6 +682,23 @@ def install_stop_handlers(callback) -> dict | None:
 def restore_handlers(previous: dict | None) -> None:
     for sig, handler in (previous or {}).items():
         signal.signal(sig, handler)
+
+
+def metric_floats(metrics: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """`metrics` with every tensor value (a 0-d tensor an update returned, e.g. a loss) read as a float: the tensors
+    of each device and dtype are stacked and copied to the host together (DxDP's: one float32 and one float64 copy),
+    so an iteration waits for its device once instead of once per metric. The floats are those `.item()` reads."""
+    groups: dict[tuple, list[str]] = {}
+    for name, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            groups.setdefault((value.device, value.dtype), []).append(name)
+    if not groups:
+        return metrics
+    read: dict[str, float] = {}
+    with torch.no_grad():
+        for names in groups.values():
+            read.update(zip(names, torch.stack([metrics[name].reshape(()) for name in names]).tolist()))
+    return {name: read.get(name, value) for name, value in metrics.items()}
 
 
 def check_finite(metrics: dict[str, float], step: int) -> None:

@@ -1,4 +1,6 @@
 """Training-iteration throughput and peak memory of a recipe (CPU or GPU), without pretraining or evaluation.
+(`rewardtune bench RECIPE` measures the same, split by phase, with JSON output; this script stays for the figures
+docs/results.md quotes from it.)
 
 Usage: python scripts/bench_iteration.py RECIPE [--iters N] [--warmup N] [--sample N] [--set table.key=value ...]
 Prints seconds per iteration, iterations per second and peak memory (GPU: torch.cuda.max_memory_allocated; CPU:

@@ -64,7 +64,8 @@ def commands() -> list[str]:
 def test_every_command_has_plain_help(capsys):
     """Each command's help: exit 0; the usage line names arguments by upper-case metavars (no `{recipe}`); flags
     show no type (no `<bool>`); recipe tables in the text stay visible (`[distill]`)."""
-    metavars = {"run": "RECIPE", "distill": "RECIPE", "eval": "RUN_DIR", "sample": "RUN_DIR", "export": "RUN_DIR", "report": "FOLDER", "plugins": "", "score": "RUN_DIR INPUT_FOLDER"}
+    metavars = {"run": "RECIPE", "distill": "RECIPE", "eval": "RUN_DIR", "sample": "RUN_DIR", "export": "RUN_DIR", "report": "FOLDER", "plugins": "", "score": "RUN_DIR INPUT_FOLDER",
+                "bench": "RECIPE"}
     assert sorted(commands()) == sorted(metavars)
     for command, metavar in metavars.items():
         code, out, err = cli(capsys, command, "--help")

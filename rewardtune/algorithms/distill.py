@@ -113,7 +113,9 @@ class Distill:
             target = teacher.mean_path(x0)
         loss, metrics = regression_loss(self.backbone, x0, target, fit_sigma=self.config.regression_sigma is None)
         metrics["distill/loss"] = loss.item()
-        metrics["policy/grad_norm"] = self.regression_optimizer.step(loss)
+        grad_norm = self.regression_optimizer.step(loss)  # None when the trainer does not log this iteration
+        if grad_norm is not None:
+            metrics["policy/grad_norm"] = grad_norm
         return metrics
 
     def update(

@@ -38,6 +38,7 @@ from rewardtune.conditions import Conditions
 from rewardtune.modes import eval_mode
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep, all_mean
+from rewardtune.phases import NO_PHASES, Phases
 from rewardtune.rewards.base import (
     Reward,
     check_reward_output,
@@ -212,9 +213,9 @@ def sampler_optimizer(
     )
 
 
-def sigma_metrics(backbone: GaussianChainPolicy) -> dict[str, float]:
-    """{"sigma/t": sigma_t} for logging."""
-    return {f"sigma/{t}": float(s) for t, s in enumerate(backbone.sigma().detach())}
+def sigma_metrics(backbone: GaussianChainPolicy) -> dict[str, torch.Tensor]:
+    """{"sigma/t": sigma_t} for logging (0-d tensors: the trainer reads every metric in one copy)."""
+    return {f"sigma/{t}": s for t, s in enumerate(backbone.sigma().detach())}
 
 
 def initial_velocity_scale(backbone: GaussianChainPolicy) -> torch.Tensor:
@@ -240,6 +241,7 @@ class DxDP:
     needs_rollout = True
     backbone_mode = "eval"  # the trainer's mode for the backbone during `update`
     conditional = True  # conditions come with the trajectory; `real_condition` is not needed
+    phases: Phases = NO_PHASES  # times the value and policy steps when a benchmark asks (`Trainer.time_phases`)
 
     def __init__(
         self, backbone: GaussianChainPolicy, reward: Reward, value: ValueFunction, *, config: DxDPConfig
@@ -280,7 +282,9 @@ class DxDP:
         x = self.backbone.output(x)  # the reward scores the sample the user gets, not the raw state x_T
         return check_reward_output(reward_name(self.reward), self.reward.cost(x, condition), x.shape[0]).detach()
 
-    def evaluate_policy(self, trajectory: Trajectory) -> dict[str, float]:
+    def evaluate_policy(self, trajectory: Trajectory) -> dict[str, torch.Tensor]:
+        """Policy evaluation on the sampled `trajectory`: the terminal regression (unless V(., T) is the shared
+        energy), then the TD steps (Eq. (10)/(12)). Returns the losses as 0-d tensors."""
         states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
         dev = states.device
         losses = {}
@@ -289,15 +293,18 @@ class DxDP:
             target = self.terminal_cost(states[-1], c)
             loss = (self.value_at(states[-1], self._times(T, B, dev), c) - target).pow(2).mean()
             self.value.optimizer.step(loss)
-            losses["value/terminal_loss"] = loss.item()
-        kl = self.value_kl(trajectory)  # [T, B] or None; the policy does not change during evaluation
+            losses["value/terminal_loss"] = loss.detach()
+        # The policy does not change during evaluation: its KL costs [T, B] (or None) and its log-density terms
+        # (`transition_log_probs`) are computed once for every TD step.
+        kl = self.value_kl(trajectory)
         if kl is not None:
-            losses["policy/path_kl"] = float(all_mean(kl.sum(0).mean()))  # E sum_t KL_t: the KL of the chains
+            losses["policy/path_kl"] = all_mean(kl.sum(0).mean())  # E sum_t KL_t: the KL of the chains
+        log_probs = self.transition_log_probs(trajectory)
         if self.config.td_mode == "sequential":
-            td = [self._td_step(trajectory, t, kl) for t in range(T - 1, -1, -1)]
-            losses["value/td_loss"] = sum(td) / T
+            td = [self._td_step(trajectory, t, kl, log_probs) for t in range(T - 1, -1, -1)]
+            losses["value/td_loss"] = torch.stack(td).double().sum() / T  # the mean, summed in float64 as floats were
         else:
-            losses["value/td_loss"] = self._td_step(trajectory, None, kl)
+            losses["value/td_loss"] = self._td_step(trajectory, None, kl, log_probs)
         return losses
 
     def value_kl(self, trajectory: Trajectory) -> torch.Tensor | None:
@@ -310,7 +317,11 @@ class DxDP:
         return transition_kl(self.backbone, self.reference, trajectory, sampled=sampled)
 
     def td_batch(
-        self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None = None
+        self,
+        trajectory: Trajectory,
+        t: int | None,
+        kl: torch.Tensor | None = None,
+        log_probs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The regression batch of one TD step at time t (all T times when None): the states x_t [N, ...], their
         times [N] and the targets of Eq. (10)/(12) plus the KL cost [N] (no gradient); N = B, or T*B.
@@ -319,6 +330,7 @@ class DxDP:
             trajectory: the sampled chains.
             t: the transition x_t -> x_{t+1} to regress, or None for all of them.
             kl: the KL safeguard's cost of every transition [T, B] (`value_kl`), or None.
+            log_probs: the log-density term of every transition [T, B] (`transition_log_probs`; None: computed here).
         """
         states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
         steps = range(T) if t is None else [t]
@@ -327,7 +339,8 @@ class DxDP:
         tt = torch.cat([self._times(u, B, x.device) for u in steps])
         with torch.no_grad():
             v_next = self.value_at(x_next, tt + 1, rows_condition(trajectory, len(steps)))
-            log_prob = self._transition_log_prob(trajectory, steps, tt)
+            log_probs = self.transition_log_probs(trajectory) if log_probs is None else log_probs
+            log_prob = torch.cat([log_probs[u] for u in steps])
             velocity = velocity_cost(x, x_next, self.s2[tt])
             cost_t = time_cost(self.config.time_cost, tt, T, self.config)
             kl_t = None if kl is None else torch.cat([kl[u] for u in steps])
@@ -336,18 +349,26 @@ class DxDP:
             )
         return x, tt, target
 
-    def _td_step(self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None = None) -> float:
-        """One Adam step on the squared Bellman residual at time t (all times when t is None)."""
-        x, tt, target = self.td_batch(trajectory, t, kl)
+    def _td_step(
+        self, trajectory: Trajectory, t: int | None, kl: torch.Tensor | None, log_probs: torch.Tensor
+    ) -> torch.Tensor:
+        """One Adam step on the squared Bellman residual at time t (all times when t is None); returns the loss."""
+        x, tt, target = self.td_batch(trajectory, t, kl, log_probs)
         c = rows_condition(trajectory, 1 if t is not None else trajectory.num_steps)
         loss = ((self.value(x, tt) if c is None else self.value(x, tt, c)) - target).pow(2).mean()
         self.value.optimizer.step(loss)
-        return loss.item()
+        return loss.detach()
 
-    def _transition_log_prob(self, trajectory: Trajectory, steps, tt: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def transition_log_probs(self, trajectory: Trajectory) -> torch.Tensor:
+        """The TD target's log-density term of every sampled transition: [T, B]. The trajectory's log pi(x_{t+1}|x_t),
+        or with `value_entropy = "closed_form"` (and for trajectories without log-probs) its expectation -H_t, which
+        depends on t only (one [T] computation broadcast over the batch)."""
         if self.config.value_entropy == "closed_form" or trajectory.log_probs is None:
-            return -self.backbone.entropy(tt)
-        return torch.cat([trajectory.log_probs[u] for u in steps])
+            T, B = trajectory.num_steps, trajectory.batch_size
+            steps = torch.arange(T, device=trajectory.states.device)
+            return (-self.backbone.entropy(steps)).view(T, 1).expand(T, B)
+        return trajectory.log_probs
 
     # ---- Eq. (11): policy improvement --------------------------------------------------------------------------
     def policy_loss(
@@ -384,7 +405,7 @@ class DxDP:
             loss = loss + self.kl_weight * gaussian_kl(mean, sigma, reference_mean, self.reference.sigma()[t])
         return loss.mean()
 
-    def improve_policy(self, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, float]:
+    def improve_policy(self, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         T, B = trajectory.num_steps, trajectory.batch_size
         n = self.config.policy_batch or B
         dev = trajectory.states.device
@@ -394,21 +415,26 @@ class DxDP:
         condition = None if trajectory.condition is None else trajectory.condition.select(index.cpu())
         noise = torch.randn(x.shape, generator=generator, device=dev)
         loss = self.policy_loss(x, t, noise, condition)
-        grad_norm = self.sampler_optimizer.step(loss)
-        return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm}
+        grad_norm = self.sampler_optimizer.step(loss)  # None when the trainer does not log this iteration
+        metrics = {"policy/loss": loss.detach()}
+        if grad_norm is not None:
+            metrics["policy/grad_norm"] = grad_norm
+        return metrics
 
     # ---- one iteration -------------------------------------------------------------------------------------------
     def update(
         self, real: torch.Tensor, trajectory: Trajectory, generator: torch.Generator | None, real_condition=None
-    ) -> dict[str, float]:
+    ) -> dict[str, torch.Tensor]:
         """One iteration on the sampled `trajectory` (its conditions ride along in it; the data's, `real_condition`,
-        are not used)."""
+        are not used). Returns the metrics as 0-d tensors (the trainer reads them all in one copy)."""
         self.s2 = self.s2.to(trajectory.states.device)
         if self.reference is not None:
             self.reference.to(trajectory.states.device)
-        metrics = self.evaluate_policy(trajectory)
+        with self.phases.phase("value_update"):
+            metrics = self.evaluate_policy(trajectory)
         if self.iteration >= self.config.value_warmup:
-            metrics.update(self.improve_policy(trajectory, generator))
+            with self.phases.phase("policy_step"):
+                metrics.update(self.improve_policy(trajectory, generator))
         if self.config.avr:
             self.s2 = avr_update(self.s2, trajectory, self.config.avr_alpha)
         self.iteration += 1

@@ -27,6 +27,8 @@ class ValueFunction(nn.Module):
         time_dependent: whether t is passed to the network.
         grad_clip: optional gradient-norm clip.
         conditioning: the condition `net` takes (None: unconditional).
+        integer_times: pass t to `net` as the int64 times themselves instead of floats (a net that takes them, such
+            as a `TimeMLP` with a `time_table`, which looks their embeddings up).
     """
 
     def __init__(
@@ -37,15 +39,17 @@ class ValueFunction(nn.Module):
         time_dependent: bool = True,
         grad_clip: float | None = None,
         conditioning: Conditioning | None = None,
+        integer_times: bool = False,
     ):
         super().__init__()
         self.net = net
         self.time_dependent = time_dependent
+        self.integer_times = integer_times
         self.conditioning = conditioning
         self.optimizer = GradStep([(self.net.parameters(), lr)], grad_clip=grad_clip)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None) -> torch.Tensor:
-        args = (x, t.float()) if self.time_dependent else (x,)
+        args = ((x, t if self.integer_times else t.float()) if self.time_dependent else (x,))
         if condition is None:
             return at_least_fp32(self.net(*args).view(-1))  # TD targets are fp32 under bf16/fp16 autocast
         if self.conditioning is None:
@@ -56,6 +60,7 @@ class ValueFunction(nn.Module):
 def build_time_mlp_value(
     sample_shape: tuple[int, ...],
     conditioning: Conditioning | None = None,
+    num_steps: int | None = None,
     /,
     *,
     hidden: int = 128,
@@ -66,11 +71,15 @@ def build_time_mlp_value(
     grad_clip: float | None = None,
 ) -> ValueFunction:
     """Value `time_mlp`: a time-conditioned MLP V(x, t) (time_dependent = false drops the time input); V(x, t, c)
-    with the condition's embedding concatenated when the run is conditional."""
+    with the condition's embedding concatenated when the run is conditional. Given the sampler's `num_steps` T, the
+    network looks the embeddings of t = 0..T up in a table (`TimeMLP.time_table`) instead of computing them."""
     from rewardtune.nets.mlp import TimeMLP
 
     dim = 1
     for s in sample_shape:
         dim *= s
-    net = TimeMLP(dim, 1, hidden=hidden, depth=depth, time_dim=time_dim if time_dependent else 0, conditioning=conditioning)
-    return ValueFunction(net, lr=lr, time_dependent=time_dependent, grad_clip=grad_clip, conditioning=conditioning)
+    table = num_steps + 1 if num_steps is not None and time_dependent else 0
+    net = TimeMLP(dim, 1, hidden=hidden, depth=depth, time_dim=time_dim if time_dependent else 0, conditioning=conditioning,
+                  time_table=table)
+    return ValueFunction(net, lr=lr, time_dependent=time_dependent, grad_clip=grad_clip, conditioning=conditioning,
+                         integer_times=table > 0)

@@ -79,7 +79,7 @@ class EnergyReward(Reward):
         fake: torch.Tensor,
         real_condition: Conditions | None = None,
         fake_condition: Conditions | None = None,
-    ) -> dict[str, float]:
+    ) -> dict[str, torch.Tensor]:
         """One step of the EBM loss on data `real` [B, ...] and samples `fake` [B', ...], each with its conditions
         (both or neither)."""
         if (real_condition is None) != (fake_condition is None):
@@ -89,10 +89,10 @@ class EnergyReward(Reward):
         e_real, e_fake = energies[: real.shape[0]], energies[real.shape[0] :]
         loss = ebm_loss(e_real, e_fake, self.gamma)
         self.optimizer.step(loss)
-        return {
-            "energy/loss": loss.item(),
-            "energy/real": e_real.mean().item(),
-            "energy/fake": e_fake.mean().item(),
+        return {  # 0-d tensors: the trainer reads every metric of an iteration in one copy
+            "energy/loss": loss.detach(),
+            "energy/real": e_real.detach().mean(),
+            "energy/fake": e_fake.detach().mean(),
         }
 
     def optimizers(self) -> list[GradStep]:
