@@ -139,7 +139,7 @@ def run_recipe(
     for warning in recipe_warnings(recipe) if reporter is not None else []:  # settings that make a step do nothing
         reporter.message(f"warning: {warning}")
 
-    experiment = build_experiment(recipe, out_dir, run_recipe=pretraining_runner(reporter, accelerator))
+    experiment = build_experiment(recipe, out_dir, run_recipe=pretraining_runner(reporter, accelerator), reporter=reporter)
     trainer = make_trainer(experiment, out_dir, reporter, accelerator)
     if resume and trainer.resume() is not None:  # before recipe.toml is replaced: a checkpoint that does not fit
         continue_with(trainer, changes, recipe, reporter)  # leaves the run directory as it was

@@ -32,7 +32,7 @@ from rewardtune.recipe import PluginSpec, Recipe, parse_recipe, read_toml
 from rewardtune.registry import REGISTRIES, context_parameters
 from rewardtune.rewards.base import reward_shares_value
 from rewardtune.tables import PluginTable
-from rewardtune.trainer import EvalConfig
+from rewardtune.trainer import EvalConfig, SilentReporter
 from rewardtune.types import Teacher
 
 RUN_RECIPE = "recipe.toml"  # the resolved recipe a run directory keeps
@@ -103,20 +103,25 @@ def nested_code(section: str, options: dict) -> Iterator[tuple[str, str]]:
                 yield f"[{section}] {key} {item!r}", item.partition(":")[0]
 
 
-def build_experiment(recipe: Recipe, out_dir: Path | None = None, run_recipe: Callable | None = None) -> Experiment:
-    """Construct the objects of a recipe. `run_recipe(recipe_path, out_dir, seed)` runs a pretraining recipe."""
+def build_experiment(
+    recipe: Recipe, out_dir: Path | None = None, run_recipe: Callable | None = None, reporter=None
+) -> Experiment:
+    """Construct the objects of a recipe. `run_recipe(recipe_path, out_dir, seed)` runs a pretraining recipe;
+    `reporter` (a progress Reporter) is handed to factories that ask for it (feature extraction, pretraining)."""
     teacher = None
     if recipe.distill is not None:  # first: building the teacher seeds torch with the teacher's seed
         teacher_dir = resolve_run_path(recipe.distill.teacher, "distill.teacher", recipe, out_dir, run_recipe, "teacher")
         teacher = load_teacher(teacher_dir)
     torch.manual_seed(recipe.train.seed)  # identical initial weights on every process
     plugins, owners = recipe.plugins, PluginOwners()
-    data = call_factory("data", plugins["data"], {}, owners)
+    reporter = reporter if reporter is not None else SilentReporter()
+    data = call_factory("data", plugins["data"], {"reporter": reporter}, owners)
     evaluator = make_evaluator(data, recipe, owners)  # before any pretraining: a bad [eval] fails fast
     supply = build_condition_supply(recipe.conditions, data, recipe.base_dir())
     context: dict = {
         "sample_shape": tuple(data.sample_shape),
         "data": data,
+        "reporter": reporter,
         "teacher": teacher,
         "conditioning": None if supply is None else supply.conditioning,
     }

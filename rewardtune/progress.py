@@ -24,7 +24,7 @@ class RichReporter:
 
     SHOWN: ClassVar[dict[str, str]] = {
         "energy/real": "E(data)", "energy/fake": "E(samples)", "value/td_loss": "td", "policy/loss": "policy",
-        "ddpm/loss": "loss", "distill/mse": "mse",
+        "ddpm/loss": "loss", "distill/mse": "mse", "autoencoder/loss": "loss",
     }
     LINES_PER_STAGE: ClassVar[int] = 20  # without a terminal: about this many lines per training stage
 

@@ -26,9 +26,10 @@ from importlib.metadata import entry_points
 from rewardtune.errors import PluginError, PluginNotFoundError
 from rewardtune.imports import import_object
 
-CONTEXT_NAMES = ("sample_shape", "num_steps", "backbone", "value", "reward", "teacher", "conditioning", "data")
+CONTEXT_NAMES = ("sample_shape", "num_steps", "backbone", "value", "reward", "teacher", "conditioning", "data", "reporter")
 # teacher: [distill]; conditioning: what condition a conditional run's networks take ([conditions]; None otherwise);
-# data: the [data] source (an energy pretrained on it, a prior that starts from it)
+# data: the [data] source (an energy pretrained on it, a prior that starts from it); reporter: the run's progress
+# Reporter (start / advance / message / stop), for long work a factory does while the recipe is built
 
 
 Contract = Callable[[object], str | None]  # what a built object lacks ("a Reward (...)"), or None when it fits

@@ -321,8 +321,9 @@ def test_prior_and_data_errors_are_one_line(tmp_path, capsys):
             args += [a for item in TINY if item.startswith("reward.") for a in ("--set", item)]
         code, _, err = run_cli(capsys, *args)
         assert code == 2, (overrides, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (overrides, err)
+        errors = [line for line in err.strip().splitlines() if line.startswith("error:")]  # after progress lines
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, (overrides, err)
+        assert err.strip().splitlines()[-1] == errors[0]
 
 
 def test_anomaly_run_resumes_to_the_same_numbers(tmp_path):
@@ -356,3 +357,36 @@ def test_resume_refuses_a_changed_prior(tmp_path):
         run_recipe(load_recipe(recipe, [*settings, "prior.noise_scale=0.5"]), tmp_path / "run", resume=True, force=True)
     assert "\n" not in str(err.value)
     assert (tmp_path / "run" / "recipe.toml").read_text() == before
+
+
+def test_feature_extraction_and_pretraining_report_their_progress(tmp_path):
+    """The long work a recipe's build does (features of every image, the autoencoder's pretraining) shows up as
+    stages on the run's reporter, each started, advanced to its end and stopped."""
+    from rewardtune.build import build_experiment
+    from rewardtune.recipe import load_recipe
+
+    class Recording:
+        def __init__(self):
+            self.events = []
+
+        def start(self, total, done, description):
+            self.events.append(("start", description, total))
+
+        def advance(self, step, metrics):
+            self.events.append(("advance", step))
+
+        def message(self, text):
+            self.events.append(("message", text))
+
+        def stop(self):
+            self.events.append(("stop",))
+
+    root = write_mvtec_layout(tmp_path / "mvtec", categories=("bottle",), size=32)
+    reporter = Recording()
+    build_experiment(load_recipe(REPO / "recipes" / "dxmi_mvtec.toml", [f"data.root={root}", *TINY]), reporter=reporter)
+    starts = [e for e in reporter.events if e[0] == "start"]
+    assert [s[1].split(" (")[0] for s in starts] == [
+        "features of the training images", "features of the test images", "autoencoder pretraining"]
+    assert [s[2] for s in starts] == [4, 4, 20]  # 4 training and 4 test images, 20 pretraining steps
+    stages = " ".join(e[0] for e in reporter.events).split("stop")[:-1]
+    assert len(stages) == 3 and all(s.strip().startswith("start") and "advance" in s for s in stages)

@@ -189,15 +189,26 @@ def timm_extractor(
 
 @torch.no_grad()
 def extract_features(
-    extractor: FeatureExtractor, images: torch.Tensor, *, batch_size: int = 64, sphere: bool = True
+    extractor: FeatureExtractor, images: torch.Tensor, *, batch_size: int = 64, sphere: bool = True,
+    reporter=None, description: str = "features",
 ) -> torch.Tensor:
     """Feature maps of images [N, C, H, W] in [0, 1], in batches: [N, D, grid, grid]; with `sphere` every spatial
-    vector is projected onto the unit sphere."""
+    vector is projected onto the unit sphere. A `reporter` (progress.RichReporter or any Reporter) shows the images
+    done as a stage called `description`."""
     device = next(iter(extractor.buffers())).device
+    total = images.shape[0]
+    if reporter is not None:
+        reporter.start(total, 0, description)
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        maps = extractor(images[start : start + batch_size].to(device))
-        out.append((to_sphere(maps, dim=1) if sphere else maps).cpu())
+    try:
+        for start in range(0, total, batch_size):
+            maps = extractor(images[start : start + batch_size].to(device))
+            out.append((to_sphere(maps, dim=1) if sphere else maps).cpu())
+            if reporter is not None:
+                reporter.advance(min(start + batch_size, total), {})
+    finally:
+        if reporter is not None:
+            reporter.stop()
     return torch.cat(out)
 
 

@@ -63,6 +63,8 @@ class AnomalyFeatures:
 
 
 def build_anomaly_features(
+    reporter=None,
+    /,
     *,
     source: Literal["mvtec", "digits_defects", "digits_novelty"] = "mvtec",
     root: str = "data/mvtec_anomaly_detection",
@@ -91,6 +93,7 @@ def build_anomaly_features(
             a local file.
         cache: keep the features as safetensors under $REWARDTUNE_CACHE/anomaly_features (keyed by these settings;
             a user factory is keyed by its name only: set cache = false after changing its code).
+        reporter: the run's progress reporter (context), which shows the extraction's progress.
 
     Raises:
         RecipeError: one line: a missing or malformed folder, an extractor that cannot be built or loaded (offline).
@@ -120,8 +123,10 @@ def build_anomaly_features(
 
     def compute() -> dict[str, torch.Tensor]:
         return {
-            "train": extract_features(net, anomaly_set.train, batch_size=batch_size),
-            "test": extract_features(net, anomaly_set.test, batch_size=batch_size),
+            "train": extract_features(net, anomaly_set.train, batch_size=batch_size, reporter=reporter,
+                                      description=f"features of the training images ({spec})"),
+            "test": extract_features(net, anomaly_set.test, batch_size=batch_size, reporter=reporter,
+                                     description=f"features of the test images ({spec})"),
         }
 
     check_test_categories(anomaly_set)

@@ -67,17 +67,27 @@ def pretrain_autoencoder(
     lr: float,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    reporter=None,
 ) -> list[float]:
     """Minimise the mean reconstruction error on `data.sample` batches with Adam: the autoencoder the energy starts
-    from (Appendix C.3). Returns the loss every 10% of the steps (for logs)."""
+    from (Appendix C.3). Returns the loss every 10% of the steps; a `reporter` (a progress Reporter) shows them as a
+    stage "autoencoder pretraining"."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
-    for step in range(steps):
-        x = data.sample(batch_size, generator).to(device)
-        loss = model.energy(x).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % max(1, steps // 10) == 0:
-            losses.append(loss.item())
+    if reporter is not None:
+        reporter.start(steps, 0, "autoencoder pretraining")
+    try:
+        for step in range(steps):
+            x = data.sample(batch_size, generator).to(device)
+            loss = model.energy(x).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if (step + 1) % max(1, steps // 10) == 0:
+                losses.append(loss.item())
+                if reporter is not None:
+                    reporter.advance(step + 1, {"autoencoder/loss": losses[-1]})
+    finally:
+        if reporter is not None:
+            reporter.stop()
     return losses

@@ -29,6 +29,7 @@ class AutoencoderEnergy(EnergyReward):
 def build_autoencoder_reward(
     sample_shape: tuple[int, ...],
     data,
+    reporter=None,
     /,
     *,
     latent: int = 128,
@@ -45,7 +46,8 @@ def build_autoencoder_reward(
     """The autoencoder energy on vectors `sample_shape` = (D,), pretrained for `pretrain_steps` Adam steps of the mean
     reconstruction error on data batches of `pretrain_batch` (0: start from random weights). The pretraining draws
     its batches from a generator seeded with the run's seed, so every process builds the same energy. `lr` is the EBM
-    update's learning rate (the paper: 1e-4); `gamma` its squared-energy weight.
+    update's learning rate (the paper: 1e-4); `gamma` its squared-energy weight. The pretraining's progress goes to
+    the run's `reporter` (context).
 
     Raises:
         ValueError: samples that are not vectors, non-positive sizes.
@@ -58,7 +60,8 @@ def build_autoencoder_reward(
     if pretrain_steps:
         generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
         pretrain_autoencoder(
-            model, data, steps=pretrain_steps, batch_size=pretrain_batch, lr=pretrain_lr, generator=generator
+            model, data, steps=pretrain_steps, batch_size=pretrain_batch, lr=pretrain_lr, generator=generator,
+            reporter=reporter,
         )
     optimizer = GradStep([(model.parameters(), lr)], grad_clip=grad_clip)
     return AutoencoderEnergy(model, optimizer, gamma=gamma)
