@@ -1,6 +1,7 @@
 """Discriminator guidance on the exact diffused-GMM harness (issue W2 6/8; the boosting thesis's toy, Sec. 3.1).
 
     python scripts/dg_gmm.py [--seeds 0 1 2] [--data 2000] [--steps 3000] [--plot docs/img/dg_gmm.png]
+        [--weighting sigma2|likelihood] [--time-sampling uniform|importance]
 
 The target P is a mixture of four Gaussians; the frozen model P~ has the same components but misses mass on one of
 them (weight 0.02 instead of 0.25) and has its others slightly off. Both are diffused exactly by the sub-VP SDE, so
@@ -29,6 +30,7 @@ from rewardtune.score_sde.gmm import (
 )
 from rewardtune.score_sde.sdes import make_sde
 from rewardtune.score_sde.solvers import guided_score, ode_heun, time_grid
+from rewardtune.score_sde.time_sampling import SAMPLINGS, WEIGHTINGS, TimeSampler
 
 MISSING = 3  # the mode the model under-weights
 KINDS = ("bce", "dsm_residual", "hybrid")
@@ -41,8 +43,8 @@ def target_and_model(sde) -> tuple[DiffusedGMM, DiffusedGMM]:
     return target, model
 
 
-def train(kind: str, target: DiffusedGMM, model: DiffusedGMM, sde, data: torch.Tensor, steps: int, seed: int
-          ) -> TimeDiscriminator:
+def train(kind: str, target: DiffusedGMM, model: DiffusedGMM, sde, data: torch.Tensor, steps: int, seed: int,
+          times: TimeSampler | None = None) -> TimeDiscriminator:
     torch.manual_seed(seed)
     disc = TimeDiscriminator(2).double()
     opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
@@ -50,7 +52,7 @@ def train(kind: str, target: DiffusedGMM, model: DiffusedGMM, sde, data: torch.T
     for _ in range(steps):
         real0 = data[torch.randint(0, len(data), (256,), generator=gen)]
         fake0 = model.sample(256, 0.0, gen)
-        loss = discriminator_loss(kind, disc, model.score, sde, real0, fake0, gen)
+        loss = discriminator_loss(kind, disc, model.score, sde, real0, fake0, gen, times=times)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -80,10 +82,15 @@ def main() -> None:
     parser.add_argument("--data", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--plot", default="")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default="sigma2", help="lambda(t) of the DSM residual")
+    parser.add_argument("--time-sampling", choices=SAMPLINGS, default="uniform")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sde = make_sde("subvp")
     target, model = target_and_model(sde)
+    times = None
+    if (args.weighting, args.time_sampling) != ("sigma2", "uniform"):
+        times = TimeSampler(sde, weighting=args.weighting, sampling=args.time_sampling)
     reference = target.sample(5000, 0.0, torch.Generator().manual_seed(999))
     rows: dict[str, list[tuple[float, float, float]]] = {}
     pictures = {}
@@ -92,7 +99,7 @@ def main() -> None:
         guides = {"unguided": None, "exact guidance": lambda x, t: log_ratio_gradient(target, model, x, t)}
         errors = {"unguided": correction_error(None, target, model, seed), "exact guidance": 0.0}
         for kind in KINDS:
-            disc = train(kind, target, model, sde, data, args.steps, seed)
+            disc = train(kind, target, model, sde, data, args.steps, seed, times)
             guides[kind] = lambda x, t, d=disc: d.input_gradient(x, t.expand(len(x)))
             errors[kind] = correction_error(disc, target, model, seed)
         for name, correction in guides.items():

@@ -12,7 +12,8 @@ frozen model's diffused samples), and guidance adds w grad_x d_phi to the model'
   s_theta - grad d||^2 up to a constant (Prop. 1). It needs double back-propagation (the loss differentiates grad_x d).
 - `hybrid`: J_MSE + gamma J_CE (the thesis's final loss).
 
-lambda(t) = sigma_t^2 (DSM's usual weighting, which keeps every t's term O(1)).
+lambda(t) = sigma_t^2 by default (DSM's usual weighting, which keeps every t's term O(1)); `time_sampling.py` has the
+likelihood weighting lambda = g(t)^2 and importance-sampled t.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from rewardtune.nets.mlp import SinusoidalTimeEmbedding, TimeMLP
 from rewardtune.score_sde.sdes import SDE
+from rewardtune.score_sde.time_sampling import TimeSampler
 
 LOSSES = ("bce", "dsm_residual", "hybrid")
 
@@ -61,22 +63,28 @@ def bce_loss(disc: TimeDiscriminator, real_t: torch.Tensor, fake_t: torch.Tensor
 
 
 def dsm_residual_loss(disc: TimeDiscriminator, model_score: Callable, sde: SDE, x0: torch.Tensor, t: torch.Tensor,
-                      noise: torch.Tensor) -> torch.Tensor:
+                      noise: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """J_MSE (module docstring) for data x0 [B, D], times t [B] and the noise that diffuses them (x_t = alpha_t x0 +
-    sigma_t noise): the batch mean of sigma_t^2 ||-noise / sigma_t - s_theta(x_t, t) - grad_x d(x_t, t)||^2."""
+    sigma_t noise): the batch mean of w sigma_t^2 ||-noise / sigma_t - s_theta(x_t, t) - grad_x d(x_t, t)||^2, with
+    per-row weights w [B] (`time_sampling.TimeSampler`: lambda(t) / sigma_t^2, or a constant under importance
+    sampling; None: 1, lambda = sigma_t^2)."""
     alpha, sigma = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
     x_t = alpha * x0 + sigma * noise
     with torch.no_grad():
         target = -noise / sigma - model_score(x_t, t)
     residual = target - disc.input_gradient(x_t, t, create_graph=True)
-    return (sigma.squeeze(1) ** 2 * residual.pow(2).sum(1)).mean()
+    per_row = sigma.squeeze(1) ** 2 * residual.pow(2).sum(1)
+    return (per_row if weight is None else weight * per_row).mean()
 
 
 def discriminator_loss(kind: Literal["bce", "dsm_residual", "hybrid"], disc: TimeDiscriminator, model_score: Callable,
                        sde: SDE, real0: torch.Tensor, fake0: torch.Tensor, generator: torch.Generator | None,
-                       *, gamma: float = 1.0, t_min: float = 1e-3) -> torch.Tensor:
+                       *, gamma: float = 1.0, t_min: float = 1e-3,
+                       times: TimeSampler | None = None) -> torch.Tensor:
     """The loss `kind` on a batch of data `real0` and model samples `fake0` (both at t = 0, [B, D]), each diffused to
-    its own uniform time in [t_min, 1].
+    its own time: uniform in [t_min, 1] (lambda = sigma_t^2), or drawn by `times` with its weights for the
+    denoising term (`time_sampling.py`: the likelihood weighting, importance-sampled t). The cross-entropy term is
+    trained at the same drawn times, unweighted.
 
     Raises:
         ValueError: an unknown kind.
@@ -85,18 +93,21 @@ def discriminator_loss(kind: Literal["bce", "dsm_residual", "hybrid"], disc: Tim
         raise ValueError(f"unknown discriminator loss {kind!r}: expected one of {', '.join(LOSSES)}")
     n = real0.shape[0]
 
-    def draw(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = t_min + (1 - t_min) * torch.rand(n, generator=generator, dtype=x0.dtype)
+    def draw(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if times is None:
+            t, weight = t_min + (1 - t_min) * torch.rand(n, generator=generator, dtype=x0.dtype), None
+        else:
+            t, weight = times.sample(n, generator, x0.dtype)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        return t, noise, sde.alpha(t)[:, None] * x0 + sde.sigma(t)[:, None] * noise
+        return t, noise, sde.alpha(t)[:, None] * x0 + sde.sigma(t)[:, None] * noise, weight
 
-    t_real, noise_real, real_t = draw(real0)
+    t_real, noise_real, real_t, weight = draw(real0)
     loss = real0.new_zeros(())
     if kind in ("bce", "hybrid"):
-        t_fake, _, fake_t = draw(fake0)
+        t_fake, _, fake_t, _ = draw(fake0)
         loss = loss + (gamma if kind == "hybrid" else 1.0) * bce_loss(disc, real_t, fake_t, t_real, t_fake)
     if kind in ("dsm_residual", "hybrid"):
-        loss = loss + dsm_residual_loss(disc, model_score, sde, real0, t_real, noise_real)
+        loss = loss + dsm_residual_loss(disc, model_score, sde, real0, t_real, noise_real, weight)
     return loss
 
 
