@@ -25,7 +25,7 @@ def exact_mean(sde, weighting: str, f) -> float:
 @pytest.mark.parametrize("kind", ["vp", "subvp", "ve"])
 def test_both_samplers_estimate_the_same_likelihood_weighted_objective(kind):
     sde = make_sde(kind)
-    f = lambda t: 2 + torch.sin(3 * t)  # noqa: E731 (a smooth l(t) scaled to noise units)
+    f = lambda t: 2 + torch.sin(3 * t)  # a smooth l(t) in noise units
     exact = exact_mean(sde, "likelihood", f)
     for sampling in ("uniform", "importance"):
         t, w = TimeSampler(sde, weighting="likelihood", sampling=sampling, t_min=T_MIN).sample(
@@ -45,7 +45,7 @@ def test_importance_sampling_follows_its_density_and_has_constant_weights():
         inside = grid <= cut
         expected = float(torch.trapezoid(density[inside], grid[inside]) / torch.trapezoid(density, grid))
         assert abs(float((t <= cut).double().mean()) - expected) < 0.005, cut
-    uniform_t, uniform_w = TimeSampler(sde, weighting="likelihood", t_min=T_MIN).sample(
+    _, uniform_w = TimeSampler(sde, weighting="likelihood", t_min=T_MIN).sample(
         200000, torch.Generator().manual_seed(1), torch.float64)
     assert uniform_w.std() > 1.0 and float(w.std()) == 0.0  # the weights' variance is what importance sampling removes
 
