@@ -312,6 +312,7 @@ def test_prior_and_data_errors_are_one_line(tmp_path, capsys):
         (REPO / "recipes" / "dxmi_mvtec.toml", ["data.root=/no/such/folder"], "/no/such/folder"),
         (REPO / "recipes" / "dxmi_mvtec.toml", [f"data.root={root}", "data.extractor=no_such_net"],
          "unknown feature extractor"),
+        (REPO / "recipes" / "dxmi_mvtec.toml", [f"data.root={root}", "eval.repeats=3"], "eval.repeats does not apply"),
     ]
     for path, overrides, message in cases:
         args = ["run", str(path), "--out", str(tmp_path / "run"), *tiny]

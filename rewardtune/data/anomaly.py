@@ -56,9 +56,19 @@ class AnomalyFeatures:
         return self.vectors[idx].to(device)
 
     def make_evaluator(self, cfg):
-        """The evaluator of this data: image and pixel AUROC of the energy on the test set (`anomaly/evaluation.py`)."""
+        """The evaluator of this data: image and pixel AUROC of the energy on the test set (`anomaly/evaluation.py`).
+
+        Raises:
+            RecipeError: [eval] settings it has no use for (repeats, the Fréchet distance's feature_extractor and
+                reference_samples), so none is recorded and ignored.
+        """
         from rewardtune.anomaly.evaluation import AnomalyEvaluator
 
+        defaults = type(cfg)()  # the [eval] dataclass with its defaults
+        for key in ("repeats", "feature_extractor", "reference_samples"):
+            if getattr(cfg, key) != getattr(defaults, key):
+                raise RecipeError(f"eval.{key} does not apply to anomaly detection (AUROCs of the energy on the test "
+                                  "images, the samples' sliced Wasserstein distance): drop it")
         return AnomalyEvaluator(self, num_samples=cfg.num_samples)
 
 
