@@ -308,3 +308,23 @@ def test_a_launch_precision_the_recipe_does_not_apply_is_refused():
         check_launch_precision(SimpleNamespace(mixed_precision="bf16"), "no")
     check_launch_precision(SimpleNamespace(mixed_precision="bf16"), "bf16")
     check_launch_precision(SimpleNamespace(mixed_precision="no"), "fp16")
+
+
+def test_two_processes_train_the_anomaly_recipe_identically(tmp_path: Path):
+    """The MVTec recipe on a synthetic folder under 2 processes: each rank extracts the features and pretrains the
+    autoencoder energy (and the prior's frozen copy) itself; every parameter, the prior's included, ends identical on
+    both ranks, and keep_best on image_auroc keeps one best checkpoint."""
+    from rewardtune.anomaly.sets import write_mvtec_layout
+
+    root = write_mvtec_layout(tmp_path / "mvtec", categories=("bottle", "grid"), size=32)
+    out = tmp_path / "mp"
+    tiny = [f"data.root={root}", "data.extractor=efficientnet_b0", "data.pretrained=false", "data.image_size=32",
+            "data.grid=4", "data.cache=false", "backbone.hidden=32", "value.hidden=32", "reward.latent=8",
+            "reward.hidden=32", "reward.pretrain_steps=20", "reward.pretrain_batch=64", "train.steps=6",
+            "train.batch_size=32", "algorithm.policy_batch=32", "train.eval_every=3", "train.checkpoint_every=3",
+            "eval.num_samples=64"]
+    result = launch("tests/multiprocess_check.py", "recipes/dxmi_mvtec.toml", str(out), *tiny)
+    assert result.returncode == 0 or finished_then_aborted(result, out), result.stderr[-3000:]
+    verdicts = [json.loads((out / f"verdict_rank{r}.json").read_text()) for r in range(2)]
+    assert all(v["identical_to_rank0"] and v["step"] == 6 and v["world_size"] == 2 for v in verdicts)
+    assert (out / "checkpoints" / "best").is_dir()
