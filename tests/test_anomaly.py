@@ -20,13 +20,12 @@ from rewardtune.anomaly.features import (
     cached_features,
     features_cache_path,
     resize_to_grid,
-    to_sphere,
 )
 from rewardtune.anomaly.sets import write_mvtec_layout
 from rewardtune.backbones.priors import NoisedDataPrior, build_noised_data_prior
 from rewardtune.backbones.sphere import build_sphere_mlp_backbone
 from rewardtune.errors import PluginNotFoundError, RecipeError
-from rewardtune.nets.autoencoder import SphereAutoencoder
+from rewardtune.nets.autoencoder import SphereAutoencoder, to_sphere
 from rewardtune.rewards.autoencoder import build_autoencoder_reward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,6 +312,12 @@ def test_prior_and_data_errors_are_one_line(tmp_path, capsys):
         (REPO / "recipes" / "dxmi_mvtec.toml", [f"data.root={root}", "data.extractor=no_such_net"],
          "unknown feature extractor"),
         (REPO / "recipes" / "dxmi_mvtec.toml", [f"data.root={root}", "eval.repeats=3"], "eval.repeats does not apply"),
+        (REPO / "recipes" / "dxmi_mvtec.toml", [f"data.root={root}", "eval.feature_extractor=digits"],
+         "eval.feature_extractor does not apply"),
+        (REPO / "recipes" / "dxmi_mvtec.toml", [f"data.root={root}", "eval.reference_samples=100"],
+         "eval.reference_samples does not apply"),
+        (REPO / "recipes" / "dxmi_mvtec.toml", [f"data.root={root}", "data.weights=/no/such/weights.safetensors"],
+         "do not exist"),
     ]
     for path, overrides, message in cases:
         args = ["run", str(path), "--out", str(tmp_path / "run"), *tiny]

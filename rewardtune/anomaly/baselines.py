@@ -1,7 +1,7 @@
 """Standard anomaly detectors on the same spatial features the energy model sees, for comparison tables.
 
 Every detector fits on normal feature maps [N, D, h, w] (the caller has already projected each spatial vector onto
-the unit sphere, `features.to_sphere`) and scores feature maps with an energy map [M, h, w], higher meaning more
+the unit sphere, `nets.autoencoder.to_sphere`) and scores feature maps with an energy map [M, h, w], higher meaning more
 anomalous. The algorithms are sklearn's:
 - `KNNDistance` ("knn"): mean Euclidean distance to the k nearest training spatial vectors (PatchCore-style, Roth et
   al. 2022, without the coreset).

@@ -29,11 +29,7 @@ from torch import nn
 
 from rewardtune.errors import RecipeError
 from rewardtune.imports import call_factory_path
-
-
-def to_sphere(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
-    """x / ||x|| along `dim`: the projection onto the unit sphere (a zero vector stays ~0, never NaN)."""
-    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+from rewardtune.nets.autoencoder import to_sphere
 
 
 def resize_to_grid(maps: Sequence[torch.Tensor], grid: int) -> torch.Tensor:

@@ -33,16 +33,6 @@ class RunAnomalyModel:
         return energy_maps(self.energy, extract_features(self.extractor, images))
 
 
-def read_reward_kind(run_dir: Path) -> str:
-    """The [reward] kind of a run's recipe.toml ("" when it has none or cannot be read: load_run then says why)."""
-    import tomllib
-
-    try:
-        return str(tomllib.loads((run_dir / "recipe.toml").read_text()).get("reward", {}).get("kind", ""))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return ""
-
-
 def load_anomaly_model(run_dir: str | Path, *, best: bool = False) -> RunAnomalyModel:
     """The scorer of a run trained on `anomaly_features` data (its latest checkpoint, or the best one).
 
@@ -50,11 +40,13 @@ def load_anomaly_model(run_dir: str | Path, *, best: bool = False) -> RunAnomaly
         RecipeError: the run's data are not anomaly features, or it has no energy.
         CheckpointError: no checkpoint (or no best one with `best`).
     """
-    from rewardtune.api import load_run
+    from rewardtune.api import load_run, require_recipe
+    from rewardtune.build import read_run_recipe
     from rewardtune.data.anomaly import AnomalyFeatures
 
-    raw_kind = read_reward_kind(Path(run_dir))
-    skip = ["reward.pretrain_steps=0"] if raw_kind == "autoencoder" else []  # the checkpoint holds the weights
+    require_recipe(Path(run_dir))
+    kind = read_run_recipe(Path(run_dir)).get("reward", {}).get("kind", "")
+    skip = ["reward.pretrain_steps=0"] if kind == "autoencoder" else []  # the checkpoint holds the weights
     trainer = load_run(run_dir, best=best, build_overrides=skip)
     if not isinstance(trainer.data, AnomalyFeatures):
         raise RecipeError(f"{run_dir} was not trained on [data] kind = \"anomaly_features\": nothing to score images with")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rewardtune.backbones.base import StandardNormalPrior
-from rewardtune.backbones.sphere import project_to_sphere
+from rewardtune.nets.autoencoder import to_sphere
 
 
 def build_standard_normal_prior() -> StandardNormalPrior:
@@ -58,7 +58,7 @@ class NoisedDataPrior(nn.Module):
         z = self.autoencoder.encode(x)
         z = z + self.noise * torch.randn(z.shape, generator=generator, device=z.device)
         x0 = self.autoencoder.decode(z)
-        return project_to_sphere(x0) if self.sphere else x0
+        return to_sphere(x0) if self.sphere else x0
 
     def train(self, mode: bool = True) -> NoisedDataPrior:  # the frozen autoencoder stays in eval mode
         return super().train(False)

@@ -15,12 +15,8 @@ import torch
 from torch import nn
 
 from rewardtune.backbones.base import GaussianChainPolicy
+from rewardtune.nets.autoencoder import to_sphere
 from rewardtune.nets.mlp import TimeMLP
-
-
-def project_to_sphere(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """x / ||x|| over the event dimensions of x [B, D]."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
 class SpherePolicy(GaussianChainPolicy):
@@ -38,11 +34,11 @@ class SpherePolicy(GaussianChainPolicy):
     def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """[B, D], [B] integer times -> the mean on the sphere [B, D]."""
         out = self.net(x, t.to(x.dtype))
-        return project_to_sphere(x + out if self.residual else out)
+        return to_sphere(x + out if self.residual else out)
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """The sample: x_T projected onto the sphere, where the data live."""
-        return project_to_sphere(x)
+        return to_sphere(x)
 
     def network_state(self) -> dict[str, torch.Tensor]:
         return {f"net.{k}": v for k, v in self.net.state_dict().items()}

@@ -12,6 +12,12 @@ import torch
 from torch import nn
 
 
+def to_sphere(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    """x / ||x|| along `dim`: the projection onto the unit sphere (a zero vector stays ~0, never NaN). The one
+    projection the autoencoder's decoder, the sphere policy, the noised-data prior and the anomaly features use."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
 def mlp(in_dim: int, out_dim: int, hidden: int, depth: int) -> nn.Sequential:
     """`depth` hidden layers of width `hidden` with ReLU, then a linear output layer."""
     layers: list[nn.Module] = []
@@ -47,7 +53,7 @@ class SphereAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, latent] -> x_hat [B, D], of unit norm when `sphere`."""
         out = self.decoder(z)
-        return out / out.norm(dim=-1, keepdim=True).clamp_min(1e-8) if self.sphere else out
+        return to_sphere(out) if self.sphere else out
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """E(x) = ||x - Dec(Enc(x))||^2 summed over the D dimensions: [B]."""
