@@ -53,6 +53,7 @@ from rewardtune.plugin_failures import PluginOwners
 from rewardtune.precision import autocast
 from rewardtune.sharding import (
     ShardingPlan,
+    is_sharded,
     shard_backbone,
     sharding_plan,
     swap_parameters,
@@ -135,8 +136,13 @@ class EMA:
     def update(self, module: torch.nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for p_ema, p in zip(self.module.parameters(), module.parameters()):
-            if p_ema is not p and p.requires_grad:  # frozen ones are shared (or, under FSDP, equal copies)
+        pairs = [(p_ema, p) for p_ema, p in zip(self.module.parameters(), module.parameters())
+                 if p_ema is not p and p.requires_grad]  # frozen ones are shared (or, under FSDP, equal copies)
+        plain = [(p_ema, p) for p_ema, p in pairs if not is_sharded(p)]
+        if plain:  # one multi-tensor lerp (what p_ema.lerp_(p, 1 - decay) does per parameter)
+            torch._foreach_lerp_([e for e, _ in plain], [p for _, p in plain], 1 - decay)
+        for p_ema, p in pairs:
+            if is_sharded(p):
                 p_ema.lerp_(p, 1 - decay)
 
 

@@ -1,5 +1,5 @@
-"""The hot path's shortcuts (issue 19) give the numbers of the plain paths, bit for bit: multi-tensor Adam in
-`GradStep`, its checkpoints both ways, gradient norms only on logged steps, the value's time-embedding table, the
+"""The hot path's shortcuts (issue 19) give the numbers of the plain paths, bit for bit (the fused Adam kernel, `GradStep`'s
+default, to round-off): multi-tensor Adam in `GradStep`, its checkpoints both ways, gradient norms only on logged steps, the value's time-embedding table, the
 trainer reading every metric in one copy, and DxDP's closed-form entropy computed once per iteration."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import rewardtune as rt
 from rewardtune.nets.mlp import TimeMLP
 from rewardtune.nets.value import build_time_mlp_value
 from rewardtune.optim import GradStep
-from rewardtune.trainer import metric_floats
+from rewardtune.trainer import EMA, metric_floats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +35,14 @@ def loss_of(net: nn.Module, step: int) -> torch.Tensor:
 
 
 # ---- GradStep: multi-tensor Adam ---------------------------------------------------------------------------------
-def test_gradstep_steps_as_torchs_per_parameter_adam_does_bit_for_bit():
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradstep_steps_as_torchs_per_parameter_adam_does(fused):
+    """The multi-tensor implementation is the loop bit for bit; the fused kernel (the default) differs from it by
+    round-off only."""
     net, reference = small_net(0), small_net(0)
-    opt = GradStep([(net.parameters(), 1e-2)], grad_clip=0.5)
-    assert opt.optimizer.param_groups[0]["foreach"] is True
+    opt = GradStep([(net.parameters(), 1e-2)], grad_clip=0.5, **({} if fused else {"fused": False}))
+    group = opt.optimizer.param_groups[0]
+    assert (group["fused"] is True) if fused else (group["foreach"] is True)
     plain = torch.optim.Adam(reference.parameters(), lr=1e-2, foreach=False)  # the loop GradStep used to run
     for step in range(5):
         opt.step(loss_of(net, step))
@@ -46,8 +50,12 @@ def test_gradstep_steps_as_torchs_per_parameter_adam_does_bit_for_bit():
         loss_of(reference, step).backward()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
         plain.step()
-    for p, q in zip(net.parameters(), reference.parameters(), strict=True):
-        assert torch.equal(p, q)
+    for p, q, start in zip(net.parameters(), reference.parameters(), small_net(0).parameters(), strict=True):
+        assert not torch.equal(p, start)  # the steps moved every weight
+        if fused:
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(p, q)
 
 
 class LoopAdam:
@@ -68,13 +76,19 @@ class LoopAdam:
         self.optimizer.load_state_dict(state)
 
 
-OPTIMISERS = {"loop": LoopAdam, "gradstep": lambda params: GradStep([(params, 1e-2)])}
+OPTIMISERS = {
+    "loop": LoopAdam,
+    "foreach": lambda params: GradStep([(params, 1e-2)], fused=False),
+    "fused": lambda params: GradStep([(params, 1e-2)]),
+}
+PAIRS = [("loop", "foreach"), ("foreach", "loop"), ("loop", "fused"), ("fused", "loop"), ("foreach", "fused")]
 
 
-@pytest.mark.parametrize(("saved_by", "loaded_by"), [("loop", "gradstep"), ("gradstep", "loop")])
-def test_adam_state_loads_both_ways_between_the_loop_and_the_multi_tensor_optimiser(saved_by, loaded_by):
+@pytest.mark.parametrize(("saved_by", "loaded_by"), PAIRS)
+def test_adam_state_loads_both_ways_between_the_loop_and_the_multi_tensor_and_fused_optimisers(saved_by, loaded_by):
     """A checkpoint of the per-parameter Adam (earlier releases) resumes in today's GradStep and the other way round,
-    and the resumed steps are the uninterrupted ones."""
+    and the resumed steps are the uninterrupted ones (bit for bit between the loop and the multi-tensor
+    implementation, to round-off with the fused kernel on either side: it rounds its own way)."""
     net = small_net(0)
     saver = OPTIMISERS[saved_by](net.parameters())
     for step in range(3):
@@ -86,8 +100,11 @@ def test_adam_state_loads_both_ways_between_the_loop_and_the_multi_tensor_optimi
     for step in range(3, 6):  # the uninterrupted run goes on with the optimiser it had
         saver.step(loss_of(net, step))
         loader.step(loss_of(resumed, step))
+    exact = "fused" not in (saved_by, loaded_by)
     for p, q in zip(net.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+        assert torch.equal(p, q) if exact else torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+    state = loader.state_dict()["state"][0]
+    assert float(state["step"]) == 6 and float(state["exp_avg_sq"].abs().sum()) > 0  # the moments carried over
 
 
 def test_an_unlogged_step_returns_no_norm_and_takes_the_same_step():
@@ -109,6 +126,25 @@ def test_an_unlogged_step_still_skips_a_nonfinite_step_when_asked():
     opt.set_logged(False)
     assert opt.step((weight * float("nan")).sum()) is None
     assert opt.skipped == 1 and torch.equal(weight.detach(), torch.ones(3))
+
+
+def test_the_ema_update_is_the_per_parameter_lerp_bit_for_bit_and_leaves_frozen_parameters_shared():
+    live = small_net(0)
+    live[0].weight.requires_grad_(False)  # a frozen parameter (a LoRA base, say) is shared, not averaged
+    ema = EMA(live, decay=0.9)
+    shadow = [p.detach().clone() for p in live.parameters()]
+    for step in range(4):
+        with torch.no_grad():
+            for p in live.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+        ema.update(live)
+        decay = min(0.9, (2 + step) / (11 + step))
+        for s, p in zip(shadow, live.parameters(), strict=True):
+            if p.requires_grad:
+                s.lerp_(p.detach(), 1 - decay)
+    for e, s, p in zip(ema.module.parameters(), shadow, live.parameters(), strict=True):
+        assert (e is p) if not p.requires_grad else (torch.equal(e, s) and not torch.equal(e, p))
 
 
 # ---- the value's time-embedding table ----------------------------------------------------------------------------
