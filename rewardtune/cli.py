@@ -351,11 +351,21 @@ def score(
 @app.command(cls=Command)
 def bench(
     recipe: RecipeArgument,
-    steps: Annotated[int, typer.Option("--steps", help="Timed training iterations.", min=1, metavar="N")] = 50,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed iterations before them.", min=0, metavar="N")] = 5,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="Timed training iterations [default: 50]; with --over-steps, timed calls per "
+                     "measurement [default: 3].", min=1, metavar="N", show_default=False),
+    ] = None,
+    warmup: Annotated[
+        int | None,
+        typer.Option("--warmup", help="Untimed iterations before them [default: 5; with --over-steps, at each T: 1].",
+                     min=0, metavar="N", show_default=False),
+    ] = None,
     samples: Annotated[
-        int, typer.Option("--samples", help="Samples drawn to time the sampler (0: none).", min=0, metavar="N")
-    ] = 1000,
+        int | None,
+        typer.Option("--samples", help="Samples drawn to time the sampler (0: none) [default: 1000].", min=0,
+                     metavar="N", show_default=False),
+    ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the result to this JSON file.", metavar="PATH")
     ] = None,
@@ -364,36 +374,113 @@ def bench(
         typer.Option("--profile", help="Also run a few iterations under torch's profiler and write its Chrome trace "
                      "here.", metavar="PATH"),
     ] = None,
+    over_steps: Annotated[
+        str | None,
+        typer.Option("--over-steps", help="Instead, measure the memory of DxDP's policy step and iteration at each of "
+                     "these numbers of sampling steps, e.g. 5,10,20,40 (a DxDP recipe; the policy batch fixed).",
+                     metavar="T,T,..."),
+    ] = None,
+    bptt: Annotated[
+        bool, typer.Option("--bptt", help="With --over-steps: also the same policy objective optimised by "
+                           "back-propagation through time.")
+    ] = False,
+    rss: Annotated[
+        bool, typer.Option("--rss", help="With --over-steps on a CPU: also each step's rise of the peak RSS, in a "
+                           "fresh process per T and method (seconds each).")
+    ] = False,
     set_: SetOption = None,
 ) -> None:
     """Time a recipe's training iteration by phase (rollout, reward update, value update, policy step, the rest), its
-    sampler's samples per second and the peak memory; one process, no run directory (docs/results.md, Throughput)."""
-    from rich.table import Table
-
-    from rewardtune import checkpoint as ckpt
-    from rewardtune.bench import benchmark, print_rows
+    sampler's samples per second and the peak memory; one process, no run directory (docs/results.md, Throughput).
+    With --over-steps: the memory of DxDP's policy step at each T instead, with --bptt beside BPTT's."""
     from rewardtune.errors import RewardtuneError
-    from rewardtune.recipe import load_recipe
 
     for path, option in ((json_path, "--json"), (profile, "--profile")):
         if path is not None and not path.parent.is_dir():  # before the benchmark, not after it
             raise RewardtuneError(f"{option}: the folder {path.parent} does not exist")
-    result = benchmark(load_recipe(recipe, list(set_ or [])), steps=steps, warmup=warmup, samples=samples,
-                       profile=profile)
+    overrides = list(set_ or [])
+    if over_steps is not None:
+        for option, given in (("--samples", samples is not None), ("--profile", profile is not None)):
+            if given:
+                raise RewardtuneError(f"{option} is an option of the iteration benchmark; --over-steps takes none")
+        bench_over_steps(recipe, overrides, parse_step_list(over_steps), bptt=bptt, rss=rss,
+                         repeats=3 if steps is None else steps, warmup=1 if warmup is None else warmup,
+                         json_path=json_path)
+        return
+    for option, given in (("--bptt", bptt), ("--rss", rss)):
+        if given:
+            raise RewardtuneError(f"{option} needs --over-steps (e.g. --over-steps 5,10,20,40)")
+    bench_iterations(recipe, overrides, steps=50 if steps is None else steps, warmup=5 if warmup is None else warmup,
+                     samples=1000 if samples is None else samples, profile=profile, json_path=json_path)
+
+
+def bench_iterations(recipe: Path, overrides: list[str], *, steps: int, warmup: int, samples: int,
+                     profile: Path | None, json_path: Path | None) -> None:
+    """`rewardtune bench` without --over-steps: the iteration by phase, samples/s, peak memory."""
+    from rich.table import Table
+
+    from rewardtune.bench import benchmark, print_rows
+    from rewardtune.recipe import load_recipe
+
+    result = benchmark(load_recipe(recipe, overrides), steps=steps, warmup=warmup, samples=samples, profile=profile)
     title = (f"{recipe}: T = {result['num_steps']}, batch {result['batch_size']}, {result['device']}, "
              f"{result['threads']} thread(s); {steps} iterations after {warmup}")
     table = Table("per iteration", "", title=title, title_justify="left")
     for name, value in print_rows(result):
         table.add_row(name, value)
     Console().print(table)
-    if json_path is not None:
-        try:
-            ckpt.write_json_atomic(json_path, result)
-        except OSError as err:
-            raise RewardtuneError(f"cannot write {json_path}: {err.strerror or err}") from None
-        print_error(f"wrote {json_path}")
+    write_bench_json(json_path, result)
     if profile is not None:
         print_error(f"profiler trace: {profile}")
+
+
+def bench_over_steps(recipe: Path, overrides: list[str], num_steps: list[int], *, bptt: bool, rss: bool,
+                     repeats: int, warmup: int, json_path: Path | None) -> None:
+    """`rewardtune bench --over-steps`: the memory of DxDP's policy step (and BPTT's) at each T."""
+    from rich.table import Table
+
+    from rewardtune.bench_memory import memory_over_steps, table_rows
+
+    result = memory_over_steps(recipe, overrides, num_steps, bptt=bptt, repeats=repeats, warmup=warmup, rss=rss)
+    if rss and result["device"].startswith("cuda"):
+        print_error("note: --rss: on a GPU the allocator's peak is measured instead of the RSS")
+    policy_batch = result["rows"][0]["policy_batch"]
+    title = (f"{recipe}: policy batch {policy_batch}, batch {result['batch_size']}, {result['device']}, "
+             f"{result['threads']} thread(s). MiB saved for backward (RSS, GPU: the peak's rise) per step of DxDP, "
+             f"its iteration and BPTT; ms: the median of {repeats}")
+    header, rows = table_rows(result)
+    table = Table(*header, title=title, title_justify="left")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    write_bench_json(json_path, result)
+
+
+def parse_step_list(text: str) -> list[int]:
+    """--over-steps: "5,10,20,40" -> [5, 10, 20, 40]; a RewardtuneError unless every item is an integer >= 1."""
+    from rewardtune.errors import RewardtuneError
+
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise RewardtuneError(f"--over-steps: expected comma-separated integers T >= 1 such as 5,10,20,40, got {text!r}")
+    return values
+
+
+def write_bench_json(json_path: Path | None, result: dict) -> None:
+    """Write a benchmark's `result` to `json_path` (nothing when None)."""
+    from rewardtune import checkpoint as ckpt
+    from rewardtune.errors import RewardtuneError
+
+    if json_path is None:
+        return
+    try:
+        ckpt.write_json_atomic(json_path, result)
+    except OSError as err:
+        raise RewardtuneError(f"cannot write {json_path}: {err.strerror or err}") from None
+    print_error(f"wrote {json_path}")
 
 
 @app.command(cls=Command)

@@ -20,6 +20,11 @@ def autocast(device_type: str, mixed_precision: str):
     return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
 
 
+FP32_OR_WIDER = (torch.float32, torch.float64)
+
+
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """`x` in fp32 when it is in a lower floating precision; fp32, fp64 and integer tensors as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32)) if x.is_floating_point() else x
+    if x.dtype in FP32_OR_WIDER or not x.is_floating_point():  # the common case, without a dispatcher call
+        return x
+    return x.to(torch.promote_types(x.dtype, torch.float32))

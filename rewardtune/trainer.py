@@ -703,7 +703,8 @@ def metric_floats(metrics: dict[str, float | torch.Tensor]) -> dict[str, float]:
     read: dict[str, float] = {}
     with torch.no_grad():
         for names in groups.values():
-            read.update(zip(names, torch.stack([metrics[name].reshape(()) for name in names]).tolist()))
+            values = [metrics[name] for name in names]
+            read.update(zip(names, torch.stack([v if v.dim() == 0 else v.reshape(()) for v in values]).tolist()))
     return {name: read.get(name, value) for name, value in metrics.items()}
 
 

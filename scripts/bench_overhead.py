@@ -8,7 +8,7 @@ RECIPE defaults to recipes/dxmi_8gaussians.toml; it must be DxMI with a shared v
 the closed-form entropy in the TD target, no KL safeguard and no time cost: the hand-written loop implements exactly
 that iteration. Both sides are built by `build_experiment` from the recipe (so the networks, their initial weights and
 the data are the same) and run in one process, alternately (A, B, A, B, ...: this machine is noisy and only ratios of
-interleaved runs count): A = `Trainer.train_step` (lr schedule, metrics read once per iteration, finiteness check,
+interleaved runs count): A = `Trainer.train_step`, as `rewardtune bench` steps it (lr schedule, metrics read once per iteration, finiteness check,
 EMA); B = the loop below, which does the same arithmetic with plain torch: the rollout, the EBM step, the T
 sequential TD steps (Eq. (10), closed-form entropy), the policy step on `policy_batch` transitions (Eq. (11)), AVR,
 the cosine lr and the EMA, with fused Adam (as GradStep) and no metrics. Prints the median ms/iteration of each
@@ -26,7 +26,7 @@ import time
 import torch
 
 from rewardtune.api import make_accelerator, make_trainer
-from rewardtune.bench import without_init_from
+from rewardtune.bench import step, without_init_from
 from rewardtune.build import build_experiment
 from rewardtune.recipe import load_recipe
 from rewardtune.trainer import lr_multiplier
@@ -128,16 +128,21 @@ def timed(step, steps: int) -> float:
     return 1000 * (time.perf_counter() - start) / steps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def interleaved_parser(description: str, threads_default) -> argparse.ArgumentParser:
+    """The options of an interleaved benchmark of a recipe (this script's and bench_threads.py's)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("recipe", nargs="?", default="recipes/dxmi_8gaussians.toml")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--alternations", type=int, default=6)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=type(threads_default), default=threads_default)
+    parser.add_argument("--steps", type=int, default=300, help="timed iterations per block")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed iterations first")
+    parser.add_argument("--alternations", type=int, default=6, help="rounds of blocks")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE")
+    parser.add_argument("--json", default=None, metavar="PATH")
+    return parser
+
+
+def main() -> None:
+    args = interleaved_parser(__doc__.split("\n\n")[0], 2).parse_args()
     torch.set_num_threads(args.threads)
     recipe = without_init_from(load_recipe(args.recipe, args.overrides))
     trainer = make_trainer(build_experiment(recipe), None, None, make_accelerator())
@@ -145,11 +150,11 @@ def main() -> None:
     hand = HandWrittenDxMI(make_trainer(build_experiment(recipe), None, None, make_accelerator()))
     torch.set_num_threads(args.threads)  # building may set the recipe's cpu_threads
     for _ in range(args.warmup):
-        trainer.train_step()
+        step(trainer)
         hand.step()
     rows = []
     for i in range(args.alternations):
-        toolkit = timed(trainer.train_step, args.steps)
+        toolkit = timed(lambda: step(trainer), args.steps)
         plain = timed(hand.step, args.steps)
         rows.append({"trainer_ms": toolkit, "hand_written_ms": plain, "ratio": toolkit / plain})
         print(f"alternation {i + 1}: Trainer {toolkit:.2f} ms, hand-written {plain:.2f} ms, ratio {toolkit / plain:.3f}",

@@ -61,7 +61,7 @@ def test_linear_and_none_time_cost_and_unknown():
     t = torch.arange(7)
     torch.testing.assert_close(time_cost("linear", t, 7, DxDPConfig(linear_time_cost=0.05)), torch.full((7,), 0.05, dtype=torch.float64), rtol=0, atol=0)  # a fill
     torch.testing.assert_close(time_cost("linear", t, 7, DxDPConfig(linear_time_cost=0.3)), torch.full((7,), 0.3, dtype=torch.float64), rtol=0, atol=0)  # a fill
-    torch.testing.assert_close(time_cost("none", t, 7, DxDPConfig()), torch.zeros(7, dtype=torch.float64), rtol=0, atol=0)  # zeros
+    assert time_cost("none", t, 7, DxDPConfig()) is None  # no cost: td_target adds nothing
     with pytest.raises(ValueError):
         time_cost("cosine", t, 7, DxDPConfig())
 
@@ -87,6 +87,19 @@ def test_td_target_hand_computed(entropy_in_value, velocity_in_value):
     got = td_target(v_next, log_prob, velocity, rt, cfg)
     assert got.dtype == torch.float32 and not got.requires_grad  # stop-gradient, in the value's dtype
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # float32 sums of O(1) numbers
+
+
+def test_td_target_without_a_time_cost_is_the_target_with_zero_cost_bit_for_bit():
+    cfg = DxDPConfig(tau_entropy=0.2, tau_velocity=0.3)
+    v_next, log_prob, velocity = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    zero = td_target(v_next, log_prob, velocity, torch.zeros(50, dtype=torch.float64), cfg)
+    assert torch.equal(td_target(v_next, log_prob, velocity, None, cfg), zero)
+
+
+def test_velocity_cost_of_rows_at_one_time_takes_a_single_scale():
+    x, x_next = torch.randn(2, 7, 3, generator=torch.Generator().manual_seed(1))
+    s2 = torch.tensor(0.37)
+    assert torch.equal(velocity_cost(x, x_next, s2), velocity_cost(x, x_next, s2.expand(7)))
 
 
 def test_velocity_cost_hand_computed():

@@ -83,14 +83,15 @@ class DxDPConfig:
     # V(., T) (which learns -r(x_T); works for non-differentiable rewards) or the reward itself (needs gradients)
 
 
-def time_cost(kind: str, t: torch.Tensor, num_steps: int, config: DxDPConfig) -> torch.Tensor:
-    """R(t) of Sec. 4.3: linear R(t) = c, or sigmoid R(t) = scale * (sig(-t + T/2) - sig(-t - 1 + T/2)).
+def time_cost(kind: str, t: torch.Tensor, num_steps: int, config: DxDPConfig) -> torch.Tensor | None:
+    """R(t) of Sec. 4.3: linear R(t) = c, or sigmoid R(t) = scale * (sig(-t + T/2) - sig(-t - 1 + T/2)); None for
+    "none" (no cost: nothing to add).
 
     The sigmoid costs telescope: sum_{t=0}^{T-1} R(t) = scale * (sig(T/2) - sig(-T/2)).
     """
-    t = t.to(torch.float64)
     if kind == "none":
-        return torch.zeros_like(t)
+        return None
+    t = t.to(torch.float64)
     if kind == "linear":
         return torch.full_like(t, config.linear_time_cost)
     if kind == "sigmoid":
@@ -100,7 +101,8 @@ def time_cost(kind: str, t: torch.Tensor, num_steps: int, config: DxDPConfig) ->
 
 
 def velocity_cost(x: torch.Tensor, x_next: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """||x_t - x_{t+1}||^2 / (2 s_t^2), summed over dimensions: [B]. `s2` is s_t^2 per sample [B]."""
+    """||x_t - x_{t+1}||^2 / (2 s_t^2), summed over dimensions: [B]. `s2` is s_t^2 per sample [B], or one s_t^2 (a
+    0-d tensor) for rows of the same time."""
     return (x_next - x).flatten(1).pow(2).sum(1) / (2 * s2)
 
 
@@ -108,7 +110,7 @@ def td_target(
     v_next: torch.Tensor,
     log_prob: torch.Tensor,
     velocity: torch.Tensor,
-    time_cost_t: torch.Tensor,
+    time_cost_t: torch.Tensor | None,
     config: DxDPConfig,
     tau1: float | None = None,
     tau2: float | None = None,
@@ -118,13 +120,16 @@ def td_target(
 ) -> torch.Tensor:
     """Eq. (10)/(12): sg[V(x_{t+1}, t+1)] + tau1 log pi(x_{t+1}|x_t) + tau2 vel + R(t) + beta kl (switched terms dropped).
 
-    `kl` [B] is the KL safeguard's cost of the transitions (`transition_kl`; None: no safeguard). tau1, tau2 and
-    kl_weight = beta default to the config's (pass the effective ones when `per_dimension` is set).
+    `kl` [B] is the KL safeguard's cost of the transitions (`transition_kl`; None: no safeguard); `time_cost_t` [B] is
+    R(t) (`time_cost`; None: no time cost). tau1, tau2 and kl_weight = beta default to the config's (pass the
+    effective ones when `per_dimension` is set).
     """
     tau1 = config.tau_entropy if tau1 is None else tau1
     tau2 = config.tau_velocity if tau2 is None else tau2
     kl_weight = config.kl_weight if kl_weight is None else kl_weight
-    target = v_next.detach() + time_cost_t.to(v_next.dtype)
+    target = v_next.detach()
+    if time_cost_t is not None:
+        target = target + time_cost_t.to(v_next.dtype)
     if config.entropy_in_value:
         target = target + tau1 * log_prob
     if config.velocity_in_value:
@@ -333,17 +338,18 @@ class DxDP:
             log_probs: the log-density term of every transition [T, B] (`transition_log_probs`; None: computed here).
         """
         states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
-        steps = range(T) if t is None else [t]
-        x = torch.cat([states[u] for u in steps])
-        x_next = torch.cat([states[u + 1] for u in steps])
-        tt = torch.cat([self._times(u, B, x.device) for u in steps])
+        log_probs = self.transition_log_probs(trajectory) if log_probs is None else log_probs
+        if t is None:  # every transition, time-major: rows u*B .. (u+1)*B - 1 are x_u
+            x, x_next = states[:-1].flatten(0, 1), states[1:].flatten(0, 1)
+            tt = torch.arange(T, device=x.device).repeat_interleave(B)
+            log_prob, kl_t, s2 = log_probs.flatten(), None if kl is None else kl.flatten(), self.s2[tt]
+        else:  # one time: views of the trajectory, and s_t^2 as one number
+            x, x_next, tt = states[t], states[t + 1], self._times(t, B, states.device)
+            log_prob, kl_t, s2 = log_probs[t], None if kl is None else kl[t], self.s2[t]
         with torch.no_grad():
-            v_next = self.value_at(x_next, tt + 1, rows_condition(trajectory, len(steps)))
-            log_probs = self.transition_log_probs(trajectory) if log_probs is None else log_probs
-            log_prob = torch.cat([log_probs[u] for u in steps])
-            velocity = velocity_cost(x, x_next, self.s2[tt])
+            v_next = self.value_at(x_next, tt + 1, rows_condition(trajectory, T if t is None else 1))
+            velocity = velocity_cost(x, x_next, s2)
             cost_t = time_cost(self.config.time_cost, tt, T, self.config)
-            kl_t = None if kl is None else torch.cat([kl[u] for u in steps])
             target = td_target(
                 v_next, log_prob, velocity, cost_t, self.config, self.tau1, self.tau2, kl=kl_t, kl_weight=self.kl_weight
             )

@@ -34,6 +34,15 @@ Guide = Callable[..., torch.Tensor]
 used for value guidance at sampling time."""
 
 
+def noise_log_probs(noises: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """log N(x_{t+1}; mean_t, sigma_t^2 I) of each transition, from the noise that produced it, x_{t+1} = mean_t +
+    sigma_t eps_t: -||eps_t||^2 / 2 - D log sigma_t - D/2 log 2 pi, summed over the D dimensions: [T, B] for
+    noises [T, B, ...] and sigmas [T]."""
+    d = math.prod(noises.shape[2:])
+    square = noises.flatten(2).pow(2).sum(2)  # [T, B]
+    return -0.5 * square - d * sigmas.log().view(-1, 1) - 0.5 * d * math.log(2 * math.pi)
+
+
 class StandardNormalPrior(nn.Module):
     """pi(x_0) = N(0, I)."""
 
@@ -129,10 +138,19 @@ class GaussianChainPolicy(nn.Module):
         return log_sigma.exp()
 
     def step(
-        self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition: Conditions | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        condition: Conditions | None = None,
+        *,
+        sigma: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Reparameterised transition x_{t+1} = mean(x_t, t, c) + sigma_t * noise (differentiable in phi)."""
-        sigma = self.sigma()[t].view(-1, *([1] * len(self.sample_shape)))
+        """Reparameterised transition x_{t+1} = mean(x_t, t, c) + sigma_t * noise (differentiable in phi) for states x
+        [B, ...] at times t [B]. `sigma`: sigma_t when every row is at the same t (a 0-d tensor; a caller that holds
+        `sigma()` already, as `sample` does); None: looked up per row."""
+        if sigma is None:
+            sigma = self.sigma()[t].view(-1, *([1] * len(self.sample_shape)))
         return at_least_fp32(self.mean_at(x, t, condition)) + sigma * noise  # the state stays fp32
 
     def log_prob(
@@ -172,21 +190,19 @@ class GaussianChainPolicy(nn.Module):
                 raise ValueError(f"{len(condition)} conditions for {n} chains")
             condition = condition.to(self.device)
         x = self.prior.sample(n, self.sample_shape, generator, self.device) if x0 is None else x0.to(self.device)
-        states, log_probs = [x], []
+        states, noises = [x], []
         sigmas = self.sigma()
-        d = self.event_dim
         for t in range(self.num_steps):
             noise = torch.randn(x.shape, generator=generator, device=x.device)
-            x = self.step(x, self.times(t, n), noise, condition)
-            # log N(x_{t+1}; mean, sigma^2 I) from the noise that produced it.
-            log_probs.append(-0.5 * noise.flatten(1).pow(2).sum(1) - d * sigmas[t].log() - 0.5 * d * math.log(2 * math.pi))
+            x = self.step(x, self.times(t, n), noise, condition, sigma=sigmas[t])
+            noises.append(noise)
             if guide is not None:
                 x = guide(x, t + 1, sigmas[t]) if condition is None else guide(x, t + 1, sigmas[t], condition)
             states.append(x)
         return Trajectory(
             states=torch.stack(states),
             sigmas=sigmas.detach().clone(),
-            log_probs=None if guide is not None else torch.stack(log_probs),
+            log_probs=None if guide is not None else noise_log_probs(torch.stack(noises), sigmas),
             condition=condition,
         )
 
