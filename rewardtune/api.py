@@ -236,6 +236,8 @@ def sample(
     best: bool = False,
     guidance: float = 0.0,
     cfg_scale: float | None = None,
+    rejection: str | None = None,
+    budget: float = 2.0,
 ):
     """Samples of a run's latest (or best) checkpoint, what `rewardtune sample` writes.
 
@@ -253,17 +255,56 @@ def sample(
         best: sample checkpoints/best instead of the latest checkpoint.
         guidance: value guidance scale lambda (0: none; needs a value function).
         cfg_scale: classifier-free guidance scale to sample with (None: the run's own; conditional runs).
+        rejection: keep samples by rejection on the run's estimate of log p / p~ (`rejection.py`): "drs" or
+            "budgeted" (OBRS with `budget` = K proposals per kept sample); None: every sample. Needs an algorithm
+            with `log_ratio(x)` (`discriminator_guidance`) and an unconditional run.
     Returns:
         (samples [N, *sample_shape] on the CPU, the condition of each sample (N rows, on the CPU; prompts come with
         their embeddings) or None for an unconditional run). Samples of one condition are consecutive rows.
     Raises:
         RewardtuneError: conditions an unconditional run cannot take, labels for a prompt run (or prompts for a
-            label run), a label out of range, an empty prompt; a run directory that cannot be loaded.
+            label run), a label out of range, an empty prompt; a run directory that cannot be loaded; `rejection`
+            for a run without a density ratio, a conditional run, an unknown rule or a budget below 1.
     """
     trainer = load_run(run_dir, best=best)
     if cfg_scale is not None:
         set_cfg_scale(trainer, cfg_scale)
+    if rejection is not None:
+        return sample_by_rejection(trainer, n, rejection, budget, seed=seed, guidance=guidance), None
     return sample_trainer(trainer, n, labels=labels, prompts=prompts, seed=seed, guidance=guidance, run=str(run_dir))
+
+
+def sample_by_rejection(trainer: Trainer, n: int, rule: str, budget: float, *, seed: int = 0, guidance: float = 0.0):
+    """n samples of a loaded unconditional run kept by rejection (`rejection.py`) on its algorithm's `log_ratio`:
+    proposals in batches of max(n, 500), the rule calibrated on a first batch of max(n, 2000). Returns [n, ...] on
+    the CPU. Raises RecipeError where `sample`'s docstring says."""
+    import torch
+
+    from rewardtune.rejection import RULES, acceptance_rule, rejection_sample
+
+    log_ratio = getattr(trainer.algorithm, "log_ratio", None)
+    if log_ratio is None:
+        raise RecipeError(f"--rejection needs a run that estimates a density ratio (algorithm "
+                          f"discriminator_guidance); this run's algorithm is {type(trainer.algorithm).__name__}")
+    if trainer.conditions is not None:
+        raise RecipeError("--rejection: conditional runs are not supported (the ratio would be per condition)")
+    if rule not in RULES:
+        raise RecipeError(f"--rejection {rule!r}: expected one of {', '.join(RULES)}")
+    if not budget >= 1.0:
+        raise RecipeError(f"--budget must be >= 1 (proposals per kept sample on average), got {budget}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def propose(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = sample_trainer(trainer, m, seed=int(torch.randint(0, 2**62, (1,), generator=generator)),
+                           guidance=guidance)[0]
+        return x, log_ratio(x.to(trainer.device)).cpu()
+
+    with trainer.plugin_owners.attributing("while sampling"):
+        accept = acceptance_rule(rule, propose(max(n, 2000))[1], budget=budget)
+        try:
+            return rejection_sample(propose, accept, n, generator, batch=max(n, 500), max_proposals=max(100 * n, 10**5))[0]
+        except RuntimeError as err:  # DRS whose ratio spans too much: the budgeted rule bounds the cost
+            raise RecipeError(f"--rejection {rule}: {err}; try --rejection budgeted --budget K") from None
 
 
 def sample_trainer(trainer: Trainer, n: int, *, labels=None, prompts=None, seed: int = 0, guidance: float = 0.0,

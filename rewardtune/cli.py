@@ -249,6 +249,15 @@ def sample(
         Path | None,
         typer.Option("--prompts", help="Sample the prompts of this file, one per line (with --prompt: both).", metavar="FILE"),
     ] = None,
+    rejection: Annotated[
+        str | None,
+        typer.Option("--rejection", help="Keep samples by rejection on the run's density-ratio estimate: drs or "
+                     "budgeted (a discriminator_guidance run; unconditional).", metavar="RULE"),
+    ] = None,
+    budget: Annotated[
+        float, typer.Option("--budget", help="--rejection budgeted: proposals per kept sample on average (K >= 1).",
+                            metavar="K")
+    ] = 2.0,
 ) -> None:
     """Draw samples from a run's latest (or best) checkpoint.
 
@@ -271,7 +280,7 @@ def sample(
         n = default_sample_count(output, conditional=api.is_conditional_run(run_dir))
     samples, condition = api.sample(
         run_dir, n, labels=label or None, prompts=prompts or None, seed=seed, best=best, guidance=guidance,
-        cfg_scale=cfg_scale,
+        cfg_scale=cfg_scale, rejection=rejection, budget=budget,
     )
     shape = tuple(samples.shape[1:])
     try:

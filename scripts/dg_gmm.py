@@ -1,7 +1,7 @@
 """Discriminator guidance on the exact diffused-GMM harness (issue W2 6/8; the boosting thesis's toy, Sec. 3.1).
 
     python scripts/dg_gmm.py [--seeds 0 1 2] [--data 2000] [--steps 3000] [--plot docs/img/dg_gmm.png]
-        [--weighting sigma2|likelihood] [--time-sampling uniform|importance]
+        [--weighting sigma2|likelihood] [--time-sampling uniform|importance] [--rejection [--budgets 2 5]]
 
 The target P is a mixture of four Gaussians; the frozen model P~ has the same components but misses mass on one of
 them (weight 0.02 instead of 0.25) and has its others slightly off. Both are diffused exactly by the sub-VP SDE, so
@@ -11,6 +11,10 @@ against fresh model samples: BCE (Kim et al. 2023), the DSM residual J_MSE, and 
 - the gradient MSE of grad_x d_phi against the exact correction, E_{p_t} ||.||^2 averaged over t in {0.1, ..., 0.9};
 - the guided PF-ODE sampler (Heun, 60 steps, started from P diffused to t = 1 as the thesis does, w = 1): SW to P and
   the mass on the missing mode, beside the unguided model and the exact guidance.
+With --rejection, the same discriminators (and the exact log-ratio) also post-process the model's own samples by
+rejection (rewardtune/rejection.py): DRS (gamma = 0, M from a calibration batch) and OBRS at each budget K, with the
+log-ratio read at the smallest training time, d_phi(x, t_min) (any constant offset cancels in both rules): SW to P,
+the missing mode's mass and the acceptance rate of the kept samples.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import statistics
 import torch
 
 from rewardtune.metrics.sliced_wasserstein import sliced_wasserstein
+from rewardtune.rejection import acceptance_rule, rejection_sample
 from rewardtune.score_sde.discriminator import TimeDiscriminator, discriminator_loss
 from rewardtune.score_sde.gmm import (
     DiffusedGMM,
     gradient_mse,
+    log_ratio,
     log_ratio_gradient,
     mode_masses,
 )
@@ -33,6 +39,7 @@ from rewardtune.score_sde.solvers import guided_score, ode_heun, time_grid
 from rewardtune.score_sde.time_sampling import SAMPLINGS, WEIGHTINGS, TimeSampler
 
 MISSING = 3  # the mode the model under-weights
+T_MIN = 1e-3  # the smallest time the discriminators train on (discriminator_loss's t_min) and the samplers end at
 KINDS = ("bce", "dsm_residual", "hybrid")
 
 
@@ -76,6 +83,28 @@ def guided_samples(correction, target: DiffusedGMM, model: DiffusedGMM, sde, see
     return ode_heun(sde, score, start, time_grid(60, 1e-3))
 
 
+def rejection_rows(ratios: dict, target: DiffusedGMM, model: DiffusedGMM, reference: torch.Tensor, seed: int,
+                   budgets: list[float]) -> dict[str, tuple[float, float, float]]:
+    """{"<ratio>, DRS" / "<ratio>, OBRS K=k": (SW to P, mass on the missing mode, acceptance rate)} of 5,000 samples
+    kept from the model's by each rule, for each log-ratio function in `ratios` (x [N, 2] -> log r [N])."""
+    gen = torch.Generator().manual_seed(seed + 23)
+    rows = {}
+    for name, ratio in ratios.items():
+        calibration = ratio(model.sample(20000, 0.0, gen))
+        rules = {"DRS": acceptance_rule("drs", calibration)}
+        rules.update({f"OBRS K={k:g}": acceptance_rule("budgeted", calibration, budget=k) for k in budgets})
+        def propose(n: int, ratio=ratio) -> tuple[torch.Tensor, torch.Tensor]:
+            x = model.sample(n, 0.0, gen)
+            return x, ratio(x)
+
+        for rule_name, accept in rules.items():
+            kept, _ = rejection_sample(propose, accept, 5000, gen, batch=5000)
+            sw = sliced_wasserstein(kept, reference, generator=torch.Generator().manual_seed(seed))
+            rate = float(accept(calibration.double()).mean())  # E_P~[a], on the calibration batch
+            rows[f"{name}, {rule_name}"] = (sw, float(mode_masses(target, kept)[MISSING]), rate)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -84,6 +113,8 @@ def main() -> None:
     parser.add_argument("--plot", default="")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="sigma2", help="lambda(t) of the DSM residual")
     parser.add_argument("--time-sampling", choices=SAMPLINGS, default="uniform")
+    parser.add_argument("--rejection", action="store_true", help="also rejection sampling by each log-ratio")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[2.0, 5.0], help="OBRS budgets K")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sde = make_sde("subvp")
@@ -93,15 +124,21 @@ def main() -> None:
         times = TimeSampler(sde, weighting=args.weighting, sampling=args.time_sampling)
     reference = target.sample(5000, 0.0, torch.Generator().manual_seed(999))
     rows: dict[str, list[tuple[float, float, float]]] = {}
+    rejected: dict[str, list[tuple[float, float, float]]] = {}
     pictures = {}
     for seed in args.seeds:
         data = target.sample(args.data, 0.0, torch.Generator().manual_seed(seed))
         guides = {"unguided": None, "exact guidance": lambda x, t: log_ratio_gradient(target, model, x, t)}
         errors = {"unguided": correction_error(None, target, model, seed), "exact guidance": 0.0}
+        ratios = {"exact": lambda x: log_ratio(target, model, x, 0.0)}
         for kind in KINDS:
             disc = train(kind, target, model, sde, data, args.steps, seed, times)
             guides[kind] = lambda x, t, d=disc: d.input_gradient(x, t.expand(len(x)))
             errors[kind] = correction_error(disc, target, model, seed)
+            ratios[kind] = lambda x, d=disc: d(x, torch.full((len(x),), T_MIN, dtype=x.dtype)).detach().view(-1)
+        if args.rejection:
+            for name, row in rejection_rows(ratios, target, model, reference, seed, args.budgets).items():
+                rejected.setdefault(name, []).append(row)
         for name, correction in guides.items():
             x = guided_samples(correction, target, model, sde, seed)
             sw = sliced_wasserstein(x, reference, generator=torch.Generator().manual_seed(seed))
@@ -114,14 +151,19 @@ def main() -> None:
     print("\n| sampler | gradient MSE of the correction | SW to P | mass on the missing mode (P: 0.25, P~: 0.02) |")
     print("|---|---|---|---|")
     for name, values in rows.items():
-        cells = []
-        for i in range(3):
-            column = [v[i] for v in values]
-            spread = statistics.stdev(column) if len(column) > 1 else 0.0
-            cells.append(f"{statistics.mean(column):.3f} ± {spread:.3f}")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {name} | " + " | ".join(mean_spread([v[i] for v in values]) for i in range(3)) + " |")
+    if rejected:
+        print("\n| rejection of the model's samples | SW to P | mass on the missing mode | acceptance rate |")
+        print("|---|---|---|---|")
+        for name, values in rejected.items():
+            print(f"| {name} | " + " | ".join(mean_spread([v[i] for v in values]) for i in range(3)) + " |")
     if args.plot:
         plot(pictures, reference, args.plot)
+
+
+def mean_spread(column: list[float]) -> str:
+    spread = statistics.stdev(column) if len(column) > 1 else 0.0
+    return f"{statistics.mean(column):.3f} ± {spread:.3f}"
 
 
 def plot(pictures: dict[str, torch.Tensor], reference: torch.Tensor, path: str) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_cli import ROOT, cli
 from test_image_recipes import tiny_cifar  # noqa: F401  (fixture: a tiny UNet and an image folder)
 from torch import nn
 
+import rewardtune as rt
+from rewardtune import api
 from rewardtune.algorithms.discriminator_guidance import (
     DiscriminatorGuidance,
     build_discriminator_guidance,
@@ -92,6 +95,34 @@ def test_the_digits_recipe_trains_and_samples_with_guidance(tmp_path: Path, caps
     assert code == 0, err
     code, _, err = cli(capsys, "sample", str(run), "-n", "4", "-o", str(tmp_path / "s.npz"), "--guidance", "2")
     assert code == 0, err
+    for rule in (["--rejection", "drs"], ["--rejection", "budgeted", "--budget", "3"]):
+        code, _, err = cli(capsys, "sample", str(run), "-n", "5", "-o", str(tmp_path / "r.npz"), *rule)
+        assert code == 0, err
+        assert np.load(tmp_path / "r.npz")["samples"].shape == (5, 1, 8, 8)
+    for bad, message in ((["--rejection", "top-k"], "--rejection 'top-k': expected one of drs, budgeted"),
+                         (["--rejection", "budgeted", "--budget", "0.5"], "--budget must be >= 1")):
+        code, _, err = cli(capsys, "sample", str(run), "-n", "5", "-o", str(tmp_path / "r.npz"), *bad)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    # what the rule keeps: samples the discriminator finds more data-like than the proposals on average
+    trainer = rt.load_run(run)
+    kept = api.sample_by_rejection(trainer, 300, "budgeted", 4.0, seed=1)
+    proposals = api.sample_trainer(trainer, 300, seed=2)[0]
+    assert float(trainer.algorithm.log_ratio(kept).mean()) > float(trainer.algorithm.log_ratio(proposals).mean())
+
+
+def test_rejection_needs_a_density_ratio_and_an_unconditional_run():
+    from types import SimpleNamespace
+
+    with pytest.raises(RecipeError, match="needs a run that estimates a density ratio"):
+        api.sample_by_rejection(SimpleNamespace(algorithm=object(), conditions=None), 4, "drs", 2.0)
+    with pytest.raises(RecipeError, match="conditional runs are not supported"):
+        api.sample_by_rejection(SimpleNamespace(algorithm=algorithm(), conditions=object()), 4, "drs", 2.0)
+
+
+def test_the_log_ratio_is_the_discriminator_at_the_clean_level():
+    alg = algorithm(a=(0.3, -0.2))
+    x = torch.randn(7, 2)
+    torch.testing.assert_close(alg.log_ratio(x), x @ torch.tensor([0.3, -0.2]))
 
 
 def test_an_edm_backbone_declares_its_states_noise_and_eps():

@@ -14,8 +14,9 @@ the sample x_T is clean: a = 1, s = 0). Losses (`score_sde/discriminator.py` has
 
 Sampling with guidance scale w (`eval.guidance_scale`, `rewardtune sample --guidance w`) adds the score correction
 after each step, scaled by the step's variance as classifier guidance scales a gradient of a log-density:
-x_{t+1} <- x_{t+1} + w sigma_t^2 grad_x d(x_{t+1}, t+1) (value guidance's mechanism, `Guide`).
-Discriminator times are chain times divided by T (in [0, 1]).
+x_{t+1} <- x_{t+1} + w sigma_t^2 grad_x d(x_{t+1}, t+1) (value guidance's mechanism, `Guide`). The discriminator at
+the clean level, `log_ratio(x)`, also post-processes samples by rejection (`rewardtune sample --rejection drs|budgeted`,
+rejection.py). Discriminator times are chain times divided by T (in [0, 1]).
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ class DiscriminatorGuidance:
             return (x + scale * sigma**2 * self.discriminator.input_gradient(x, times)).detach()
 
         return apply
+
+    @torch.no_grad()
+    def log_ratio(self, x: torch.Tensor) -> torch.Tensor:
+        """d(x, 1): the discriminator at the clean level, an estimate of log p(x) / p~(x) up to a constant (exact for
+        `bce` at its optimum; `dsm_residual` fixes only its gradient), for samples x [N, ...]: [N]. What rejection
+        sampling (`rejection.py`, `rewardtune sample --rejection`) keeps samples by; both of its rules ignore the
+        constant."""
+        return self.discriminator(x, torch.ones(x.shape[0], device=x.device)).float().view(-1)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"discriminator": self.discriminator}
