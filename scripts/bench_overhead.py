@@ -2,7 +2,7 @@
 iteration built from the same networks (issue W2 8/8: "the toolkit's overhead over a hand-written loop ... <= 1.10x").
 
     python scripts/bench_overhead.py [RECIPE] [--threads 2] [--steps 300] [--warmup 20] [--alternations 6]
-        [--set table.key=value ...] [--json PATH]
+        [--set table.key=value ...] [--json PATH] [--count-ops]
 
 RECIPE defaults to recipes/dxmi_8gaussians.toml; it must be DxMI with a shared value/energy (the paper's 2D setup),
 the closed-form entropy in the TD target, no KL safeguard and no time cost: the hand-written loop implements exactly
@@ -12,7 +12,8 @@ interleaved runs count): A = `Trainer.train_step`, as `rewardtune bench` steps i
 EMA); B = the loop below, which does the same arithmetic with plain torch: the rollout, the EBM step, the T
 sequential TD steps (Eq. (10), closed-form entropy), the policy step on `policy_batch` transitions (Eq. (11)), AVR,
 the cosine lr and the EMA, with fused Adam (as GradStep) and no metrics. Prints the median ms/iteration of each
-side, the ratio A/B of every alternation and their median.
+side, the ratio A/B of every alternation and their median; with --count-ops first the number of tensor operations
+each side dispatches per iteration (torch's profiler; independent of the machine's load).
 """
 
 from __future__ import annotations
@@ -128,6 +129,21 @@ def timed(step, steps: int) -> float:
     return 1000 * (time.perf_counter() - start) / steps
 
 
+def top_level_ops(step, calls: int = 10) -> dict[str, float]:
+    """{aten op: calls per `step()`} of the operations `step` dispatches itself (not those inside another aten op),
+    counted by torch's profiler over `calls` calls: the small-operation cost that a timing hides in noise."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+    counts = Counter(e.name for e in prof.events() if e.name.startswith("aten::")
+                     and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return {name: n / calls for name, n in counts.most_common()}
+
+
 def interleaved_parser(description: str, threads_default) -> argparse.ArgumentParser:
     """The options of an interleaved benchmark of a recipe (this script's and bench_threads.py's)."""
     parser = argparse.ArgumentParser(description=description)
@@ -142,7 +158,9 @@ def interleaved_parser(description: str, threads_default) -> argparse.ArgumentPa
 
 
 def main() -> None:
-    args = interleaved_parser(__doc__.split("\n\n")[0], 2).parse_args()
+    parser = interleaved_parser(__doc__.split("\n\n")[0], 2)
+    parser.add_argument("--count-ops", action="store_true", help="also count each side's tensor operations")
+    args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = without_init_from(load_recipe(args.recipe, args.overrides))
     trainer = make_trainer(build_experiment(recipe), None, None, make_accelerator())
@@ -152,6 +170,10 @@ def main() -> None:
     for _ in range(args.warmup):
         step(trainer)
         hand.step()
+    if args.count_ops:
+        ops = {"trainer": top_level_ops(lambda: step(trainer)), "hand_written": top_level_ops(hand.step)}
+        print("top-level tensor operations per iteration: " + ", ".join(
+            f"{side} {sum(counts.values()):.0f}" for side, counts in ops.items()), flush=True)
     rows = []
     for i in range(args.alternations):
         toolkit = timed(lambda: step(trainer), args.steps)
