@@ -274,10 +274,11 @@ def sample(
     return sample_trainer(trainer, n, labels=labels, prompts=prompts, seed=seed, guidance=guidance, run=str(run_dir))
 
 
-def sample_by_rejection(trainer: Trainer, n: int, rule: str, budget: float, *, seed: int = 0, guidance: float = 0.0):
+def sample_by_rejection(trainer: Trainer, n: int, rule: str, budget: float, *, seed: int = 0, guidance: float = 0.0,
+                        calibration: int = 2000):
     """n samples of a loaded unconditional run kept by rejection (`rejection.py`) on its algorithm's `log_ratio`:
-    proposals in batches of max(n, 500), the rule calibrated on a first batch of max(n, 2000). Returns [n, ...] on
-    the CPU. Raises RecipeError where `sample`'s docstring says."""
+    proposals in batches of max(n, 500), the rule calibrated on a first batch of max(n, `calibration`) proposals.
+    Returns [n, ...] on the CPU. Raises RecipeError where `sample`'s docstring says."""
     import torch
 
     from rewardtune.rejection import RULES, acceptance_rule, rejection_sample
@@ -300,7 +301,7 @@ def sample_by_rejection(trainer: Trainer, n: int, rule: str, budget: float, *, s
         return x, log_ratio(x.to(trainer.device)).cpu()
 
     with trainer.plugin_owners.attributing("while sampling"):
-        accept = acceptance_rule(rule, propose(max(n, 2000))[1], budget=budget)
+        accept = acceptance_rule(rule, propose(max(n, calibration))[1], budget=budget)
         try:
             return rejection_sample(propose, accept, n, generator, batch=max(n, 500), max_proposals=max(100 * n, 10**5))[0]
         except RuntimeError as err:  # DRS whose ratio spans too much: the budgeted rule bounds the cost
