@@ -262,7 +262,8 @@ def sample(
     """Draw samples from a run's latest (or best) checkpoint.
 
     A conditional run is sampled under the class labels (--label) or prompts (--prompt, --prompts) given, -n samples
-    each; with none of these options, every training condition of the run equally.
+    each; with none of these options, every training condition of the run equally. --rejection keeps -n samples of
+    many by the run's density-ratio estimate (a discriminator_guidance run): drs, or budgeted with --budget K.
     """
     from rewardtune import api
     from rewardtune.errors import RewardtuneError

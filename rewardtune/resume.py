@@ -85,6 +85,7 @@ RESUME_POLICY: dict[str, Rule] = {
     "train.cpu_threads": applied("set when the trainer starts"),
     "train.mixed_precision": applied("autocast is set when the trainer starts; fp16's loss scale starts afresh"),
     "train.skip_nonfinite": applied("set on the optimisers when the trainer starts; the count so far is kept"),
+    "train.compile": applied("the networks are compiled (or not) when the trainer starts"),
     "train.ema_decay": applied("the EMA continues from its checkpointed weights at the new rate", refuse_if=switches_ema),
     "train.seed": refused("the data and rollout random streams continue from the checkpoint's states, not from a seed"),
     # [eval]: the evaluator and the trainer's evaluation settings are built from the new recipe

@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 import torch
 import torch.distributed as dist
 
-from rewardtune import agreement
+from rewardtune import agreement, compiling
 from rewardtune import checkpoint as ckpt
 from rewardtune.agreement import Point
 from rewardtune.cpu_threads import cpu_thread_count, local_process_count
@@ -80,6 +80,8 @@ class TrainConfig:
     # updates and evaluation; log-probs, sigma_t, values and TD targets stay fp32; fp16 scales every loss
     skip_nonfinite: bool = False  # skip (and count, `skipped_steps`) an optimiser step whose gradients are NaN/inf;
     # without it such a step stops the run with NonFiniteError (the last checkpoint is kept)
+    compile: bool = False  # torch.compile the networks (compiling.py); a compilation failure falls back to eager
+    # with a one-line note
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,8 @@ class Trainer:
         backbone.eval()  # at rest between phases (see the module docstring); EMA below copies the mode
         self.ema = EMA(backbone, config.ema_decay) if config.ema_decay > 0 else None
         self.sharded = self.shard(sharding_plan(accelerator))
+        self.compiled = compiling.networks(self.modules()) if config.compile else []
+        compiling.compile_networks(self.compiled)
         for opt in self.optimizers().values():  # fp16 loss scaling and the non-finite policy are the run's
             opt.configure(loss_scaling=config.mixed_precision == "fp16", skip_nonfinite=config.skip_nonfinite,
                           device_type=self.device.type)
@@ -579,6 +583,12 @@ class Trainer:
             with self.autocast():
                 metrics.update(self.rollout_and_update(cfg.batch_size))
         except Exception as err:  # a plugin failing in its own code or breaking its contract: name it and say when
+            if self.compiled and compiling.is_compile_failure(err):  # before any step of the failing network
+                self.reporter.message(f"note: train.compile: torch.compile failed ({compiling.failure_line(err)}); "
+                                      "training goes on uncompiled")
+                compiling.uncompile(self.compiled)
+                self.compiled = []
+                return self.run_iteration(window)
             failure = self.plugin_owners.failure(err, f"at step {self.step + 1}", "the last checkpoint is kept")
             if failure is None:
                 raise
