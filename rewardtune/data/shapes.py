@@ -25,6 +25,7 @@ object inside the image, objects apart by a gap, and a position prompt's relatio
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -373,6 +374,16 @@ def build_shapes(
         raise ValueError(f"split must be 'train', 'held_out' or 'all', got {split!r}")
     if balance not in ("prompt", "category"):
         raise ValueError(f"balance must be 'prompt' or 'category', got {balance!r}")
+    images, captions, metadata = rendered_set(size, num_images, seed, split, held_out_fraction, split_seed, balance)
+    return ShapesImages(images, list(captions), [dict(m) for m in metadata], name=f"shapes {split}")
+
+
+@functools.lru_cache(maxsize=2)
+def rendered_set(size: int, num_images: int, seed: int, split: str, held_out_fraction: float, split_seed: int,
+                 balance: str) -> tuple[torch.Tensor, tuple[str, ...], tuple[dict, ...]]:
+    """`build_shapes`' renders, captions and metadata, cached in the process (rendering 20,000 images takes seconds;
+    several recipes of a process, or a run and its evaluator, ask for the same set). The images are shared between
+    callers and read only (`ShapesImages` indexes them, never writes)."""
     train, held_out = split_scenes(held_out_fraction, split_seed)
     scenes = {"train": train, "held_out": held_out, "all": train + held_out}[split]
     generator = torch.Generator().manual_seed(seed)
@@ -382,7 +393,7 @@ def build_shapes(
     else:
         chosen = balanced_by_category(scenes, num_images, generator)
     images = render_many(chosen, size, generator)
-    return ShapesImages(images, [s.caption() for s in chosen], [s.metadata() for s in chosen], name=f"shapes {split}")
+    return images, tuple(s.caption() for s in chosen), tuple(s.metadata() for s in chosen)
 
 
 def balanced_order(num_items: int, n: int, generator: torch.Generator) -> torch.Tensor:
