@@ -1,12 +1,12 @@
 """`train.compile = true`: the run's networks under `torch.compile`, with a fallback (issue W2 8/8).
 
-Each network (every module the trainer owns that holds parameters and is not inside another one: the backbone's
-networks, the value, a learning reward's or the algorithm's own networks) is compiled in place
-(`nn.Module.compile`), so parameter names, checkpoints and the EMA copy are those of the uncompiled module.
-Compilation happens lazily, at a network's first call in a shape it has not seen; a failure then (no C++ compiler,
-an operation the compiler cannot take) raises inside the first iteration, before any optimiser step of that network.
-The trainer then turns compilation off for every network (`uncompile`), says so in one line and runs the iteration
-again uncompiled (`is_compile_failure`). It is meant for GPU runs, where a UNet's many small kernels fuse.
+Each network (`networks`: every direct child with parameters of the modules the trainer owns, i.e. the backbone's
+network, the value's, a learning reward's or the algorithm's own) is compiled in place (`nn.Module.compile`), so
+parameter names and checkpoints are those of the uncompiled module; the EMA copy stays eager. Compilation happens
+lazily, at a network's first call in a shape it has not seen; a failure then (no C++ compiler, an operation the
+compiler cannot take) raises in the first evaluation or iteration, before any optimiser step of that network. The
+trainer then turns compilation off for every network (`uncompile`), says so in one line and runs that evaluation or
+iteration again (`Trainer.fall_back_from_compile`). It is meant for GPU runs, where a UNet's many small kernels fuse.
 """
 
 from __future__ import annotations

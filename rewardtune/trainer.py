@@ -356,6 +356,18 @@ class Trainer:
         """Optimiser steps skipped for non-finite gradients over the whole run (`skip_nonfinite`)."""
         return self.skipped_steps + sum(opt.skipped for opt in self.optimizers().values())
 
+    def fall_back_from_compile(self, err: BaseException) -> bool:
+        """`train.compile`'s fallback: when `err` is a torch.compile failure of this run's compiled networks, turn
+        compilation off for all of them, say so in one line and return True (the caller runs its step again);
+        otherwise False."""
+        if not (self.compiled and compiling.is_compile_failure(err)):
+            return False
+        self.reporter.message(f"note: train.compile: torch.compile failed ({compiling.failure_line(err)}); "
+                              "training goes on uncompiled")
+        compiling.uncompile(self.compiled)
+        self.compiled = []
+        return True
+
     def evaluate(self, plot_name: str | None = None, *, raw: bool = False) -> dict[str, float]:
         """Metrics of `evaluated_backbone(raw)`, with every module evaluation uses (backbone, reward, the algorithm's
         modules) in eval mode and each submodule's own mode restored afterwards, so the numbers do not depend on the
@@ -374,7 +386,12 @@ class Trainer:
                     guide = self.algorithm.guide(self.eval_config.guidance_scale)
                 given = {} if self.conditions is None else {"conditions": self.conditions}
                 with self.autocast():
-                    metrics = round_metrics(self.evaluator.evaluate(backbone, self.reward, seed, guide, **given))
+                    try:
+                        metrics = round_metrics(self.evaluator.evaluate(backbone, self.reward, seed, guide, **given))
+                    except Exception as err:
+                        if not self.fall_back_from_compile(err):
+                            raise
+                        metrics = round_metrics(self.evaluator.evaluate(backbone, self.reward, seed, guide, **given))
                 if plot_name and self.eval_config.plot and self.out_dir is not None and (self.is_main or self.sharded):
                     with plot_path(self.out_dir / plot_name, keep=self.is_main) as path:  # sharded: every rank samples
                         self.evaluator.plot(backbone, self.reward, path, seed, title=f"step {self.step}", **given)
@@ -583,11 +600,7 @@ class Trainer:
             with self.autocast():
                 metrics.update(self.rollout_and_update(cfg.batch_size))
         except Exception as err:  # a plugin failing in its own code or breaking its contract: name it and say when
-            if self.compiled and compiling.is_compile_failure(err):  # before any step of the failing network
-                self.reporter.message(f"note: train.compile: torch.compile failed ({compiling.failure_line(err)}); "
-                                      "training goes on uncompiled")
-                compiling.uncompile(self.compiled)
-                self.compiled = []
+            if self.fall_back_from_compile(err):  # before any optimiser step of the failing network
                 return self.run_iteration(window)
             failure = self.plugin_owners.failure(err, f"at step {self.step + 1}", "the last checkpoint is kept")
             if failure is None:

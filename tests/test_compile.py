@@ -45,6 +45,19 @@ def eager_backend(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def failing_backend(monkeypatch):
+    """A backend that fails as inductor does without a C++ compiler."""
+
+    def failing(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiling, "BACKEND", failing)
+    yield
+    torch._dynamo.reset()
+
+
 def test_compiled_networks_train_as_the_uncompiled_ones_with_the_same_checkpoints(eager_backend):
     compiled, compiled_metrics = trained("train.compile=true")
     plain, plain_metrics = trained()
@@ -60,19 +73,23 @@ def test_compiled_networks_train_as_the_uncompiled_ones_with_the_same_checkpoint
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
-def test_a_compiler_that_fails_falls_back_to_eager_with_one_note(monkeypatch):
-    def failing(graph, example_inputs):
-        raise RuntimeError("no C++ compiler here")
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(compiling, "BACKEND", failing)
+def test_a_compiler_that_fails_falls_back_to_eager_with_one_note(failing_backend):
     notes = Notes()
     trainer, metrics = trained("train.compile=true", reporter=notes)
-    torch._dynamo.reset()
     assert trainer.compiled == [] and len(metrics) == 3 and all(math.isfinite(v) for v in metrics[-1].values())
     compile_notes = [line for line in notes.lines if "train.compile" in line]
     assert len(compile_notes) == 1 and "\n" not in compile_notes[0] and "no C++ compiler here" in compile_notes[0]
     assert compile_notes[0].endswith("training goes on uncompiled")
+
+
+def test_a_compiler_that_fails_in_the_first_evaluation_falls_back_there(failing_backend):
+    notes = Notes()
+    trainer = rt.build_trainer(rt.load_recipe(ROOT / "recipes" / "tiny_8gaussians.toml", ["train.compile=true",
+                                                                                         "train.ema_decay=0"]),
+                               reporter=notes)
+    metrics = trainer.evaluate()  # samples the compiled backbone itself (no EMA copy)
+    assert trainer.compiled == [] and all(math.isfinite(v) for v in metrics.values())
+    assert sum("train.compile" in line for line in notes.lines) == 1
 
 
 def test_an_error_of_the_networks_own_is_not_taken_for_a_compile_failure():
