@@ -190,7 +190,6 @@ def bptt_loss(algorithm, x0: torch.Tensor, generator: torch.Generator | None, co
     """The policy objective of Eq. (8) over whole chains from the starts `x0` [n, *event_shape] (conditions
     `condition`, n rows, or None), rolled out with gradients (module docstring): a 0-d tensor whose backward runs
     through all T transitions."""
-    from rewardtune.algorithms.dxdp import gaussian_kl, velocity_cost
     from rewardtune.precision import at_least_fp32
 
     backbone, T, n = algorithm.backbone, algorithm.backbone.num_steps, x0.shape[0]
@@ -202,14 +201,7 @@ def bptt_loss(algorithm, x0: torch.Tensor, generator: torch.Generator | None, co
         mean = at_least_fp32(backbone.mean_at(x, tt, condition))  # [n, *event_shape]
         noise = torch.randn(x.shape, generator=generator, device=x.device)
         x_next = mean + sigma.view(-1, *([1] * (x.dim() - 1))) * noise  # = backbone.step(x, tt, noise, condition)
-        # Running costs of the transition (DxDP.policy_loss's, with the entropy's expectation for log pi).
-        running = running - algorithm.tau1 * backbone.event_dim * sigma.log()
-        running = running + algorithm.tau2 * velocity_cost(x, x_next, algorithm.s2[tt])
-        if algorithm.reference is not None:
-            with torch.no_grad():
-                reference_mean = algorithm.reference.mean_at(x, tt, condition)
-            running = running + algorithm.kl_weight * gaussian_kl(mean, sigma, reference_mean,
-                                                                  algorithm.reference.sigma()[tt])
+        running = running + algorithm.running_cost(x, tt, mean, sigma, x_next, condition)  # DxDP.policy_loss's
         x = x_next
     if algorithm.config.terminal == "reward":
         terminal = algorithm.reward.cost(backbone.output(x), condition)

@@ -402,14 +402,30 @@ class DxDP:
                 with eval_mode(self.reward):
                     c_last = None if condition is None else condition.select(last.nonzero().view(-1).cpu())
                     next_value[last] = self.reward.cost(self.backbone.output(x_next[last]), c_last).to(next_value.dtype)
-        entropy = self.backbone.event_dim * sigma.log()
-        velocity = velocity_cost(x, x_next, self.s2[t])
-        loss = next_value - self.tau1 * entropy + self.tau2 * velocity
+        return (next_value + self.running_cost(x, t, mean, sigma, x_next, condition)).mean()
+
+    def running_cost(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        mean: torch.Tensor,
+        sigma: torch.Tensor,
+        x_next: torch.Tensor,
+        condition: Conditions | None = None,
+    ) -> torch.Tensor:
+        """Eq. (8)'s running cost of transitions x_t -> x_{t+1} = mean + sigma_t eps, as policy improvement (and a
+        back-propagation-through-time benchmark, bench_memory.py) differentiates it: [N]
+
+            -tau1 D log sigma_t + tau2 ||x_{t+1} - x_t||^2 / (2 s_t^2) + beta KL(pi_phi(.|x_t, c) || pi_ref(.|x_t, c))
+
+        (tau1 log pi replaced by its expectation -tau1 H, `policy_loss`), for rows x_t [N, ...] at times t [N], their
+        means and next states [N, ...], sigma_t [N] and conditions c (N rows, or None)."""
+        cost = self.tau2 * velocity_cost(x, x_next, self.s2[t]) - self.tau1 * (self.backbone.event_dim * sigma.log())
         if self.reference is not None:
             with torch.no_grad():
                 reference_mean = self.reference.mean_at(x, t, condition)
-            loss = loss + self.kl_weight * gaussian_kl(mean, sigma, reference_mean, self.reference.sigma()[t])
-        return loss.mean()
+            cost = cost + self.kl_weight * gaussian_kl(mean, sigma, reference_mean, self.reference.sigma()[t])
+        return cost
 
     def improve_policy(self, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         T, B = trajectory.num_steps, trajectory.batch_size
