@@ -49,7 +49,10 @@ Balanced draws (jsonl only):
                               # then a prompt uniformly among those with that value ("" = every prompt equally)
 A prompt set is rarely balanced (GenEval-style sets have many more two-object than single-object prompts); with
 `balance_by` each value of the key gets the same share of the training trajectories, whatever its prompt count.
-Evaluation still goes through every prompt once per round (`evaluation_conditions`).
+Evaluation follows the same balance (`PromptSource.evaluation_counts`): each value gets the same share of the
+samples of a split, spread equally over its prompts, so the metrics weigh the mixture training optimises and a
+category of 3 held-out prompts is measured on as many samples as one of 132. Without `balance_by` evaluation goes
+through every prompt equally often.
 
 All randomness comes from the `torch.Generator` passed to `sample` and `sample_groups`, so a resumed run draws the
 same conditions. Errors in the table are `RecipeError`s naming the key ("conditions.path: ...").
@@ -216,7 +219,8 @@ class ConditionSource:
         """Every condition of `split` in its fixed order, each `per_condition` times in a row.
 
         Row i * per_condition + j is sample j of condition i, so a per-condition metric is a reshape to
-        [num_conditions, per_condition].
+        [num_conditions, per_condition]. A balanced prompt source (`balance_by`) repeats its conditions unequally
+        instead (`PromptSource.evaluation_counts`); the repeats of one condition are still adjacent.
         """
         if split not in ("train", "held_out"):
             raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
@@ -225,7 +229,11 @@ class ConditionSource:
         rows = self.split(split)
         if rows is None:
             raise ValueError(f"this {self.kind!r} source has no held-out conditions (held_out_keys is empty)")
-        return rows.select(torch.arange(len(rows)).repeat_interleave(per_condition))
+        return rows.select(torch.arange(len(rows)).repeat_interleave(self.evaluation_counts(rows, per_condition)))
+
+    def evaluation_counts(self, rows: Conditions, per_condition: int) -> torch.Tensor:
+        """How many evaluation samples each row of a split gets: int64 [len(rows)], `per_condition` each."""
+        return torch.full((len(rows),), per_condition, dtype=torch.int64)
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """n row numbers of the training split, with replacement, uniform or with probabilities `weights`: int64 [n]
@@ -290,15 +298,44 @@ class PromptSource(ConditionSource):
             raise ValueError("a prompt source needs at least one training prompt")
         self.kind = kind
         self._splits = {"train": train, "held_out": held_out}
+        self.balance_by = balance_by
         self.weights = balanced_weights(train, balance_by) if balance_by else None
+        if balance_by and held_out is not None:
+            balanced_weights(held_out, balance_by)  # the held-out prompts need the key too (evaluation balances them)
 
     def split(self, name: Split) -> Conditions | None:
         return self._splits[name]
+
+    def evaluation_counts(self, rows: Conditions, per_condition: int) -> torch.Tensor:
+        """Evaluation samples per row [len(rows)]: `per_condition` each, or with `balance_by` the split's
+        per_condition * len(rows) samples shared equally between the V values of the key and then between the n_v
+        prompts of each value, rounded up: ceil(per_condition * len(rows) / (V * n_v)).
+
+        Balanced evaluation measures the mixture that training optimises, and gives a category of 3 prompts as
+        many samples as one of 400: its accuracy is the same expectation as under equal repeats, at a far smaller
+        variance.
+        """
+        if not self.balance_by:
+            return super().evaluation_counts(rows, per_condition)
+        rows_per_value = value_counts(rows, self.balance_by)  # n_v of each row's value
+        total, num_values = per_condition * len(rows), len(set(value_keys(rows, self.balance_by)))
+        return torch.tensor([-(-total // (num_values * n)) for n in rows_per_value], dtype=torch.int64)
 
 
 def balanced_weights(conditions: Conditions, key: str) -> torch.Tensor:
     """Draw probabilities [N] (float64, summing to 1) that give each value of metadata `key` the same total and split
     it equally among the rows that have it: p_i = 1 / (V * n_v(i)), V values, n_v rows with row i's value.
+
+    Raises:
+        ValueError: the conditions have no metadata, or a row lacks `key` (naming the first such prompt).
+    """
+    counts = value_counts(conditions, key)
+    num_values = len(set(value_keys(conditions, key)))
+    return torch.tensor([1.0 / (num_values * n) for n in counts], dtype=torch.float64)
+
+
+def value_keys(conditions: Conditions, key: str) -> list[str]:
+    """Each row's value of metadata `key`, as a hashable JSON string (any JSON value may be a category).
 
     Raises:
         ValueError: the conditions have no metadata, or a row lacks `key` (naming the first such prompt).
@@ -309,9 +346,15 @@ def balanced_weights(conditions: Conditions, key: str) -> torch.Tensor:
     for prompt, meta in zip(conditions.prompts, conditions.metadata):
         if key not in meta:
             raise ValueError(f"balance_by = {key!r}: the prompt {prompt!r} has no metadata key {key!r}")
-        values.append(json.dumps(meta[key], sort_keys=True))  # any JSON value, hashable
+        values.append(json.dumps(meta[key], sort_keys=True))
+    return values
+
+
+def value_counts(conditions: Conditions, key: str) -> list[int]:
+    """For each row, how many rows share its value of metadata `key` (n_v of `balanced_weights`)."""
+    values = value_keys(conditions, key)
     counts = {value: values.count(value) for value in set(values)}
-    return torch.tensor([1.0 / (len(counts) * counts[v]) for v in values], dtype=torch.float64)
+    return [counts[v] for v in values]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def requested_conditions(
         return None
     num_classes = getattr(supply.source, "num_classes", None)
     if labels is None and prompts is None:
-        return supply.source.evaluation_conditions("train", 1)
+        return supply.source.split("train")  # every training condition once
     if num_classes is not None and prompts is not None:
         raise RewardtuneError(
             f"{run} is conditioned on class labels 0..{num_classes - 1}: sample it with --label K, not with prompts"

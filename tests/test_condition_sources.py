@@ -337,3 +337,28 @@ def test_balance_by_a_key_a_prompt_lacks_is_a_recipe_error(tmp_path, records, ma
     write(tmp_path, "meta.jsonl", jsonl(records))
     with pytest.raises(RecipeError, match=f"conditions.balance_by: .*{match}"):
         build_condition_source({"kind": "jsonl", "path": "meta.jsonl", "balance_by": "tag"}, base_dir=tmp_path)
+
+
+def test_balanced_evaluation_gives_each_metadata_value_an_equal_share(tmp_path):
+    records = [{"prompt": f"a thing {i}", "tag": "many"} for i in range(9)] + [{"prompt": "a rare thing", "tag": "rare"}]
+    held = [{"prompt": f"an unseen thing {i}", "tag": "many"} for i in range(3)] + [{"prompt": "an odd one", "tag": "rare"}]
+    write(tmp_path, "meta.jsonl", jsonl(records))
+    write(tmp_path, "held.jsonl", jsonl(held))
+    options = {"kind": "jsonl", "path": "meta.jsonl", "held_out_path": "held.jsonl", "balance_by": "tag"}
+    source = build_condition_source(options, base_dir=tmp_path)
+    train = source.evaluation_conditions("train", 4)  # 40 samples: 20 per tag, 9 prompts share one half
+    tags = [meta["tag"] for meta in train.metadata]
+    assert tags.count("rare") == 20 and tags.count("many") == 9 * 3  # ceil(20 / 9) = 3 each
+    assert train.prompts == tuple(p for p in source.train_keys for _ in range(20 if p == "a rare thing" else 3))
+    held_out = source.evaluation_conditions("held_out", 2)  # 8 samples: 4 per tag
+    assert held_out.prompts == tuple(p for p in source.held_out_keys for _ in range(4 if p == "an odd one" else 2))
+    plain = build_condition_source({k: v for k, v in options.items() if k != "balance_by"}, base_dir=tmp_path)
+    assert plain.evaluation_conditions("train", 4).prompts == tuple(p for p in plain.train_keys for _ in range(4))
+
+
+def test_balance_by_a_key_a_held_out_prompt_lacks_is_a_recipe_error(tmp_path):
+    write(tmp_path, "meta.jsonl", jsonl([{"prompt": "a thing", "tag": "x"}, {"prompt": "another", "tag": "y"}]))
+    write(tmp_path, "held.jsonl", jsonl([{"prompt": "an unseen thing", "colour": "red"}]))
+    options = {"kind": "jsonl", "path": "meta.jsonl", "held_out_path": "held.jsonl", "balance_by": "tag"}
+    with pytest.raises(RecipeError, match="conditions.balance_by: .*'an unseen thing' has no metadata key 'tag'"):
+        build_condition_source(options, base_dir=tmp_path)
