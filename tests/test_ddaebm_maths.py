@@ -502,3 +502,20 @@ def test_forward_pairs_per_sample_levels_on_images():
         assert_mc_mean((residual * (prev - mean)).flatten(), 0.0, f"level {level} residual covariance")
     with pytest.raises(ValueError, match="levels must be in 1..4"):
         forward_pairs(pattern.expand(2, 1, 2, 2), torch.tensor([4, 5]), schedule)
+
+
+def test_the_gaussian_base_measure_adds_exactly_its_log_density_and_makes_the_energy_fall_far_out():
+    from rewardtune.rewards.time_energy import TimeEnergyMLP, build_time_energy_reward
+
+    torch.manual_seed(0)
+    plain = TimeEnergyMLP(2)
+    based = TimeEnergyMLP(2, base_std=1.5)
+    based.load_state_dict(plain.state_dict())  # same f; the base has no parameters
+    x, levels = torch.randn(64, 2) * 3, torch.randint(0, 5, (64,))
+    torch.testing.assert_close(based(x, levels), plain(x, levels) - x.pow(2).sum(1) / (2 * 1.5**2))
+    ray = torch.tensor([[1.0, 0.5]]) * torch.logspace(1, 4, 8).unsqueeze(1)  # a ray out to |x| ~ 1e4
+    assert bool((based(ray, torch.zeros(8, dtype=torch.long)).diff() < 0).all())  # exp(E) is normalisable
+    for bad, match in (({"base_std": -1.0}, "base_std must be >= 0"),
+                       ({"network": "unet", "base_std": 1.0}, "base_std is for network")):
+        with pytest.raises(ValueError, match=match):
+            build_time_energy_reward((2,) if "unet" not in bad.values() else (1, 8, 8), 4, **bad)

@@ -14,6 +14,9 @@ reward = -E); both make "reward = log-density + const".
 Two networks:
 - `mlp` (vectors): DDAEBM's toy energy: x through an MLP [16, 32], a sinusoidal embedding of k (16) through an MLP
   [16, 32], both concatenated and passed through `depth` PReLU layers of width `hidden` (300, 300) to a scalar.
+  A piecewise-linear E can grow without bound along rays, so exp(+E) need not be normalisable; `base_std = s > 0`
+  adds a Gaussian base measure, E(x, k) = f(x, k) - ||x||^2 / (2 s^2) (p ∝ N(x; 0, s^2 I) exp(f)), which makes it
+  so (0: DDAEBM's network as published).
 - `unet` (images): E(x, k) = -1/2 ||x - f_theta(x, k)||^2 summed over pixels (the paper's Eq. 24), f a diffusers
   `UNet2DModel` called with the timestep 250 k (the levels spread over the UNet's DDPM-scale time embedding).
 
@@ -37,8 +40,11 @@ from rewardtune.rewards.base import Reward
 class TimeEnergyMLP(nn.Module):
     """E(x, k) [B] for vectors x [B, D] and integer levels k [B] (DDAEBM's `Energy_small`; see the module docstring)."""
 
-    def __init__(self, dim: int, *, hidden: int = 300, depth: int = 2, time_dim: int = 16) -> None:
+    def __init__(self, dim: int, *, hidden: int = 300, depth: int = 2, time_dim: int = 16, base_std: float = 0.0) -> None:
         super().__init__()
+        if base_std < 0:
+            raise ValueError(f"base_std must be >= 0 (0: no base measure), got {base_std}")
+        self.base_std = base_std
         self.x_branch = nn.Sequential(nn.Linear(dim, 16), nn.PReLU(), nn.Linear(16, 32), nn.PReLU())
         self.embed = SinusoidalTimeEmbedding(time_dim)
         self.t_branch = nn.Sequential(nn.Linear(time_dim, 16), nn.PReLU(), nn.Linear(16, 32), nn.PReLU())
@@ -51,7 +57,10 @@ class TimeEnergyMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         features = torch.cat([self.x_branch(x.flatten(1)), self.t_branch(self.embed(levels.float()))], dim=1)
-        return self.head(features).squeeze(1)
+        energy = self.head(features).squeeze(1)
+        if self.base_std > 0:
+            energy = energy - x.flatten(1).pow(2).sum(1) / (2 * self.base_std**2)  # log N(x; 0, s^2 I) + const
+        return energy
 
 
 class UNetTimeEnergy(nn.Module):
@@ -116,20 +125,25 @@ def build_time_energy_reward(
     unet: dict | None = None,
     lr: float = 1e-4,
     grad_clip: float | None = None,
+    base_std: float = 0.0,
 ) -> TimeEnergy:
     """Reward `time_energy` (see the module docstring). `unet` is a diffusers UNet2DModel config for `network =
-    "unet"` (in and out channels default to the data's). Adam with betas (0, 0.9), DDAEBM's.
+    "unet"` (in and out channels default to the data's). `base_std` (mlp only, data units): a Gaussian base measure
+    N(0, base_std^2 I) under exp(f), 0 for none. Adam with betas (0, 0.9), DDAEBM's.
 
     Raises:
-        ValueError: an unknown network, `unet` settings without `network = "unet"`, an mlp for image data.
+        ValueError: an unknown network, `unet` settings without `network = "unet"`, an mlp for image data,
+            `base_std` < 0 or with the unet (whose E = -1/2 ||x - f(x, k)||^2 is bounded above already).
     """
     if network == "mlp":
         if unet is not None:
             raise ValueError("unet settings need network = \"unet\"")
         if len(sample_shape) != 1:
             raise ValueError(f"network \"mlp\" is for vectors; the data are {tuple(sample_shape)}: use network = \"unet\"")
-        net: nn.Module = TimeEnergyMLP(sample_shape[0], hidden=hidden, depth=depth)
+        net: nn.Module = TimeEnergyMLP(sample_shape[0], hidden=hidden, depth=depth, base_std=base_std)
     elif network == "unet":
+        if base_std:
+            raise ValueError("base_std is for network = \"mlp\" (the unet energy is bounded above already)")
         if len(sample_shape) != 3:
             raise ValueError(f"network \"unet\" is for images [C, H, W]; the data are {tuple(sample_shape)}")
         from diffusers import UNet2DModel
