@@ -1,7 +1,8 @@
 """Evaluators: the metrics of a run, computed from a backbone (and its reward), plus the pictures people look at.
 
 `ToyEvaluator` (2D data): sliced Wasserstein-2 between model samples and fresh data, repeated (mean and std), the
-fraction of modes covered for a Gaussian mixture (`mode_coverage`: >= 1% of the samples within 2 sigma), and,
+fraction of modes covered for a Gaussian mixture (`mode_coverage`: >= 1% of the samples within 2 sigma) and the
+smallest share of the samples any mode holds (`min_mode_mass`), and,
 when the reward is an energy, the AUC of the energy for data against uniform noise; for a reward that does not
 learn, its mean over the samples. Its plot is the paper's Figure 2: samples over the energy heat map.
 """
@@ -22,7 +23,7 @@ from rewardtune.conditional_evaluation import (
 )
 from rewardtune.conditions import Conditions
 from rewardtune.metrics.auc import energy_auc, uniform_box
-from rewardtune.metrics.modes import mode_coverage
+from rewardtune.metrics.modes import min_mode_mass, mode_coverage
 from rewardtune.metrics.sliced_wasserstein import sliced_wasserstein
 from rewardtune.precision import at_least_fp32
 from rewardtune.rewards.base import Reward, check_reward_output, reward_name
@@ -30,8 +31,8 @@ from rewardtune.rewards.base import Reward, check_reward_output, reward_name
 
 @dataclass
 class ToyEvaluator:
-    """Metrics `sliced_wasserstein`, `sliced_wasserstein_std`, for a Gaussian-mixture data source `mode_coverage` (of
-    the last repeat's samples), with an energy `energy_auc`, and with a reward that does not learn `reward_mean` and the
+    """Metrics `sliced_wasserstein`, `sliced_wasserstein_std`, for a Gaussian-mixture data source `mode_coverage` and
+    `min_mode_mass` (of the last repeat's samples), with an energy `energy_auc`, and with a reward that does not learn `reward_mean` and the
     reward's own `evaluation_metrics`.
 
     Args:
@@ -80,6 +81,7 @@ class ToyEvaluator:
         }
         if hasattr(self.data, "centers") and hasattr(self.data, "mode_std"):  # a Gaussian mixture: modes covered
             metrics["mode_coverage"] = mode_coverage(fake, self.data.centers, self.data.mode_std)
+            metrics["min_mode_mass"] = min_mode_mass(fake, self.data.centers)
         if condition is not None and condition.labels is not None and hasattr(self.data, "classify"):
             metrics.update(class_accuracy(self.data.classify(fake), condition))
         if reward is not None and getattr(reward, "learns", False):
@@ -96,7 +98,7 @@ class ToyEvaluator:
         """The names `evaluate` reports with `reward` (checked against `eval.keep_best` before training)."""
         names = {"sliced_wasserstein", "sliced_wasserstein_std"}
         if hasattr(self.data, "centers") and hasattr(self.data, "mode_std"):
-            names.add("mode_coverage")
+            names |= {"mode_coverage", "min_mode_mass"}
         if reward is not None and getattr(reward, "learns", False):
             names.add("energy_auc")
         elif reward is not None:  # a reward's own evaluation_metrics are named by calling it on a few data points

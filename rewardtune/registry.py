@@ -165,7 +165,8 @@ BACKBONES = Registry(
      "sd": "rewardtune.backbones.latent:build_sd_backbone", "sd3": "rewardtune.backbones.sd3:build_sd3_backbone",
      "flux": "rewardtune.backbones.flux:build_flux_backbone",
      "posterior_sampling": "rewardtune.backbones.posterior:build_posterior_sampling_backbone",
-     "sphere_mlp": "rewardtune.backbones.sphere:build_sphere_mlp_backbone"},
+     "sphere_mlp": "rewardtune.backbones.sphere:build_sphere_mlp_backbone",
+     "gmm": "rewardtune.backbones.gmm:build_gmm_backbone"},
     instance_of("rewardtune.backbones.base:GaussianChainPolicy", "a GaussianChainPolicy (rewardtune.backbones.base)"),
 )
 VALUES = Registry(
@@ -223,6 +224,7 @@ DATA = Registry(
         "25gaussians": "rewardtune.data.toy:build_twenty_five_gaussians",
         "pinwheel": "rewardtune.data.toy:build_pinwheel",
         "swissroll": "rewardtune.data.toy:build_swiss_roll",
+        "gmm": "rewardtune.data.toy:build_gaussian_mixture",
         "digits": "rewardtune.data.images:build_digits",
         "cifar10": "rewardtune.data.images:build_cifar10",
         "image_folder": "rewardtune.data.images:build_image_folder",

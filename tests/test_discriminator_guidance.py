@@ -3,6 +3,7 @@ formulas of the module docstring, and the digits recipe trains and samples with 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,15 @@ def test_the_edm_cifar10_recipe_runs_with_local_stand_ins(tiny_cifar, tmp_path: 
                        "--set", "algorithm.width=8", "--set", "train.batch_size=4", "--set", "eval.num_samples=16",
                        "--set", "eval.feature_extractor=helpers:tiny_features")
     assert code == 0, err
+
+
+def test_the_gmm_recipe_trains_a_vector_discriminator_on_the_exact_mixture_and_evaluates_guided(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, "run", str(ROOT / "recipes" / "dg_gmm.toml"), "--out", str(run), "--steps", "3",
+                       "--set", "eval.num_samples=200", "--set", "eval.repeats=1", "--set", "train.eval_every=3")
+    assert code == 0, err
+    metrics = json.loads((run / "eval.json").read_text())["metrics"]
+    assert {"sliced_wasserstein", "mode_coverage", "min_mode_mass"} <= set(metrics)
+    code, _, err = cli(capsys, "sample", str(run), "-n", "6", "-o", str(tmp_path / "s.npz"), "--guidance", "1")
+    assert code == 0, err
+    assert np.load(tmp_path / "s.npz")["samples"].shape == (6, 2)

@@ -9,8 +9,10 @@ generator.
 - `pinwheel`: 5 arms; a point has radial coordinate 1 + 0.3 N and tangential 0.1 N, rotated by its arm's angle plus
   0.25 exp(radial), everything times 2.
 - `swissroll`: scikit-learn's `make_swiss_roll(noise=1.0)`, coordinates (x, z), divided by 5.
+- `gmm`: an equal-weight mixture of isotropic Gaussians with the recipe's `centers` and `std` (the boosting thesis's
+  toy target, `recipes/dg_gmm.toml`).
 
-The two mixtures know their modes (`centers`, `mode_std`): `classify`, `log_density`, and the evaluator's mode coverage.
+The mixtures know their modes (`centers`, `mode_std`): `classify`, `log_density`, and the evaluator's mode coverage.
 """
 
 from __future__ import annotations
@@ -137,3 +139,17 @@ def build_pinwheel() -> Pinwheel:
 def build_swiss_roll() -> SwissRoll:
     """Data `swissroll`."""
     return SwissRoll()
+
+
+def build_gaussian_mixture(*, centers: list[list[float]], std: float) -> GaussianMixture2D:
+    """Data `gmm`: equal-weight isotropic Gaussians at `centers` ([K][2], K >= 2) with standard deviation `std`.
+
+    Raises:
+        ValueError: centres that are not K >= 2 points of R^2, std <= 0.
+    """
+    points = torch.as_tensor(centers, dtype=torch.float64)
+    if points.dim() != 2 or points.shape[1] != 2 or points.shape[0] < 2:
+        raise ValueError(f"centers must be K >= 2 points [x, y]; got shape {tuple(points.shape)}")
+    if std <= 0:
+        raise ValueError(f"std must be positive, got {std}")
+    return GaussianMixture2D(points, std, 1.0)

@@ -26,3 +26,17 @@ def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, mode_std: float,
     distances = torch.cdist(samples.double().cpu(), centers.double().cpu())  # [N, K]
     near = (distances <= radius_in_std * mode_std).double().mean(0)  # [K]: the fraction of samples near each mode
     return float((near >= min_fraction).double().mean())
+
+
+def min_mode_mass(samples: torch.Tensor, centers: torch.Tensor) -> float:
+    """The smallest share of the samples [N, D] that any mode claims, each sample counted for its nearest centre of
+    `centers` [K, D]: 1/K for a balanced sampler, near 0 when a mode is dropped (the boosting thesis's "mass on the
+    missing mode" when that mode is the least populated one).
+
+    Raises:
+        ValueError: no samples.
+    """
+    if samples.shape[0] == 0:
+        raise ValueError("min_mode_mass needs at least one sample")
+    nearest = torch.cdist(samples.double().cpu(), centers.double().cpu()).argmin(1)
+    return float(torch.bincount(nearest, minlength=centers.shape[0]).min()) / samples.shape[0]
