@@ -38,7 +38,7 @@ def test_compose_and_fit_like_the_readme(tmp_path: Path):
     )
     result = trainer.fit()
     assert result["step"] == 15
-    assert set(result["metrics"]) == {"sliced_wasserstein", "sliced_wasserstein_std", "mode_coverage", "energy_auc"}
+    assert set(result["metrics"]) == {"sliced_wasserstein", "sliced_wasserstein_std", "mode_coverage", "min_mode_mass", "energy_auc"}
     assert any(not torch.equal(a, b) for a, b in zip(before, backbone.parameters()))  # the sampler was trained
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == 15
 
@@ -96,7 +96,7 @@ def test_the_readme_composed_example_gives_the_same_metrics_in_two_fresh_process
         done = run_python(code, tmp_path)
         assert done.returncode == 0, done.stderr
         results.append(ast.literal_eval(done.stdout.strip().splitlines()[-1]))
-    assert set(results[0]) == {"sliced_wasserstein", "sliced_wasserstein_std", "mode_coverage", "energy_auc"}
+    assert set(results[0]) == {"sliced_wasserstein", "sliced_wasserstein_std", "mode_coverage", "min_mode_mass", "energy_auc"}
     assert results[0] == results[1]
 
 
@@ -323,7 +323,7 @@ def test_vector_evaluation_of_a_learned_energy_has_no_reward_mean():
     energy = rt.build_energy_reward((2,), value, 1)
     evaluator = rt.ToyEvaluator(rt.EightGaussians(), num_samples=200, repeats=1, num_projections=20)
     metrics = evaluator.evaluate(point_policy([0.0, 0.0]), energy, seed=0)
-    assert set(metrics) == {"sliced_wasserstein", "sliced_wasserstein_std", "mode_coverage", "energy_auc"} == evaluator.metric_names(energy)
+    assert set(metrics) == {"sliced_wasserstein", "sliced_wasserstein_std", "mode_coverage", "min_mode_mass", "energy_auc"} == evaluator.metric_names(energy)
 
 
 def test_eval_json_of_a_vector_run_with_a_plugin_reward_has_reward_mean(tmp_path: Path, capsys):

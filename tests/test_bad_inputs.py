@@ -149,7 +149,7 @@ CASES: dict[str, Case] = {
     "negative steps flag": Case(run_args("--steps", "-1"), "steps must be >= 0, got -1"),
     "keep_best not a metric": Case(
         run_args("--set", "eval.keep_best=fid", "--set", "train.eval_every=2"),
-        "eval.keep_best = 'fid' is not a metric of this run (energy_auc, mode_coverage, sliced_wasserstein, sliced_wasserstein_std)",
+        "eval.keep_best = 'fid' is not a metric of this run (energy_auc, min_mode_mass, mode_coverage, sliced_wasserstein, sliced_wasserstein_std)",
     ),
     # ---- --set ------------------------------------------------------------------------------------------------------
     "--set unknown key": Case(run_args("--set", "train.nope=1"), "[train] unknown key 'nope'"),

@@ -50,7 +50,7 @@ def test_run_writes_the_run_directory(dxmi_run: Path):
         assert (dxmi_run / name).is_file(), name
     result = json.loads((dxmi_run / "eval.json").read_text())
     assert result["step"] == 20
-    assert set(result["metrics"]) == {"sliced_wasserstein", "sliced_wasserstein_std", "mode_coverage", "energy_auc"}
+    assert set(result["metrics"]) == {"sliced_wasserstein", "sliced_wasserstein_std", "mode_coverage", "min_mode_mass", "energy_auc"}
     assert set(result["initial_metrics"]) == set(result["metrics"])
     assert all(isinstance(v, float) for v in result["metrics"].values())
     lines = [json.loads(line) for line in (dxmi_run / "metrics.jsonl").read_text().splitlines()]
