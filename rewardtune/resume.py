@@ -86,6 +86,7 @@ RESUME_POLICY: dict[str, Rule] = {
     "train.mixed_precision": applied("autocast is set when the trainer starts; fp16's loss scale starts afresh"),
     "train.skip_nonfinite": applied("set on the optimisers when the trainer starts; the count so far is kept"),
     "train.compile": applied("the networks are compiled (or not) when the trainer starts"),
+    "train.channels_last": applied("the weights' memory order is set when the trainer starts (checkpoints are contiguous)"),
     "train.ema_decay": applied("the EMA continues from its checkpointed weights at the new rate", refuse_if=switches_ema),
     "train.seed": refused("the data and rollout random streams continue from the checkpoint's states, not from a seed"),
     # [eval]: the evaluator and the trainer's evaluation settings are built from the new recipe

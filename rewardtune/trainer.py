@@ -47,6 +47,7 @@ from rewardtune.errors import (
     RecipeError,
 )
 from rewardtune.evaluation import round_metrics
+from rewardtune.memory_format import to_channels_last
 from rewardtune.modes import eval_mode
 from rewardtune.phases import NO_PHASES, Phases
 from rewardtune.plugin_failures import PluginOwners
@@ -81,6 +82,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip (and count, `skipped_steps`) an optimiser step whose gradients are NaN/inf;
     # without it such a step stops the run with NonFiniteError (the last checkpoint is kept)
     compile: bool = False  # torch.compile the networks (compiling.py); a compilation failure falls back to eager
+    channels_last: bool = False  # convolution weights in channels-last order (memory_format.py), for GPU UNets
     # with a one-line note
 
 
@@ -222,6 +224,8 @@ class Trainer:
                 module.to(self.device)
         broadcast_modules(self.modules())
         backbone.eval()  # at rest between phases (see the module docstring); EMA below copies the mode
+        if config.channels_last:  # before the EMA copy, which then keeps the order too
+            to_channels_last(list(self.modules().values()))
         self.ema = EMA(backbone, config.ema_decay) if config.ema_decay > 0 else None
         self.sharded = self.shard(sharding_plan(accelerator))
         self.compiled = compiling.networks(self.modules()) if config.compile else []
