@@ -47,7 +47,8 @@ class DDPMLevels:
 
 
 class MixtureEpsilon(nn.Module):
-    """eps*(x [B, D], n [B]) of a diffused Gaussian mixture (module docstring), float32 [B, D] out.
+    """eps*(x [B, D], n [B]) of a diffused Gaussian mixture (module docstring), in x's dtype and device [B, D];
+    computed in float64 on the CPU (a toy of a few components: exactness over speed).
 
     Args:
         weights: [K] positive (normalised).
