@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,7 +302,7 @@ class PromptSource(ConditionSource):
         self.balance_by = balance_by
         self.weights = balanced_weights(train, balance_by) if balance_by else None
         if balance_by and held_out is not None:
-            balanced_weights(held_out, balance_by)  # the held-out prompts need the key too (evaluation balances them)
+            value_groups(held_out, balance_by)  # the held-out prompts need the key too (evaluation balances them)
 
     def split(self, name: Split) -> Conditions | None:
         return self._splits[name]
@@ -317,8 +318,8 @@ class PromptSource(ConditionSource):
         """
         if not self.balance_by:
             return super().evaluation_counts(rows, per_condition)
-        rows_per_value = value_counts(rows, self.balance_by)  # n_v of each row's value
-        total, num_values = per_condition * len(rows), len(set(value_keys(rows, self.balance_by)))
+        rows_per_value, num_values = value_groups(rows, self.balance_by)
+        total = per_condition * len(rows)
         return torch.tensor([-(-total // (num_values * n)) for n in rows_per_value], dtype=torch.int64)
 
 
@@ -329,13 +330,13 @@ def balanced_weights(conditions: Conditions, key: str) -> torch.Tensor:
     Raises:
         ValueError: the conditions have no metadata, or a row lacks `key` (naming the first such prompt).
     """
-    counts = value_counts(conditions, key)
-    num_values = len(set(value_keys(conditions, key)))
+    counts, num_values = value_groups(conditions, key)
     return torch.tensor([1.0 / (num_values * n) for n in counts], dtype=torch.float64)
 
 
-def value_keys(conditions: Conditions, key: str) -> list[str]:
-    """Each row's value of metadata `key`, as a hashable JSON string (any JSON value may be a category).
+def value_groups(conditions: Conditions, key: str) -> tuple[list[int], int]:
+    """(n_v for each row: how many rows share its value of metadata `key`; V: how many values there are). Values
+    are compared as JSON (any JSON value may be a category).
 
     Raises:
         ValueError: the conditions have no metadata, or a row lacks `key` (naming the first such prompt).
@@ -347,14 +348,8 @@ def value_keys(conditions: Conditions, key: str) -> list[str]:
         if key not in meta:
             raise ValueError(f"balance_by = {key!r}: the prompt {prompt!r} has no metadata key {key!r}")
         values.append(json.dumps(meta[key], sort_keys=True))
-    return values
-
-
-def value_counts(conditions: Conditions, key: str) -> list[int]:
-    """For each row, how many rows share its value of metadata `key` (n_v of `balanced_weights`)."""
-    values = value_keys(conditions, key)
-    counts = {value: values.count(value) for value in set(values)}
-    return [counts[v] for v in values]
+    counts = Counter(values)
+    return [counts[v] for v in values], len(counts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

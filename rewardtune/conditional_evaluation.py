@@ -32,7 +32,8 @@ SPLITS = (("train", ""), ("held_out", "held_out/"))  # evaluated splits and thei
 
 
 def per_condition_count(num_samples: int, conditions) -> int:
-    """How many samples each training condition gets so that all of them together give at least `num_samples`."""
+    """How many samples each training condition gets so that all of them together give at least `num_samples` (a
+    balanced source then redistributes that total over its groups: `PromptSource.evaluation_counts`)."""
     keys = len(conditions.source.train_keys)
     return max(1, math.ceil(num_samples / max(keys, 1)))
 

@@ -82,8 +82,8 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip (and count, `skipped_steps`) an optimiser step whose gradients are NaN/inf;
     # without it such a step stops the run with NonFiniteError (the last checkpoint is kept)
     compile: bool = False  # torch.compile the networks (compiling.py); a compilation failure falls back to eager
-    channels_last: bool = False  # convolution weights in channels-last order (memory_format.py), for GPU UNets
     # with a one-line note
+    channels_last: bool = False  # convolution weights in channels-last order (memory_format.py), for GPU UNets
 
 
 @dataclass(frozen=True)

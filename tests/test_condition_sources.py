@@ -362,3 +362,39 @@ def test_balance_by_a_key_a_held_out_prompt_lacks_is_a_recipe_error(tmp_path):
     options = {"kind": "jsonl", "path": "meta.jsonl", "held_out_path": "held.jsonl", "balance_by": "tag"}
     with pytest.raises(RecipeError, match="conditions.balance_by: .*'an unseen thing' has no metadata key 'tag'"):
         build_condition_source(options, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("values", [
+    [1, 1, 1, 1, 1, 2],                                  # a numeric key
+    [["a", "b"], ["a", "b"], ["a", "b"], ["c"], ["c"], ["c"]],  # a list-valued key
+    ["x", "x", "y", "y", "z", "z"],                       # already balanced: equal repeats, as without balance_by
+])
+def test_balanced_evaluation_of_other_keys_and_a_fraction_held_out(tmp_path, values):
+    records = [{"prompt": f"thing {i}", "tag": v} for i, v in enumerate(values)]
+    write(tmp_path, "meta.jsonl", jsonl(records))
+    source = build_condition_source({"kind": "jsonl", "path": "meta.jsonl", "balance_by": "tag"}, base_dir=tmp_path)
+    drawn = source.evaluation_conditions("train", 3)
+    shares = {}
+    for meta in drawn.metadata:
+        shares[json.dumps(meta["tag"])] = shares.get(json.dumps(meta["tag"]), 0) + 1
+    assert max(shares.values()) - min(shares.values()) <= len(values)  # equal up to rounding up per prompt
+    assert all(drawn.prompts.count(p) >= 1 for p in source.train_keys)  # every prompt still evaluated
+    if len(set(map(json.dumps, values))) == 3:
+        assert drawn.prompts == tuple(p for p in source.train_keys for _ in range(3))
+    held = build_condition_source({"kind": "jsonl", "path": "meta.jsonl", "balance_by": "tag", "held_out": 0.34},
+                                  base_dir=tmp_path)  # a held-out fraction is balanced as a held-out file is
+    held_tags = [json.dumps(m["tag"]) for m in held.evaluation_conditions("held_out", 4).metadata]
+    counts = [held_tags.count(t) for t in set(held_tags)]
+    assert max(counts) - min(counts) <= 2 * len(held.held_out_keys)
+
+
+def test_sample_without_prompts_draws_every_training_prompt_once_even_when_balanced(tmp_path):
+    from types import SimpleNamespace
+
+    from rewardtune.sampling import requested_conditions
+
+    records = [{"prompt": f"a thing {i}", "tag": "many"} for i in range(5)] + [{"prompt": "a rare thing", "tag": "rare"}]
+    write(tmp_path, "meta.jsonl", jsonl(records))
+    source = build_condition_source({"kind": "jsonl", "path": "meta.jsonl", "balance_by": "tag"}, base_dir=tmp_path)
+    chosen = requested_conditions(SimpleNamespace(source=source), None, None, run="run")
+    assert chosen.prompts == source.train_keys

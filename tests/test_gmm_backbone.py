@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from rewardtune.backbones.gmm import DDPMLevels, MixtureEpsilon, build_gmm_backbone
-from rewardtune.backbones.schedules import continuous_timestep, ddpm_alphas_cumprod
+from rewardtune.backbones.schedules import (
+    alpha_bar_at,
+    continuous_timestep,
+    ddpm_alphas_cumprod,
+)
 from rewardtune.data.toy import build_gaussian_mixture
 from rewardtune.metrics.modes import min_mode_mass
 
@@ -28,7 +32,8 @@ def test_epsilon_of_one_diffused_gaussian_is_the_closed_form_at_integer_and_frac
 def test_fractional_steps_invert_the_schedules_continuous_timestep():
     ab = ddpm_alphas_cumprod(1000)
     wanted = torch.tensor([0.9999, 0.9, 0.31, 0.02, 1e-4], dtype=torch.float64)
-    torch.testing.assert_close(DDPMLevels(ab).alpha_bar(continuous_timestep(wanted, ab)), wanted)
+    torch.testing.assert_close(alpha_bar_at(continuous_timestep(wanted, ab), ab), wanted)
+    torch.testing.assert_close(DDPMLevels(ab).alpha_bar(torch.tensor([3.5])), alpha_bar_at(torch.tensor([3.5]), ab))
 
 
 def test_the_chain_draws_the_mixtures_mode_masses_and_min_mode_mass_finds_the_weak_mode():

@@ -5,8 +5,8 @@ stays a mixture (`score_sde.gmm.DiffusedGMM`), so its optimal epsilon network is
 
     eps*(x, n) = -sqrt(1 - ab_n) grad_x log p~_n(x)
 
-at every DDPM timestep n (fractional n: log ab interpolated linearly between steps, the inverse of
-`schedules.continuous_timestep`, so FastDPM's fractional timesteps get their own ab exactly). Wrapped in the same
+at every DDPM timestep n (fractional n: `schedules.alpha_bar_at`, the inverse of `schedules.continuous_timestep`,
+so FastDPM's fractional timesteps get their own ab exactly). Wrapped in the same
 `EpsilonChainPolicy` as `mlp` and `ddpm`, it is a frozen "pretrained model" with no error of its own but the
 mixture's: the boosting thesis's toy (../shared/papers/004, Sec. 3.1; `recipes/dg_gmm.toml`), where the model
 misses mass on a mode of the data and discriminator guidance must restore it. It has no parameters to train.
@@ -21,23 +21,19 @@ import torch
 from torch import nn
 
 from rewardtune.backbones.epsilon import EpsilonChainPolicy
-from rewardtune.backbones.schedules import ddpm_alphas_cumprod
+from rewardtune.backbones.schedules import alpha_bar_at, ddpm_alphas_cumprod
 from rewardtune.score_sde.gmm import DiffusedGMM
 
 
 class DDPMLevels:
     """The DDPM forward process indexed by timestep n (float, fractional allowed) in the `SDE` interface that
-    `DiffusedGMM` reads: alpha(n) = sqrt(ab_n), sigma(n) = sqrt(1 - ab_n)."""
+    `DiffusedGMM` reads: alpha(n) = sqrt(ab_n), sigma(n) = sqrt(1 - ab_n), ab from `schedules.alpha_bar_at`."""
 
     def __init__(self, alphas_cumprod: torch.Tensor) -> None:
-        self.log_ab = alphas_cumprod.to(torch.float64).log()  # [K], decreasing
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
 
     def alpha_bar(self, n: torch.Tensor) -> torch.Tensor:
-        """ab at timesteps n (any shape, float64 out): exact at integers, log-linear between them."""
-        n = torch.as_tensor(n, dtype=torch.float64).clamp(0, self.log_ab.shape[0] - 1)
-        lo = n.floor().long().clamp(max=self.log_ab.shape[0] - 2)
-        frac = n - lo
-        return (self.log_ab[lo] * (1 - frac) + self.log_ab[lo + 1] * frac).exp()
+        return alpha_bar_at(n, self.alphas_cumprod)
 
     def alpha(self, n: torch.Tensor) -> torch.Tensor:
         return self.alpha_bar(n).sqrt()

@@ -117,6 +117,16 @@ def continuous_timestep(alpha_bar: torch.Tensor, alphas_cumprod: torch.Tensor) -
     return (k - 1).to(torch.float64) + frac.clamp(0, 1)
 
 
+def alpha_bar_at(k: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at DDPM steps k (any shape, fractional allowed; float64): exact at integers, log alpha_bar linear
+    between them, so `alpha_bar_at(continuous_timestep(ab), .) == ab` (the inverse of `continuous_timestep`)."""
+    log_ab = alphas_cumprod.to(torch.float64).log()
+    k = torch.as_tensor(k, dtype=torch.float64).clamp(0, log_ab.shape[0] - 1)
+    lo = k.floor().long().clamp(max=log_ab.shape[0] - 2)
+    frac = k - lo
+    return (log_ab[lo] * (1 - frac) + log_ab[lo + 1] * frac).exp()
+
+
 def fastdpm_ddpm_schedule(num_steps: int, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, StepCoefficients]:
     """Timesteps [T] (fractional DDPM steps) and DDIM(eta = 1) coefficients of the FastDPM VAR sampler.
 
