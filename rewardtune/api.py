@@ -11,6 +11,7 @@ from rewardtune.build import (
     RUN_RECIPE,
     Experiment,
     build_experiment,
+    checkpoint_replaced,
     read_run_recipe,
     with_seed,
 )
@@ -133,13 +134,17 @@ def run_recipe(
     out_dir = Path(out_dir)
     accelerator = accelerator or make_accelerator()
     changes = resume_changes(out_dir, recipe) if resume else []  # on every rank: a refusal stops them all
+    resuming = resume and ckpt.latest_checkpoint(out_dir / "checkpoints") is not None
     if accelerator.is_main_process:
         check_out_dir(out_dir, recipe, resume=resume, force=force)
     accelerator.wait_for_everyone()
     for warning in recipe_warnings(recipe) if reporter is not None else []:  # settings that make a step do nothing
         reporter.message(f"warning: {warning}")
 
-    experiment = build_experiment(recipe, out_dir, run_recipe=pretraining_runner(reporter, accelerator), reporter=reporter)
+    built = recipe
+    if resuming and checkpoint_replaced(recipe.resolved) != recipe.resolved:  # the checkpoint replaces that work
+        built = parse_recipe(checkpoint_replaced(recipe.resolved), recipe.path)
+    experiment = build_experiment(built, out_dir, run_recipe=pretraining_runner(reporter, accelerator), reporter=reporter)
     trainer = make_trainer(experiment, out_dir, reporter, accelerator)
     if resume and trainer.resume() is not None:  # before recipe.toml is replaced: a checkpoint that does not fit
         continue_with(trainer, changes, recipe, reporter)  # leaves the run directory as it was
@@ -193,11 +198,12 @@ def load_run(
 ) -> Trainer:
     """A Trainer holding a run's latest checkpoint, its best one (`best`) or the kept one of `step`, for eval and
     sample. `build_overrides` (`table.key=value`) change how the objects are built before the checkpoint loads over
-    them: only settings whose effect the checkpoint replaces (e.g. `reward.pretrain_steps=0`: the autoencoder
-    energy's weights come from the checkpoint, so its pretraining would be wasted)."""
+    them: only settings whose effect the checkpoint replaces. Factories' own `checkpoint_replaces` (the autoencoder
+    energy's pretraining) are applied first (`build.checkpoint_replaced`)."""
     run_dir = Path(run_dir)
     require_recipe(run_dir)
     raw = read_run_recipe(run_dir)
+    raw = checkpoint_replaced(raw)  # the checkpoint loads over every object: skip work it replaces
     for item in build_overrides or []:
         apply_override(raw, item)
     teacher = raw.get("distill", {}).get("teacher", "")

@@ -421,6 +421,27 @@ def load_initial_weights(backbone, run_dir: Path) -> None:
     backbone.load_state_dict(state, strict=False)
 
 
+def checkpoint_replaced(raw: dict) -> dict:
+    """A copy of the recipe dict `raw` in which every plugin table's options that a checkpoint makes moot are set as
+    its factory declares (`factory.checkpoint_replaces`, {option: value}; e.g. the autoencoder energy's
+    `pretrain_steps` = 0: its weights come from the checkpoint, so pretraining them first is wasted time). Build with
+    it only when a checkpoint will load over every object (resume, eval, sample); the run keeps the recipe as written.
+    """
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for section, registry in REGISTRIES.items():
+        table = raw.get(section)
+        if not isinstance(table, dict) or not isinstance(table.get("kind"), str):
+            continue
+        try:
+            factory = registry.get(table["kind"])
+        except RewardtuneError:  # an unknown kind: the recipe's own check says so
+            continue
+        table.update(getattr(factory, "checkpoint_replaces", {}))
+    return raw
+
+
 def with_seed(recipe: Recipe, seed: int) -> Recipe:
     train = replace(recipe.train, seed=seed)
     resolved = {**recipe.resolved, "train": {**recipe.resolved["train"], "seed": seed}}

@@ -11,6 +11,10 @@ parameter annotated with a dataclass whose fields are the options. An option ann
 `tables.PluginTable` subclass (or a list of one) takes nested plugin tables, which the recipe validates like
 top-level ones (the terms of the `composite` reward).
 
+A factory may declare `checkpoint_replaces = {option: value}`: options whose work a checkpoint loaded over the built
+object replaces (the autoencoder energy's `pretrain_steps`); resuming, eval and sample build with those values
+(`build.checkpoint_replaced`).
+
 Each kind has a contract (`Registry.check_built`): what its factories must return, checked on every object a
 recipe builds, so that a factory returning None, a plain function or an object of another kind is a one-line
 `PluginError` naming the table and kind, not a crash at first use.

@@ -332,19 +332,31 @@ def test_prior_and_data_errors_are_one_line(tmp_path, capsys):
         assert err.strip().splitlines()[-1] == errors[0]
 
 
-def test_anomaly_run_resumes_to_the_same_numbers(tmp_path):
+def test_anomaly_run_resumes_to_the_same_numbers_without_pretraining_again(tmp_path, monkeypatch):
     """Two steps, then two more on --resume, equal four straight: the pretrained autoencoder, the prior's frozen
-    copy and its noise scale come back from the checkpoint."""
+    copy and its noise scale come back from the checkpoint, so the resumed build skips the pretraining (and so do
+    eval and the scorer, which load the run); the run directory keeps the recipe as written."""
+    from rewardtune.anomaly.model import load_anomaly_model
     from rewardtune.api import run_recipe
     from rewardtune.recipe import load_recipe
+    from rewardtune.rewards import autoencoder
 
+    pretrained = []
+    real = autoencoder.pretrain_autoencoder
+    monkeypatch.setattr(autoencoder, "pretrain_autoencoder", lambda *a, **k: (pretrained.append(k["steps"]), real(*a, **k))[1])
     root = write_mvtec_layout(tmp_path / "mvtec", categories=("bottle",), size=32)
     recipe = REPO / "recipes" / "dxmi_mvtec.toml"
     settings = [f"data.root={root}", *TINY, "train.eval_every=0", "eval.keep_best=", "eval.best_mode=min"]
     straight = run_recipe(load_recipe(recipe, [*settings, "train.steps=4"]), tmp_path / "straight")
     run_recipe(load_recipe(recipe, [*settings, "train.steps=2"]), tmp_path / "resumed")
+    assert pretrained == [20, 20]
     resumed = run_recipe(load_recipe(recipe, [*settings, "train.steps=4"]), tmp_path / "resumed", resume=True, force=True)
     assert straight["metrics"] == resumed["metrics"]
+    load_anomaly_model(tmp_path / "resumed")
+    assert pretrained == [20, 20]  # neither the resume nor loading the run pretrained again
+    assert "pretrain_steps = 20" in (tmp_path / "resumed" / "recipe.toml").read_text()
+    fresh = run_recipe(load_recipe(recipe, [*settings, "train.steps=2"]), tmp_path / "fresh", resume=True)
+    assert pretrained == [20, 20, 20] and fresh["step"] == 2  # --resume with no checkpoint yet builds in full
 
 
 def test_resume_refuses_a_changed_prior(tmp_path):

@@ -40,14 +40,10 @@ def load_anomaly_model(run_dir: str | Path, *, best: bool = False) -> RunAnomaly
         RecipeError: the run's data are not anomaly features, or it has no energy.
         CheckpointError: no checkpoint (or no best one with `best`).
     """
-    from rewardtune.api import load_run, require_recipe
-    from rewardtune.build import read_run_recipe
+    from rewardtune.api import load_run
     from rewardtune.data.anomaly import AnomalyFeatures
 
-    require_recipe(Path(run_dir))
-    kind = read_run_recipe(Path(run_dir)).get("reward", {}).get("kind", "")
-    skip = ["reward.pretrain_steps=0"] if kind == "autoencoder" else []  # the checkpoint holds the weights
-    trainer = load_run(run_dir, best=best, build_overrides=skip)
+    trainer = load_run(run_dir, best=best)  # the autoencoder's pretraining is skipped: the checkpoint holds it
     if not isinstance(trainer.data, AnomalyFeatures):
         raise RecipeError(f"{run_dir} was not trained on [data] kind = \"anomaly_features\": nothing to score images with")
     if trainer.reward is None:

@@ -65,3 +65,7 @@ def build_autoencoder_reward(
         )
     optimizer = GradStep([(model.parameters(), lr)], grad_clip=grad_clip)
     return AutoencoderEnergy(model, optimizer, gamma=gamma)
+
+
+# A checkpoint holds the energy's weights: resuming, eval and sample skip the pretraining (build.checkpoint_replaced).
+build_autoencoder_reward.checkpoint_replaces = {"pretrain_steps": 0}
