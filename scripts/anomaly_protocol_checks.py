@@ -8,6 +8,8 @@ and pixel AUROC of its energy pooled over the 297 test digits (what the run's ev
 "digits") and as the mean over the digit classes (about 30 test images each, half with a defect), as MVTec-AD's
 per-category protocol would. The "grid ceiling" is the pixel AUROC of the defect fraction of each cell of a
 grid x grid map, upsampled bilinearly like the energies: what an energy that were exactly right on the grid scores.
+"E ratio" is the mean energy of the normal test digits over that of the training digits (above 1: the energy
+prefers the digits it was trained on).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from rewardtune.api import load_run
 from rewardtune.nets.digits import TRAIN_COUNT
 
 
-def pooled_and_per_class(run: str, step: int | None) -> tuple[dict, dict]:
-    """({image_auroc, pixel_auroc} pooled, the same averaged over the test digits' classes) for one checkpoint."""
+def pooled_and_per_class(run: str, step: int | None) -> tuple[dict, dict, float]:
+    """({image_auroc, pixel_auroc} pooled, the same averaged over the test digits' classes, the mean energy of the
+    normal test digits' vectors over that of the training digits') for one checkpoint."""
     trainer = load_run(run, step=step)
     anomaly_set = trainer.data.anomaly_set
     maps = energy_maps(trainer.reward, trainer.data.test_maps)  # [M, h, w]
@@ -44,7 +47,9 @@ def pooled_and_per_class(run: str, step: int | None) -> tuple[dict, dict]:
 
     classes = [f"digit_{c}" for c in load_digits().target[TRAIN_COUNT:].tolist()]  # the test digits' classes
     per_class = per_category_auroc(scores, anomaly_set.labels, classes, pixel, anomaly_set.masks)
-    return pooled["mean"], per_class["mean"]
+    normal = maps[anomaly_set.labels == 0].mean()
+    train = energy_maps(trainer.reward, trainer.data.train_maps).mean()
+    return pooled["mean"], per_class["mean"], float(normal / train)
 
 
 def grid_ceiling(grid: int, seed: int = 0) -> float:
@@ -61,13 +66,14 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=8, help="the feature grid's side (the digits CNN's: 8)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    print("| run | image AUROC, pooled | pixel AUROC, pooled | image AUROC, mean over classes | pixel AUROC, mean over classes |")
-    print("|---|---|---|---|---|")
+    print("| run | image AUROC, pooled | pixel AUROC, pooled | image AUROC, mean over classes | pixel AUROC, mean over classes "
+          "| E ratio |")
+    print("|---|---|---|---|---|---|")
     for spec in args.runs:
         run, _, step = spec.partition("@")
-        pooled, per_class = pooled_and_per_class(run, int(step) if step else None)
+        pooled, per_class, ratio = pooled_and_per_class(run, int(step) if step else None)
         print(f"| {spec} | {pooled['image_auroc']:.3f} | {pooled['pixel_auroc']:.3f} | {per_class['image_auroc']:.3f} | "
-              f"{per_class['pixel_auroc']:.3f} |", flush=True)
+              f"{per_class['pixel_auroc']:.3f} | {ratio:.2f} |", flush=True)
     print(f"\ngrid ceiling ({args.grid} x {args.grid}): pixel AUROC {grid_ceiling(args.grid):.4f}")
 
 
