@@ -148,3 +148,25 @@ def test_the_cifar10_recipe_runs_with_local_stand_ins(tiny_cifar, tmp_path: Path
     assert code == 0, err
     experiment_recipe = (tmp_path / "run" / "recipe.toml").read_text()
     assert "latent_dim = 100" in experiment_recipe and "ema_decay = 0.9999" in experiment_recipe
+
+
+def test_checkpoints_with_the_retired_alpha_bars_buffer_still_load(tmp_path: Path):
+    """Checkpoints written before the posterior sampler dropped its unused `alpha_bars` copy (2026-12-01) hold it for
+    the backbone and its EMA; they load (the key is forgotten), and any other unexpected key is still refused."""
+    from safetensors.torch import load_file, save_file
+
+    from rewardtune import checkpoint as ckpt
+    from rewardtune.api import load_run
+    from rewardtune.errors import CheckpointError
+
+    rt.run_recipe(rt.load_recipe(TOY, [*SHORT, "train.steps=3", "train.ema_decay=0.9"]), tmp_path / "run")
+    weights_file = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") / "model.safetensors"
+    weights = load_file(weights_file)
+    assert "backbone.alpha_bars" not in weights and any(k.startswith("ema.") for k in weights)
+    current = load_run(tmp_path / "run").backbone.state_dict()
+    save_file({**weights, "backbone.alpha_bars": torch.rand(5), "ema.alpha_bars": torch.rand(5)}, weights_file)
+    loaded = load_run(tmp_path / "run").backbone.state_dict()
+    assert all(torch.equal(loaded[k], current[k]) for k in current)
+    save_file({**weights, "backbone.bogus": torch.rand(5)}, weights_file)
+    with pytest.raises(CheckpointError, match="bogus"):
+        load_run(tmp_path / "run")

@@ -70,6 +70,16 @@ class UNetGenerator(nn.Module):
         return torch.tanh(self.unet(x, levels.float() * self.level_scale, class_labels=latent).sample)
 
 
+RETIRED_BUFFERS = ("alpha_bars",)  # written by checkpoints before 2026-12-01 (a copy of the schedule's, never read)
+
+
+def drop_retired_buffers(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: forget buffers this policy no longer has, so older checkpoints still load (any other
+    unexpected key is still an error)."""
+    for name in RETIRED_BUFFERS:
+        state_dict.pop(f"{prefix}{name}", None)
+
+
 class PosteriorSamplingPolicy(GaussianChainPolicy):
     """The implicit T-step sampler of the module docstring.
 
@@ -105,6 +115,7 @@ class PosteriorSamplingPolicy(GaussianChainPolicy):
         self.register_buffer("betas", schedule.betas.float())
         times = level_times if level_times is not None else vp_sde_times(schedule.num_steps)
         self.register_buffer("level_times", times.float())  # [T + 1]: the VP-SDE time t'_k of each level
+        self.register_load_state_dict_pre_hook(drop_retired_buffers)
 
     # ---- levels and latents ------------------------------------------------------------------------------------
     def level(self, t: torch.Tensor) -> torch.Tensor:
