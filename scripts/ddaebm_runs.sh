@@ -2,7 +2,7 @@
 # The DDAEBM measurements of docs/results.md (issue W2 5/8), JOBS at a time (one thread each):
 #   8 Gaussians at T = 4 on seeds 0-2; Jeffrey vs KL only on Swiss roll and 25 Gaussians; T = 1 and 2 on 8 Gaussians;
 #   the z = 0 ablation; pinwheel; digits at T = 4 (and DxMI's digits row on the same training split) and the OOD table.
-# Usage: JOBS=2 bash scripts/ddaebm_runs.sh [OUT]   (OUT defaults to runs/ddaebm)
+# Usage: JOBS=2 [ABLATION_SEEDS="0 1 2"] bash scripts/ddaebm_runs.sh [OUT]   (OUT defaults to runs/ddaebm)
 set -euo pipefail
 OUT=${1:-runs/ddaebm}
 JOBS=${JOBS:-2}
@@ -26,14 +26,17 @@ HALF="--set train.steps=15000 --set train.eval_every=2500"
   echo "run 8g_s1 ddaebm_8gaussians.toml --seed 1"
   echo "run digits_s0 ddaebm_digits.toml"
   echo "run 8g_s2 ddaebm_8gaussians.toml --seed 2"
-  # the ablations at half the iterations (15,000), beside T = 4 with the Jeffrey divergence at the same budget
-  for d in swissroll 25gaussians; do
-    echo "run ${d}_jeffrey_15k_s0 ddaebm_$d.toml $HALF"
-    echo "run ${d}_kl_15k_s0 ddaebm_$d.toml $HALF --set algorithm.divergence=kl"
+  # the ablations at half the iterations (15,000), beside T = 4 with the Jeffrey divergence at the same budget,
+  # on ABLATION_SEEDS (default 0 1 2)
+  for s in ${ABLATION_SEEDS:-0 1 2}; do
+    for d in swissroll 25gaussians; do
+      echo "run ${d}_jeffrey_15k_s$s ddaebm_$d.toml $HALF --seed $s"
+      echo "run ${d}_kl_15k_s$s ddaebm_$d.toml $HALF --seed $s --set algorithm.divergence=kl"
+    done
+    echo "run 8g_T4_15k_s$s ddaebm_8gaussians.toml $HALF --seed $s"
+    for t in 1 2; do echo "run 8g_T${t}_15k_s$s ddaebm_8gaussians.toml $HALF --seed $s --set backbone.num_steps=$t"; done
+    echo "run 8g_z0_15k_s$s ddaebm_8gaussians.toml $HALF --seed $s --set backbone.latent_dim=0"
   done
-  echo "run 8g_T4_15k_s0 ddaebm_8gaussians.toml $HALF"
-  for t in 1 2; do echo "run 8g_T${t}_15k_s0 ddaebm_8gaussians.toml $HALF --set backbone.num_steps=$t"; done
-  echo "run 8g_z0_15k_s0 ddaebm_8gaussians.toml $HALF --set backbone.latent_dim=0"
   echo "run ddpm_digits_train_s0 ddpm_digits.toml --set data.split=train && run dxmi_digits_train_s0 dxmi_digits.toml --set data.split=train --set backbone.init_from=$OUT/ddpm_digits_train_s0"
   echo "run pinwheel_s0 ddaebm_pinwheel.toml"
 } | xargs -P "$JOBS" -I{} bash -c "{}"
