@@ -2,7 +2,7 @@
 # The DDAEBM measurements of docs/results.md (issue W2 5/8), JOBS at a time (one thread each):
 #   8 Gaussians at T = 4 on seeds 0-2; Jeffrey vs KL only on Swiss roll and 25 Gaussians; T = 1 and 2 on 8 Gaussians;
 #   the z = 0 ablation; pinwheel; digits at T = 4 (and DxMI's digits row on the same training split) and the OOD table.
-# Usage: JOBS=2 [ABLATION_SEEDS="0 1 2"] bash scripts/ddaebm_runs.sh [OUT]   (OUT defaults to runs/ddaebm)
+# Usage: JOBS=2 [ABLATION_SEEDS="0 1 2"] [DIGITS_SEEDS="0 1 2"] bash scripts/ddaebm_runs.sh [OUT]   (OUT defaults to runs/ddaebm)
 set -euo pipefail
 OUT=${1:-runs/ddaebm}
 JOBS=${JOBS:-2}
@@ -24,7 +24,7 @@ HALF="--set train.steps=15000 --set train.eval_every=2500"
 {
   echo "run 8g_s0 ddaebm_8gaussians.toml --seed 0"
   echo "run 8g_s1 ddaebm_8gaussians.toml --seed 1"
-  echo "run digits_s0 ddaebm_digits.toml"
+  for s in ${DIGITS_SEEDS:-0 1 2}; do echo "run digits_s$s ddaebm_digits.toml --seed $s"; done
   echo "run 8g_s2 ddaebm_8gaussians.toml --seed 2"
   # the ablations at half the iterations (15,000), beside T = 4 with the Jeffrey divergence at the same budget,
   # on ABLATION_SEEDS (default 0 1 2)
@@ -37,8 +37,12 @@ HALF="--set train.steps=15000 --set train.eval_every=2500"
     for t in 1 2; do echo "run 8g_T${t}_15k_s$s ddaebm_8gaussians.toml $HALF --seed $s --set backbone.num_steps=$t"; done
     echo "run 8g_z0_15k_s$s ddaebm_8gaussians.toml $HALF --seed $s --set backbone.latent_dim=0"
   done
-  echo "run ddpm_digits_train_s0 ddpm_digits.toml --set data.split=train && run dxmi_digits_train_s0 dxmi_digits.toml --set data.split=train --set backbone.init_from=$OUT/ddpm_digits_train_s0"
+  for s in ${DIGITS_SEEDS:-0 1 2}; do
+    echo "run ddpm_digits_train_s$s ddpm_digits.toml --seed $s --set data.split=train && run dxmi_digits_train_s$s dxmi_digits.toml --seed $s --set data.split=train --set backbone.init_from=$OUT/ddpm_digits_train_s$s"
+  done
   echo "run pinwheel_s0 ddaebm_pinwheel.toml"
 } | xargs -P "$JOBS" -I{} bash -c "{}"
 
-python scripts/ood_digits.py "$OUT/digits_s0" "$OUT/dxmi_digits_train_s0"
+for s in ${DIGITS_SEEDS:-0 1 2}; do  # the OOD table of each seed
+  python scripts/ood_digits.py "$OUT/digits_s$s" "$OUT/dxmi_digits_train_s$s" > "$OUT/ood_s$s.txt"
+done
