@@ -24,11 +24,11 @@ HALF="--set train.steps=15000 --set train.eval_every=2500"
 {
   echo "run 8g_s0 ddaebm_8gaussians.toml --seed 0"
   echo "run 8g_s1 ddaebm_8gaussians.toml --seed 1"
-  for s in ${DIGITS_SEEDS:-0 1 2}; do echo "run digits_s$s ddaebm_digits.toml --seed $s"; done
+  for s in ${DIGITS_SEEDS-0 1 2}; do echo "run digits_s$s ddaebm_digits.toml --seed $s"; done
   echo "run 8g_s2 ddaebm_8gaussians.toml --seed 2"
   # the ablations at half the iterations (15,000), beside T = 4 with the Jeffrey divergence at the same budget,
   # on ABLATION_SEEDS (default 0 1 2)
-  for s in ${ABLATION_SEEDS:-0 1 2}; do
+  for s in ${ABLATION_SEEDS-0 1 2}; do
     for d in swissroll 25gaussians; do
       echo "run ${d}_jeffrey_15k_s$s ddaebm_$d.toml $HALF --seed $s"
       echo "run ${d}_kl_15k_s$s ddaebm_$d.toml $HALF --seed $s --set algorithm.divergence=kl"
@@ -37,12 +37,12 @@ HALF="--set train.steps=15000 --set train.eval_every=2500"
     for t in 1 2; do echo "run 8g_T${t}_15k_s$s ddaebm_8gaussians.toml $HALF --seed $s --set backbone.num_steps=$t"; done
     echo "run 8g_z0_15k_s$s ddaebm_8gaussians.toml $HALF --seed $s --set backbone.latent_dim=0"
   done
-  for s in ${DIGITS_SEEDS:-0 1 2}; do
+  for s in ${DIGITS_SEEDS-0 1 2}; do
     echo "run ddpm_digits_train_s$s ddpm_digits.toml --seed $s --set data.split=train && run dxmi_digits_train_s$s dxmi_digits.toml --seed $s --set data.split=train --set backbone.init_from=$OUT/ddpm_digits_train_s$s"
   done
   echo "run pinwheel_s0 ddaebm_pinwheel.toml"
 } | xargs -P "$JOBS" -I{} bash -c "{}"
 
-for s in ${DIGITS_SEEDS:-0 1 2}; do  # the OOD table of each seed
+for s in ${DIGITS_SEEDS-0 1 2}; do  # the OOD table of each seed
   python scripts/ood_digits.py "$OUT/digits_s$s" "$OUT/dxmi_digits_train_s$s" > "$OUT/ood_s$s.txt"
 done
