@@ -6,7 +6,7 @@ localisation AUROC); "novelty", one digit class left out of training (detection 
 Features: the digits classifier's conv layers at 8 x 8 (96 channels, on the unit sphere; anomaly/features.py).
 
     python scripts/anomaly_benchmark.py [--out runs/anomaly] [--seeds 0 1 2] [--classes 0 1 ... 9]
-        [--novelty-steps 1000] [--jobs 2]
+        [--novelty-steps 1000] [--novelty-seeds 0 1 2] [--jobs 2]
 
 DxMI runs go through `rewardtune run recipes/anomaly_digits_defects.toml` (finished runs are skipped, started ones
 resumed); "autoencoder" is the same run's step-0 evaluation (the pretrained energy before any DxMI step). Writes
@@ -61,16 +61,19 @@ def baselines(source: str, held_out: int, seed: int) -> dict[str, dict[str, floa
     return results
 
 
-def jobs_for(seeds: list[int], classes: list[int], novelty_steps: int) -> list[tuple[str, list[str]]]:
+def jobs_for(seeds: list[int], classes: list[int], novelty_steps: int,
+             novelty_seeds: list[int] = (0,)) -> list[tuple[str, list[str]]]:
     """(run name, rewardtune run arguments) of every DxMI run: the defects set at the recipe's length on every seed,
-    with tau = 0.1 and tau = 0; each held-out class of the novelty set at `novelty_steps` (seed 0)."""
+    with tau = 0.1 and tau = 0; each held-out class of the novelty set at `novelty_steps` on each novelty seed (the
+    seed-0 runs of every class first)."""
     jobs = []
     for seed in seeds:
         jobs.append((f"defects_tau0.1_s{seed}", ["--seed", str(seed)]))
         jobs.append((f"defects_tau0_s{seed}", ["--seed", str(seed), *TAU0]))
-    for k in classes:
-        jobs.append((f"novelty_{k}_tau0.1_s0", ["--seed", "0", "--set", "data.source=digits_novelty",
-                                                 "--set", f"data.held_out={k}", "--steps", str(novelty_steps)]))
+    for seed in novelty_seeds:
+        for k in classes:
+            jobs.append((f"novelty_{k}_tau0.1_s{seed}", ["--seed", str(seed), "--set", "data.source=digits_novelty",
+                                                          "--set", f"data.held_out={k}", "--steps", str(novelty_steps)]))
     return jobs
 
 
@@ -101,23 +104,30 @@ def defects_table(results: dict, seeds: list[int]) -> list[str]:
     return rows
 
 
-def novelty_table(results: dict, classes: list[int]) -> list[str]:
-    header = "| method | " + " | ".join(str(k) for k in classes) + " | mean ± std |"
+def novelty_table(results: dict, classes: list[int], seeds: list[int]) -> list[str]:
+    """Detection AUROC per held-out class: each cell the mean ± std over the seeds that finished (the count in
+    brackets when fewer than `seeds`), the last column the mean ± std over classes of the per-class means."""
+    header = "| method | " + " | ".join(str(k) for k in classes) + " | mean ± std over classes |"
     rows = [header, "|---|" + "---|" * (len(classes) + 1)]
 
-    def row(name: str, values: list[float | None]) -> str:
-        cells = " | ".join("not run" if v is None else f"{v:.3f}" for v in values)
-        done = [v for v in values if v is not None]
-        return f"| {name} | {cells} | {mean_std(done) if done else 'not run'} |"
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "not run"
+        return mean_std(values) + (f" ({len(values)})" if len(values) < len(seeds) else "")
 
-    def dxmi(k: int, key: str) -> float | None:
-        run = results.get(f"novelty_{k}_tau0.1_s0")
-        return None if run is None else run[key]["image_auroc"]
+    def row(name: str, per_class: list[list[float]]) -> str:
+        means = [statistics.mean(v) for v in per_class if v]
+        return f"| {name} | {' | '.join(cell(v) for v in per_class)} | {mean_std(means) if means else 'not run'} |"
+
+    def dxmi(k: int, key: str) -> list[float]:
+        runs = [results.get(f"novelty_{k}_tau0.1_s{s}") for s in seeds]
+        return [run[key]["image_auroc"] for run in runs if run is not None]
 
     rows.append(row("DxMI, tau = 0.1", [dxmi(k, "metrics") for k in classes]))
     rows.append(row("autoencoder alone", [dxmi(k, "initial_metrics") for k in classes]))
     for name in BASELINE_NAMES:
-        rows.append(row(name, [results[f"baselines_novelty_{k}"][name]["image_auroc"] for k in classes]))
+        rows.append(row(name, [[results[f"baselines_novelty_{k}_s{s}"][name]["image_auroc"] for s in seeds]
+                               for k in classes]))
     return rows
 
 
@@ -127,25 +137,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--classes", type=int, nargs="*", default=list(range(10)))
     parser.add_argument("--novelty-steps", type=int, default=1000)
+    parser.add_argument("--novelty-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--table-only", action="store_true", help="tables from the runs that finished; run nothing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
-    jobs = jobs_for(args.seeds, args.classes, args.novelty_steps)
+    jobs = jobs_for(args.seeds, args.classes, args.novelty_steps, args.novelty_seeds)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {} if args.table_only else {name: pool.submit(run_dxmi, args.out, name, run_args)
                                               for name, run_args in jobs}
         for seed in args.seeds:
             results[f"baselines_defects_s{seed}"] = baselines("digits_defects", 0, seed)
         for k in args.classes:
-            results[f"baselines_novelty_{k}"] = baselines("digits_novelty", k, 0)
+            for seed in args.novelty_seeds:
+                results[f"baselines_novelty_{k}_s{seed}"] = baselines("digits_novelty", k, seed)
         results.update({name: future.result() for name, future in futures.items()})
     results.update({name: finished(args.out, name) for name, _ in jobs if name not in results})
     lines = ["### Defects (digits 32 x 32, synthetic defects)", "", *defects_table(results, args.seeds)]
     if args.classes:
         lines += ["", "### Semantic novelty (one digit class held out; detection AUROC)", "",
-                  *novelty_table(results, args.classes)]
+                  *novelty_table(results, args.classes, args.novelty_seeds)]
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
