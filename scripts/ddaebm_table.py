@@ -9,8 +9,8 @@ T ablation is about), training time and iterations per second; for the digits ru
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -33,7 +33,11 @@ def training_time(run: Path) -> tuple[float, int]:
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/ddaebm")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", type=Path, default=Path("runs/ddaebm"), help="the runs' folder")
+    out = parser.parse_args().out
+    if not out.is_dir():
+        raise SystemExit(f"error: {out} is not a folder of runs")
     print("| run | iterations | SW final | energy AUC | mode coverage | SW spread, last 40% | time (it/s) |")
     print("|---|---|---|---|---|---|---|")
     for run in sorted(p for p in out.iterdir() if (p / "eval.json").is_file()):
