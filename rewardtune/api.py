@@ -141,9 +141,8 @@ def run_recipe(
     for warning in recipe_warnings(recipe) if reporter is not None else []:  # settings that make a step do nothing
         reporter.message(f"warning: {warning}")
 
-    built = recipe
-    if resuming and checkpoint_replaced(recipe.resolved) != recipe.resolved:  # the checkpoint replaces that work
-        built = parse_recipe(checkpoint_replaced(recipe.resolved), recipe.path)
+    replaced = checkpoint_replaced(recipe.resolved) if resuming else recipe.resolved  # work the checkpoint replaces
+    built = parse_recipe(replaced, recipe.path) if replaced != recipe.resolved else recipe
     experiment = build_experiment(built, out_dir, run_recipe=pretraining_runner(reporter, accelerator), reporter=reporter)
     trainer = make_trainer(experiment, out_dir, reporter, accelerator)
     if resume and trainer.resume() is not None:  # before recipe.toml is replaced: a checkpoint that does not fit

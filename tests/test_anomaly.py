@@ -341,6 +341,9 @@ def test_anomaly_run_resumes_to_the_same_numbers_without_pretraining_again(tmp_p
     from rewardtune.recipe import load_recipe
     from rewardtune.rewards import autoencoder
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise equality needs the same reduction order in both runs (not so with 2 threads)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the runs' cpu_threads would undo it
     pretrained = []
     real = autoencoder.pretrain_autoencoder
     monkeypatch.setattr(autoencoder, "pretrain_autoencoder", lambda *a, **k: (pretrained.append(k["steps"]), real(*a, **k))[1])
@@ -357,6 +360,8 @@ def test_anomaly_run_resumes_to_the_same_numbers_without_pretraining_again(tmp_p
     assert "pretrain_steps = 20" in (tmp_path / "resumed" / "recipe.toml").read_text()
     fresh = run_recipe(load_recipe(recipe, [*settings, "train.steps=2"]), tmp_path / "fresh", resume=True)
     assert pretrained == [20, 20, 20] and fresh["step"] == 2  # --resume with no checkpoint yet builds in full
+    monkeypatch.undo()
+    torch.set_num_threads(threads)
 
 
 def test_resume_refuses_a_changed_prior(tmp_path):
