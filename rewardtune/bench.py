@@ -15,8 +15,10 @@ the iterations `log_every` names compute their gradient norms), each timed by ph
   the EMA).
 
 The phases add up to the iteration's wall time, measured around it; `total` is that time. The backbone starts from
-random weights (`backbone.init_from` is not loaded: the same work), and an algorithm that counts iterations (DxDP's
-`value_warmup`, distillation's regression phase) is put past them, so that every timed iteration is a full one.
+random weights (`backbone.init_from` is not loaded: for most recipes the same work), unless `trained_weights` keeps
+`init_from` (a finished run's folder): a reward whose cost depends on the images needs it (the shapes verifier
+scores uniform noise about 5x slower than renders). An algorithm that counts iterations (DxDP's `value_warmup`,
+distillation's regression phase) is put past them, so that every timed iteration is a full one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from rewardtune.errors import RecipeError
 from rewardtune.phases import NO_PHASES, PhaseClock
 from rewardtune.recipe import Recipe
 
@@ -42,16 +45,25 @@ def without_init_from(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, plugins=plugins)
 
 
-def benchmark(recipe: Recipe, *, steps: int, warmup: int, samples: int, profile: Path | None = None) -> dict:
+def benchmark(
+    recipe: Recipe, *, steps: int, warmup: int, samples: int, profile: Path | None = None, trained_weights: bool = False
+) -> dict:
     """Time `steps` iterations of `recipe` after `warmup` ones, and the drawing of `samples` samples; returns the
     JSON-ready result (`print_table` shows it). With `profile`, a few more iterations run under torch's profiler,
-    with a scope per phase, and its Chrome trace is written there (the timings above are taken without it)."""
+    with a scope per phase, and its Chrome trace is written there (the timings above are taken without it).
+
+    `trained_weights`: load `backbone.init_from` as a run does instead of timing random weights; it must then name a
+    finished run's folder (a `RecipeError` if it names a recipe, which would have to be run first, or is unset)."""
     from rewardtune.api import make_accelerator, make_trainer
     from rewardtune.build import build_experiment
 
     if steps < 1 or warmup < 0 or samples < 0:
         raise ValueError(f"steps >= 1, warmup >= 0 and samples >= 0 are needed, got {steps}, {warmup}, {samples}")
-    trainer = make_trainer(build_experiment(without_init_from(recipe)), None, None, make_accelerator())
+    if trained_weights and not recipe.plugins["backbone"].extra.get("init_from"):
+        raise RecipeError("--trained-weights loads backbone.init_from, and this recipe sets none (add --set "
+                          "backbone.init_from=RUN)")
+    experiment = build_experiment(recipe if trained_weights else without_init_from(recipe))
+    trainer = make_trainer(experiment, None, None, make_accelerator())
     if hasattr(trainer.algorithm, "iteration"):
         trainer.algorithm.iteration = 10**9  # past any warm-up or first phase: every timed iteration is a full one
     cuda = trainer.device.type == "cuda"
@@ -77,6 +89,7 @@ def benchmark(recipe: Recipe, *, steps: int, warmup: int, samples: int, profile:
         "batch_size": trainer.config.batch_size,
         "steps": steps,
         "warmup": warmup,
+        "weights": "backbone.init_from" if trained_weights else "random",
         "ms_per_iteration": {**phases, "total": 1000 * total / steps},
         "iterations_per_s": steps / total,
         "sampling": time_sampling(trainer, samples, clock),

@@ -398,6 +398,10 @@ def bench(
         bool, typer.Option("--rss", help="With --over-steps on a CPU: also each step's rise of the peak RSS, in a "
                            "fresh process per T and method (seconds each).")
     ] = False,
+    trained_weights: Annotated[
+        bool, typer.Option("--trained-weights", help="Time the weights backbone.init_from names (a finished run's "
+                           "folder) instead of random ones: for rewards whose cost depends on the images.")
+    ] = False,
     set_: SetOption = None,
 ) -> None:
     """Time a recipe's training iteration by phase (rollout, reward update, value update, policy step, the rest), its
@@ -410,7 +414,8 @@ def bench(
             raise RewardtuneError(f"{option}: the folder {path.parent} does not exist")
     overrides = list(set_ or [])
     if over_steps is not None:
-        for option, given in (("--samples", samples is not None), ("--profile", profile is not None)):
+        for option, given in (("--samples", samples is not None), ("--profile", profile is not None),
+                              ("--trained-weights", trained_weights)):
             if given:
                 raise RewardtuneError(f"{option} is an option of the iteration benchmark; --over-steps takes none")
         bench_over_steps(recipe, overrides, parse_step_list(over_steps), bptt=bptt, rss=rss,
@@ -421,20 +426,23 @@ def bench(
         if given:
             raise RewardtuneError(f"{option} needs --over-steps (e.g. --over-steps 5,10,20,40)")
     bench_iterations(recipe, overrides, steps=50 if steps is None else steps, warmup=5 if warmup is None else warmup,
-                     samples=1000 if samples is None else samples, profile=profile, json_path=json_path)
+                     samples=1000 if samples is None else samples, profile=profile, json_path=json_path,
+                     trained_weights=trained_weights)
 
 
 def bench_iterations(recipe: Path, overrides: list[str], *, steps: int, warmup: int, samples: int,
-                     profile: Path | None, json_path: Path | None) -> None:
+                     profile: Path | None, json_path: Path | None, trained_weights: bool = False) -> None:
     """`rewardtune bench` without --over-steps: the iteration by phase, samples/s, peak memory."""
     from rich.table import Table
 
     from rewardtune.bench import benchmark, print_rows
     from rewardtune.recipe import load_recipe
 
-    result = benchmark(load_recipe(recipe, overrides), steps=steps, warmup=warmup, samples=samples, profile=profile)
+    result = benchmark(load_recipe(recipe, overrides), steps=steps, warmup=warmup, samples=samples, profile=profile,
+                       trained_weights=trained_weights)
     title = (f"{recipe}: T = {result['num_steps']}, batch {result['batch_size']}, {result['device']}, "
-             f"{result['threads']} thread(s); {steps} iterations after {warmup}")
+             f"{result['threads']} thread(s); {steps} iterations after {warmup}"
+             + ("; the weights of backbone.init_from" if trained_weights else "; random weights"))
     table = Table("per iteration", "", title=title, title_justify="left")
     for name, value in print_rows(result):
         table.add_row(name, value)

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_cli
 
 from rewardtune import phases
@@ -78,3 +79,46 @@ def test_no_phases_times_nothing():
     with NO_PHASES.phase("rollout"), NO_PHASES.phase("rollout"):  # one shared empty context, reentrant
         pass
     assert not hasattr(NO_PHASES, "seconds")
+
+
+def test_bench_times_the_trained_weights_only_when_asked(tmp_path, capsys, monkeypatch):
+    """--trained-weights loads backbone.init_from (a finished run's folder), as a run would; without it the backbone
+    keeps the random weights the recipe's seed draws."""
+    from rewardtune import api
+    from rewardtune.build import build_experiment
+    from rewardtune.recipe import load_recipe
+
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "run", TINY, "--out", run, "--set", "train.steps=3", "--set", "train.eval_every=0")
+    assert code == 0, err
+    built = []
+    make_trainer = api.make_trainer
+
+    def capture(experiment, *args):  # the weights the benchmark starts from, before its iterations move them
+        built.append({k: v.clone() for k, v in experiment.backbone.state_dict().items()})
+        return make_trainer(experiment, *args)
+
+    monkeypatch.setattr(api, "make_trainer", capture)
+    init = f"backbone.init_from={run}"
+    for flags in (["--trained-weights"], []):
+        code, _, err = run_cli(capsys, "bench", TINY, "--steps", "1", "--warmup", "0", "--samples", "0",
+                               "--json", tmp_path / "bench.json", "--set", init, *flags)
+        assert code == 0, err
+        weights = json.loads((tmp_path / "bench.json").read_text())["weights"]
+        assert weights == ("backbone.init_from" if flags else "random")
+    trained, random = built
+    loaded = build_experiment(load_recipe(TINY, [init])).backbone.state_dict()
+    fresh = build_experiment(load_recipe(TINY, [])).backbone.state_dict()
+    assert all(torch.equal(trained[k], loaded[k]) for k in loaded)
+    assert all(torch.equal(random[k], fresh[k]) for k in fresh)
+    assert any(not torch.equal(loaded[k], fresh[k]) for k in fresh)  # three iterations moved the weights
+
+
+@pytest.mark.parametrize(("init", "message"), [
+    ([], "--trained-weights loads backbone.init_from, and this recipe sets none (add --set backbone.init_from=RUN)"),
+    (["--set", "backbone.init_from=ddpm_digits.toml"],
+     "backbone.init_from = 'ddpm_digits.toml' names a recipe; run it first and point at its run directory"),
+])
+def test_bench_trained_weights_need_a_run_folder(capsys, init, message):
+    code, _, err = run_cli(capsys, "bench", TINY, "--steps", "1", "--trained-weights", *init)
+    assert code == 2 and err == f"error: {message}\n"

@@ -123,6 +123,8 @@ def test_bench_over_steps_refuses_a_bad_t_in_one_line(capsys, steps):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--bptt"], "--bptt needs --over-steps (e.g. --over-steps 5,10,20,40)"),
     (["--over-steps", "2", "--samples", "10"], "--samples is an option of the iteration benchmark; --over-steps takes none"),
+    (["--over-steps", "2", "--trained-weights"],
+     "--trained-weights is an option of the iteration benchmark; --over-steps takes none"),
 ])
 def test_bench_refuses_options_of_the_other_mode(capsys, flags, message):
     code, _, err = run_cli(capsys, "bench", TINY, *flags)
