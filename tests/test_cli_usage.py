@@ -76,7 +76,7 @@ def test_every_command_has_plain_help(capsys):
         options = re.findall(r"^\s+(?:-\w, )?(-[-\w]+)( [A-Z_.=]+)?\s{2,}", out.split("Options:")[1], flags=re.MULTILINE)
         assert options and ("--help", "") in options, out
         for option, metavar in options:  # a value is named by a metavar; a flag takes none
-            assert metavar or option in {"--resume", "--force", "--best", "--raw", "--bptt", "--rss", "--help"}, (command, option)
+            assert metavar or option in {"--resume", "--force", "--best", "--raw", "--bptt", "--rss", "--trained-weights", "--help"}, (command, option)
     code, out, _ = cli(capsys, "distill", "--help")
     assert "[distill]" in out and "--teacher RUN_DIR" in out
     code, out, _ = cli(capsys, "run", "--help")
