@@ -12,6 +12,7 @@ The runs it reads are made by (S = 0, 1, 2; docs/results.md has the exact comman
     rewardtune run recipes/pg_8gaussians.toml --seed S --out runs/pg/pg_8gaussians_sS --set backbone.init_from=runs/table1/dxmi_sS/pretrain
     rewardtune run recipes/classifier_digits.toml --seed S --out runs/rewards/clf_beta0_sS --set backbone.init_from=...
     rewardtune run recipes/pg_classifier_digits.toml --seed S --out runs/pg/pg_classifier_digits_sS --set backbone.init_from=...
+    rewardtune run recipes/shapes_dxdp_ebm.toml --seed S --out runs/shapes/ebm_kl0.016_bal_sS --set backbone.init_from=...
     rewardtune run recipes/shapes_{dxdp,ppo,grpo}.toml --seed S --out runs/shapes/{dxdp,ppo,grpo}_sS --set backbone.init_from=...
 Tasks with no finished run are left out (`--tasks` picks some by the start of their title).
 Time is `time_s` of metrics.jsonl: seconds since the fine-tuning loop started (evaluations included, pretraining not).
@@ -38,7 +39,8 @@ class Task:
 
 PPO = "policy gradient (PPO)"
 SHAPES = (
-    ("DxDP", "runs/shapes/dxdp_s{seed}"),
+    ("DxDP, verifier + learned energy", "runs/shapes/ebm_kl0.016_bal_s{seed}"),
+    ("DxDP, verifier only", "runs/shapes/dxdp_s{seed}"),
     ("PPO, per-prompt normalisation", "runs/shapes/ppo_s{seed}"),
     ("PPO, group advantages (GRPO)", "runs/shapes/grpo_s{seed}"),
 )
@@ -51,8 +53,8 @@ TASKS = [
         "digits, classifier reward (target 3)", "target_class_fraction", False, 0.5,
         (("DxDP", "runs/rewards/clf_beta0_s{seed}"), (PPO, "runs/pg/pg_classifier_digits_s{seed}")),
     ),
-    Task("shapes, verifier reward, held-out prompts", "held_out/accuracy", False, 0.45, SHAPES),  # start 0.155
-    Task("shapes, verifier reward, Fréchet distance", "frechet_distance", True, 150.0, SHAPES),  # 1.25 x start
+    Task("shapes, verifier reward, held-out prompts", "held_out/accuracy", False, 0.45, SHAPES),  # start 0.22 balanced
+    Task("shapes, verifier reward, Fréchet distance", "frechet_distance", True, 88.0, SHAPES),  # 1.25 x start (70.8)
 ]
 
 
@@ -128,7 +130,7 @@ def plot(tasks_curves, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--plot", type=Path, default=Path("docs/img/dxdp_vs_pg.png"))
+    parser.add_argument("--plot", type=Path, default=None, help="write the curves to this PNG (none without)")
     parser.add_argument("--tasks", nargs="+", default=[], help="only the tasks whose title starts with one of these")
     args = parser.parse_args()
     rows, tasks_curves = [], []
@@ -146,8 +148,9 @@ def main() -> None:
     print("| task | method | final metric (mean ± std) | first evaluation past the threshold | wall time per trajectory |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
-    plot(tasks_curves, args.plot)
-    print(f"\nplot: {args.plot}")
+    if args.plot is not None:
+        plot(tasks_curves, args.plot)
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":
