@@ -62,7 +62,7 @@ def baselines(source: str, held_out: int, seed: int) -> dict[str, dict[str, floa
 
 
 def jobs_for(seeds: list[int], classes: list[int], novelty_steps: int,
-             novelty_seeds: list[int] = (0,)) -> list[tuple[str, list[str]]]:
+             novelty_seeds: list[int]) -> list[tuple[str, list[str]]]:
     """(run name, rewardtune run arguments) of every DxMI run: the defects set at the recipe's length on every seed,
     with tau = 0.1 and tau = 0; each held-out class of the novelty set at `novelty_steps` on each novelty seed (the
     seed-0 runs of every class first)."""

@@ -24,3 +24,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def restore_threads():
+    """Puts torch's intra-op thread count back after a test that changes it (a run's `train.cpu_threads` does)."""
+    import torch
+
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads  # the real one, should a test patch it
+    yield
+    set_num_threads(threads)

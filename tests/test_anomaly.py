@@ -332,7 +332,7 @@ def test_prior_and_data_errors_are_one_line(tmp_path, capsys):
         assert err.strip().splitlines()[-1] == errors[0]
 
 
-def test_anomaly_run_resumes_to_the_same_numbers_without_pretraining_again(tmp_path, monkeypatch):
+def test_anomaly_run_resumes_to_the_same_numbers_without_pretraining_again(tmp_path, monkeypatch, restore_threads):
     """Two steps, then two more on --resume, equal four straight: the pretrained autoencoder, the prior's frozen
     copy and its noise scale come back from the checkpoint, so the resumed build skips the pretraining (and so do
     eval and the scorer, which load the run); the run directory keeps the recipe as written."""
@@ -341,9 +341,10 @@ def test_anomaly_run_resumes_to_the_same_numbers_without_pretraining_again(tmp_p
     from rewardtune.recipe import load_recipe
     from rewardtune.rewards import autoencoder
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise equality needs the same reduction order in both runs (not so with 2 threads)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the runs' cpu_threads would undo it
+    # Bitwise equality needs one reduction order in every run, the autoencoder's pretraining (before a trainer sets
+    # train.cpu_threads) included: one thread throughout (with 2 the runs differed at 1e-6).
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     pretrained = []
     real = autoencoder.pretrain_autoencoder
     monkeypatch.setattr(autoencoder, "pretrain_autoencoder", lambda *a, **k: (pretrained.append(k["steps"]), real(*a, **k))[1])
@@ -360,8 +361,6 @@ def test_anomaly_run_resumes_to_the_same_numbers_without_pretraining_again(tmp_p
     assert "pretrain_steps = 20" in (tmp_path / "resumed" / "recipe.toml").read_text()
     fresh = run_recipe(load_recipe(recipe, [*settings, "train.steps=2"]), tmp_path / "fresh", resume=True)
     assert pretrained == [20, 20, 20] and fresh["step"] == 2  # --resume with no checkpoint yet builds in full
-    monkeypatch.undo()
-    torch.set_num_threads(threads)
 
 
 def test_resume_refuses_a_changed_prior(tmp_path):

@@ -399,14 +399,7 @@ def test_the_energy_plot_has_a_colour_bar_and_a_legend(tmp_path: Path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# ---- train.cpu_threads -------------------------------------------------------------------------------------------
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
+# ---- train.cpu_threads (the `restore_threads` fixture is conftest.py's) ------------------------------------------
 class Parameters(torch.nn.Module):
     def __init__(self, n: int) -> None:
         super().__init__()
