@@ -64,6 +64,8 @@ def benchmark(
                           "backbone.init_from=RUN)")
     experiment = build_experiment(recipe if trained_weights else without_init_from(recipe))
     trainer = make_trainer(experiment, None, None, make_accelerator())
+    if trainer.conditions is not None:  # a run's first iterations embed its prompts; not what an iteration costs
+        trainer.conditions.embed_training_prompts()
     if hasattr(trainer.algorithm, "iteration"):
         trainer.algorithm.iteration = 10**9  # past any warm-up or first phase: every timed iteration is a full one
     cuda = trainer.device.type == "cuda"

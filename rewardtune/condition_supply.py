@@ -49,6 +49,17 @@ class ConditionSupply:
             condition = self.encoder.encode_conditions(condition)
         return condition.to(device)
 
+    def embed_training_prompts(self) -> int:
+        """Embed every training prompt now, into the text encoder's cache (a run fills it over its first iterations
+        anyway; a benchmark fills it first so that it times the iterations that follow). Returns the cache's size (0
+        without a text encoder)."""
+        if self.encoder is None:
+            return 0
+        train = self.source.split("train") if hasattr(self.source, "split") else None
+        if train is not None and train.prompts is not None:
+            self.encoder.encode(list(train.prompts))
+        return self.encoder.cache_size
+
     def real_batch(self, data, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, Conditions | None]:
         """n data points and their conditions (None when the data have none)."""
         if hasattr(data, "sample_conditioned"):

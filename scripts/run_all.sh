@@ -6,7 +6,7 @@
 jobs=${JOBS:-2}
 mkdir -p "$root/logs"
 run_all() {
-  xargs -P "$jobs" -L 1 bash -c '
+  xargs -r -P "$jobs" -L 1 bash -c '
     out="${@: -1}"; log="'"$root"'/logs/$(basename "$out").log"
     if [ -f "$out/eval.json" ]; then echo "0 $out (finished before)"; exit 0; fi
     if [ -d "$out/checkpoints" ]; then python -m rewardtune run "$@" --resume >>"$log" 2>&1

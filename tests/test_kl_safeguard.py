@@ -23,6 +23,7 @@ from rewardtune.algorithms.dxdp import (
     DxDPConfig,
     build_dxdp,
     gaussian_kl,
+    reference_means,
     transition_kl,
 )
 from rewardtune.algorithms.policy_gradient import (
@@ -386,3 +387,52 @@ def test_a_negative_kl_weight_is_refused():
         build_dxdp(policy, QuadraticCost(TARGET_1D), value, config=DxDPConfig(kl_weight=-0.1))
     with pytest.raises(ValueError, match="kl_weight must be >= 0, got -0.1"):
         build_policy_gradient(policy, QuadraticCost(TARGET_1D), None, config=PolicyGradientConfig(kl_weight=-0.1))
+
+
+@pytest.mark.parametrize("kl_in_value", [True, False])
+def test_policy_improvement_reuses_the_value_targets_reference_means(kl_in_value):
+    """With the KL in the value, an iteration runs the reference once per state (T batched calls for the TD targets)
+    and policy improvement takes its rows from them: the same loss and step as running the reference on its own
+    rows. Without it, the reference runs only on policy improvement's rows."""
+
+    def run(reuse: bool):
+        policy = LinearPolicy((2,), torch.ones(2), torch.zeros(2, 2), SIGMA, learn_mean=True)
+        net = QuadraticValueNet(2, 3, alpha=torch.tensor([0.2, 0.5, 1.0]))
+        cfg = DxDPConfig(tau_entropy=0.1, tau_velocity=0.2, kl_weight=0.4, kl_in_value=kl_in_value, avr=False)
+        algo = DxDP(policy, QuadraticCost(torch.ones(2)), ValueFunction(net, lr=1e-3), config=cfg)
+        with torch.no_grad():
+            policy.b += torch.tensor([[0.5, -0.5], [0.2, 0.1]])
+        calls = []
+        reference_mean = algo.reference.mean
+        algo.reference.mean = lambda x, t, *c: calls.append(len(x)) or reference_mean(x, t, *c)
+        trajectory = policy.sample(6, torch.Generator().manual_seed(0))
+        if not reuse:  # what the iteration did before: the reference run again on the policy step's rows
+            algo.reference_means_for = lambda trajectory: None
+        metrics = algo.update(trajectory, trajectory, torch.Generator().manual_seed(1))
+        return metrics["policy/loss"], policy.b.detach().clone(), calls
+
+    loss, b, calls = run(reuse=True)
+    loss_fresh, b_fresh, calls_fresh = run(reuse=False)
+    torch.testing.assert_close(loss, loss_fresh, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b, b_fresh, rtol=1e-6, atol=1e-7)
+    if kl_in_value:
+        assert calls == [6, 6]  # T = 2 calls of B = 6 rows, none for the policy step's 6 rows
+        assert calls_fresh == [6, 6, 6]
+    else:
+        assert calls == calls_fresh == [6]  # the policy step's rows only
+
+
+def test_transition_kl_takes_precomputed_reference_means():
+    """transition_kl from the reference means `reference_means` computed equals it computing them itself."""
+    reference = LinearPolicy((2,), torch.ones(2), torch.zeros(2, 2), SIGMA)
+    policy = LinearPolicy((2,), torch.tensor([0.8, 1.2]), torch.tensor([[0.3, -0.2], [0.1, 0.4]]), torch.tensor([0.6, 0.2]))
+    trajectory = policy.sample(9, torch.Generator().manual_seed(0))
+    means = reference_means(reference, trajectory)
+    assert means.shape == (2, 9, 2)
+    for sampled in (True, False):
+        torch.testing.assert_close(
+            transition_kl(policy, reference, trajectory, sampled=sampled, reference_mean=means),
+            transition_kl(policy, reference, trajectory, sampled=sampled),
+            rtol=0,
+            atol=0,
+        )

@@ -250,3 +250,23 @@ def test_open_clip_random_tower_is_frozen_deterministic_and_offline(tmp_path):
         build_text_encoder({**options, "pretrained": "openai"})
     with pytest.raises(RecipeError, match="not an open_clip architecture"):
         build_text_encoder({**options, "model": "no-such-model"})
+
+
+def test_supply_embeds_every_training_prompt_once(tmp_path, monkeypatch):
+    """`ConditionSupply.embed_training_prompts` fills the cache with the training split (not the held-out one), and
+    the rollouts' draws then embed nothing new."""
+    from rewardtune.condition_supply import build_condition_supply
+
+    supply = build_condition_supply(
+        {"kind": "prompts", "prompts": ["a cat", "a dog", "a bird", "a fish", "a cow"], "held_out": 0.2,
+         "text_encoder": {"kind": "hash", "dim": 8}},
+        data=None,
+        base_dir=tmp_path,
+    )
+    seen = count_embedded(supply.encoder, monkeypatch)
+    train, held_out = supply.source.split("train").prompts, supply.source.split("held_out").prompts
+    assert len(train) == 4 and len(held_out) == 1
+    assert supply.embed_training_prompts() == 4
+    assert sorted(seen) == sorted(train)
+    drawn = supply.rollout_conditions(32, torch.Generator().manual_seed(0), None, "cpu")
+    assert len(seen) == 4 and drawn.embeddings.shape == (32, 8)

@@ -33,12 +33,13 @@ from typing import Literal
 
 import torch
 
-from rewardtune.backbones.base import GaussianChainPolicy
+from rewardtune.backbones.base import GaussianChainPolicy, gaussian_log_density
 from rewardtune.conditions import Conditions
 from rewardtune.modes import eval_mode
 from rewardtune.nets.value import ValueFunction
 from rewardtune.optim import GradStep, all_mean
 from rewardtune.phases import NO_PHASES, Phases
+from rewardtune.precision import at_least_fp32
 from rewardtune.rewards.base import (
     Reward,
     check_reward_output,
@@ -162,8 +163,26 @@ def gaussian_kl(
 
 
 @torch.no_grad()
+def reference_means(reference: GaussianChainPolicy, trajectory: Trajectory) -> torch.Tensor:
+    """The reference policy's transition means m_ref(x_t, t, c) at every state x_0 .. x_{T-1} of `trajectory`, in at
+    least fp32 and without gradient: [T, B, *sample_shape] (T reference forwards of B rows)."""
+    states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
+    c = trajectory.condition
+    rows = []
+    for t in range(T):
+        tt = torch.full((B,), t, dtype=torch.long, device=states.device)
+        rows.append(at_least_fp32(reference.mean_at(states[t], tt, c)))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
 def transition_kl(
-    policy: GaussianChainPolicy, reference: GaussianChainPolicy, trajectory: Trajectory, *, sampled: bool
+    policy: GaussianChainPolicy,
+    reference: GaussianChainPolicy,
+    trajectory: Trajectory,
+    *,
+    sampled: bool,
+    reference_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The KL safeguard's running cost of each transition x_t -> x_{t+1} of `trajectory` (no gradient): [T, B].
 
@@ -171,10 +190,15 @@ def transition_kl(
     log-probs, so it needs them; one reference forward per state). sampled = False: the exact conditional
     KL(pi(.|x_t) || pi_ref(.|x_t)) (`gaussian_kl`; one forward of each policy per state). Given x_t both have the
     expectation KL(pi(.|x_t) || pi_ref(.|x_t)), so a value regressed on either has the same fixed point.
+
+    `reference_mean`: the reference's means at the trajectory's states [T, B, ...] (`reference_means`) when the
+    caller holds them already (DxDP reuses them in policy improvement); None: computed here.
     """
     if sampled and trajectory.log_probs is None:
         raise ValueError("the sampled KL needs the trajectory's log-probs (a trajectory drawn without guidance)")
     states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
+    if reference_mean is None:
+        reference_mean = reference_means(reference, trajectory)
     sigma, reference_sigma = policy.sigma(), reference.sigma()  # [T], [T]
     c = trajectory.condition
     rows = []
@@ -182,9 +206,9 @@ def transition_kl(
         tt = torch.full((B,), t, dtype=torch.long, device=states.device)
         x, x_next = states[t], states[t + 1]
         if sampled:
-            rows.append(trajectory.log_probs[t] - reference.log_prob(x_next, x, tt, c))
+            rows.append(trajectory.log_probs[t] - gaussian_log_density(x_next, reference_mean[t], reference_sigma[tt]))
         else:
-            rows.append(gaussian_kl(policy.mean_at(x, tt, c), sigma[tt], reference.mean_at(x, tt, c), reference_sigma[tt]))
+            rows.append(gaussian_kl(policy.mean_at(x, tt, c), sigma[tt], reference_mean[t], reference_sigma[tt]))
     return torch.stack(rows)  # [T, B]
 
 
@@ -287,9 +311,12 @@ class DxDP:
         x = self.backbone.output(x)  # the reward scores the sample the user gets, not the raw state x_T
         return check_reward_output(reward_name(self.reward), self.reward.cost(x, condition), x.shape[0]).detach()
 
-    def evaluate_policy(self, trajectory: Trajectory) -> dict[str, torch.Tensor]:
+    def evaluate_policy(
+        self, trajectory: Trajectory, reference_mean: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Policy evaluation on the sampled `trajectory`: the terminal regression (unless V(., T) is the shared
-        energy), then the TD steps (Eq. (10)/(12)). Returns the losses as 0-d tensors."""
+        energy), then the TD steps (Eq. (10)/(12)). Returns the losses as 0-d tensors. `reference_mean`: the KL
+        safeguard's reference means at the trajectory's states (`reference_means`), or None."""
         states, T, B = trajectory.states, trajectory.num_steps, trajectory.batch_size
         dev = states.device
         losses = {}
@@ -301,7 +328,7 @@ class DxDP:
             losses["value/terminal_loss"] = loss.detach()
         # The policy does not change during evaluation: its KL costs [T, B] (or None) and its log-density terms
         # (`transition_log_probs`) are computed once for every TD step.
-        kl = self.value_kl(trajectory)
+        kl = self.value_kl(trajectory, reference_mean)
         if kl is not None:
             losses["policy/path_kl"] = all_mean(kl.sum(0).mean())  # E sum_t KL_t: the KL of the chains
         log_probs = self.transition_log_probs(trajectory)
@@ -312,14 +339,23 @@ class DxDP:
             losses["value/td_loss"] = self._td_step(trajectory, None, kl, log_probs)
         return losses
 
-    def value_kl(self, trajectory: Trajectory) -> torch.Tensor | None:
+    def value_kl(self, trajectory: Trajectory, reference_mean: torch.Tensor | None = None) -> torch.Tensor | None:
         """The KL safeguard's cost of each sampled transition for the TD target: [T, B] (None without the safeguard
         or with `kl_in_value = false`). Like the entropy term it follows `value_entropy`: the sampled log-ratio
-        log pi - log pi_ref, or with "closed_form" (and for trajectories without log-probs) the exact conditional KL."""
+        log pi - log pi_ref, or with "closed_form" (and for trajectories without log-probs) the exact conditional KL.
+        `reference_mean` [T, B, ...]: the reference's means at the states when already computed, or None."""
         if self.reference is None or not self.config.kl_in_value:
             return None
         sampled = self.config.value_entropy == "sample" and trajectory.log_probs is not None
-        return transition_kl(self.backbone, self.reference, trajectory, sampled=sampled)
+        return transition_kl(self.backbone, self.reference, trajectory, sampled=sampled, reference_mean=reference_mean)
+
+    def reference_means_for(self, trajectory: Trajectory) -> torch.Tensor | None:
+        """The reference's means at every state of `trajectory` [T, B, ...] when the TD targets need them (the KL
+        safeguard in the value), computed once so that policy improvement reuses their rows instead of running the
+        reference again; None otherwise (policy improvement then runs it on its own rows only)."""
+        if self.reference is None or not self.config.kl_in_value:
+            return None
+        return reference_means(self.reference, trajectory)
 
     def td_batch(
         self,
@@ -378,11 +414,17 @@ class DxDP:
 
     # ---- Eq. (11): policy improvement --------------------------------------------------------------------------
     def policy_loss(
-        self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition: Conditions | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        condition: Conditions | None = None,
+        reference_mean: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """mean[ V(x_{t+1}(phi), t+1, c) - tau1 D log sigma_t + tau2 ||x_t - x_{t+1}(phi)||^2 / (2 s_t^2)
                  + beta KL(pi_phi(.|x_t, c) || pi_ref(.|x_t, c)) ] over rows x_t [N, ...] at times t [N] with
-        conditions c (N rows, or None).
+        conditions c (N rows, or None); `reference_mean` [N, ...]: pi_ref's means at those rows when the caller holds
+        them (None: the reference runs here).
 
         tau1 log pi(x_{t+1}|x_t) is replaced by its expectation -tau1 H = -tau1 (D log sigma_t + const), which has
         the same gradient under the reparameterisation (Algorithm 2, line 10). The KL is exact (`gaussian_kl`), a
@@ -402,7 +444,7 @@ class DxDP:
                 with eval_mode(self.reward):
                     c_last = None if condition is None else condition.select(last.nonzero().view(-1).cpu())
                     next_value[last] = self.reward.cost(self.backbone.output(x_next[last]), c_last).to(next_value.dtype)
-        return (next_value + self.running_cost(x, t, mean, sigma, x_next, condition)).mean()
+        return (next_value + self.running_cost(x, t, mean, sigma, x_next, condition, reference_mean)).mean()
 
     def running_cost(
         self,
@@ -412,6 +454,7 @@ class DxDP:
         sigma: torch.Tensor,
         x_next: torch.Tensor,
         condition: Conditions | None = None,
+        reference_mean: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Eq. (8)'s running cost of transitions x_t -> x_{t+1} = mean + sigma_t eps, as policy improvement (and a
         back-propagation-through-time benchmark, bench_memory.py) differentiates it: [N]
@@ -419,15 +462,22 @@ class DxDP:
             -tau1 D log sigma_t + tau2 ||x_{t+1} - x_t||^2 / (2 s_t^2) + beta KL(pi_phi(.|x_t, c) || pi_ref(.|x_t, c))
 
         (tau1 log pi replaced by its expectation -tau1 H, `policy_loss`), for rows x_t [N, ...] at times t [N], their
-        means and next states [N, ...], sigma_t [N] and conditions c (N rows, or None)."""
+        means and next states [N, ...], sigma_t [N] and conditions c (N rows, or None); `reference_mean` [N, ...]: pi_ref's
+        means at those rows, or None (computed here)."""
         cost = self.tau2 * velocity_cost(x, x_next, self.s2[t]) - self.tau1 * (self.backbone.event_dim * sigma.log())
         if self.reference is not None:
-            with torch.no_grad():
-                reference_mean = self.reference.mean_at(x, t, condition)
+            if reference_mean is None:
+                with torch.no_grad():
+                    reference_mean = self.reference.mean_at(x, t, condition)
             cost = cost + self.kl_weight * gaussian_kl(mean, sigma, reference_mean, self.reference.sigma()[t])
         return cost
 
-    def improve_policy(self, trajectory: Trajectory, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    def improve_policy(
+        self, trajectory: Trajectory, generator: torch.Generator | None, reference_mean: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One Adam step of Eq. (11) on n = `policy_batch` (default B) transitions drawn uniformly from the T x B of
+        `trajectory`; `reference_mean` [T, B, ...]: the reference's means at its states (`reference_means_for`), or
+        None. Returns the metrics as 0-d tensors."""
         T, B = trajectory.num_steps, trajectory.batch_size
         n = self.config.policy_batch or B
         dev = trajectory.states.device
@@ -436,7 +486,8 @@ class DxDP:
         x = trajectory.states[t, index]
         condition = None if trajectory.condition is None else trajectory.condition.select(index.cpu())
         noise = torch.randn(x.shape, generator=generator, device=dev)
-        loss = self.policy_loss(x, t, noise, condition)
+        rows_reference = None if reference_mean is None else reference_mean[t, index]
+        loss = self.policy_loss(x, t, noise, condition, rows_reference)
         grad_norm = self.sampler_optimizer.step(loss)  # None when the trainer does not log this iteration
         metrics = {"policy/loss": loss.detach()}
         if grad_norm is not None:
@@ -453,10 +504,11 @@ class DxDP:
         if self.reference is not None:
             self.reference.to(trajectory.states.device)
         with self.phases.phase("value_update"):
-            metrics = self.evaluate_policy(trajectory)
+            reference_mean = self.reference_means_for(trajectory)
+            metrics = self.evaluate_policy(trajectory, reference_mean)
         if self.iteration >= self.config.value_warmup:
             with self.phases.phase("policy_step"):
-                metrics.update(self.improve_policy(trajectory, generator))
+                metrics.update(self.improve_policy(trajectory, generator, reference_mean))
         if self.config.avr:
             self.s2 = avr_update(self.s2, trajectory, self.config.avr_alpha)
         self.iteration += 1

@@ -43,6 +43,14 @@ def noise_log_probs(noises: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return -0.5 * square - d * sigmas.log().view(-1, 1) - 0.5 * d * math.log(2 * math.pi)
 
 
+def gaussian_log_density(x_next: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """log N(x_{t+1}; mean, sigma^2 I), summed over the D dimensions of one sample: [B] for x_next and mean [B, ...]
+    (computed in at least fp32) and per-row noise levels sigma [B]."""
+    d = math.prod(mean.shape[1:])
+    sq = (at_least_fp32(x_next) - at_least_fp32(mean)).flatten(1).pow(2).sum(1)
+    return -0.5 * sq / sigma**2 - d * sigma.log() - 0.5 * d * math.log(2 * math.pi)
+
+
 class StandardNormalPrior(nn.Module):
     """pi(x_0) = N(0, I)."""
 
@@ -157,11 +165,8 @@ class GaussianChainPolicy(nn.Module):
         self, x_next: torch.Tensor, x: torch.Tensor, t: torch.Tensor, condition: Conditions | None = None
     ) -> torch.Tensor:
         """log pi(x_{t+1} | x_t, c), summed over dimensions: [B]."""
-        sigma = self.sigma()[t]  # [B]
-        mean = at_least_fp32(self.mean_at(x, t, condition))  # fp32 even when the network ran in bf16/fp16
-        sq = (at_least_fp32(x_next) - mean).flatten(1).pow(2).sum(1)
-        d = self.event_dim
-        return -0.5 * sq / sigma**2 - d * sigma.log() - 0.5 * d * math.log(2 * math.pi)
+        # fp32 even when the network ran in bf16/fp16
+        return gaussian_log_density(x_next, self.mean_at(x, t, condition), self.sigma()[t])
 
     def entropy(self, t: torch.Tensor) -> torch.Tensor:
         """H(pi(. | x_t)) = D log sigma_t + D/2 log(2 pi e), independent of x_t: [len(t)]."""
