@@ -16,6 +16,7 @@ from rewardtune.build import (
     with_seed,
 )
 from rewardtune.errors import CheckpointError, RecipeError, RewardtuneError
+from rewardtune.precision import slow_precision_warning
 from rewardtune.recipe import (
     Recipe,
     apply_override,
@@ -145,6 +146,9 @@ def run_recipe(
     built = parse_recipe(replaced, recipe.path) if replaced != recipe.resolved else recipe
     experiment = build_experiment(built, out_dir, run_recipe=pretraining_runner(reporter, accelerator), reporter=reporter)
     trainer = make_trainer(experiment, out_dir, reporter, accelerator)
+    slow = slow_precision_warning(trainer.device, trainer.config.mixed_precision)
+    if slow is not None and reporter is not None:
+        reporter.message(f"warning: {slow}")
     if resume and trainer.resume() is not None:  # before recipe.toml is replaced: a checkpoint that does not fit
         continue_with(trainer, changes, recipe, reporter)  # leaves the run directory as it was
     if accelerator.is_main_process:

@@ -20,6 +20,28 @@ def autocast(device_type: str, mixed_precision: str):
     return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
 
 
+def slow_precision_warning(device: torch.device, mixed_precision: str) -> str | None:
+    """A warning line when `mixed_precision` will make a run slower, not faster, on `device`: bf16 on a CPU without
+    bf16 instructions (AVX512-BF16 or AMX, which oneDNN's bf16 kernels need; elsewhere they emulate it), or fp16 on a
+    CPU. None otherwise (a GPU, or a CPU that has them)."""
+    if device.type != "cpu" or mixed_precision == "no":
+        return None
+    if mixed_precision == "fp16":
+        return 'train.mixed_precision = "fp16" on a CPU is slower than fp32; use "bf16" or "no"'
+    if mixed_precision == "bf16" and not cpu_has_bf16():
+        return ('train.mixed_precision = "bf16" on a CPU without bf16 instructions (AVX512-BF16 or AMX) is slower '
+                'than fp32; --set train.mixed_precision=no')
+    return None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs oneDNN's bf16 kernels natively."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 FP32_OR_WIDER = (torch.float32, torch.float64)
 
 

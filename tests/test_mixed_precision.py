@@ -161,3 +161,33 @@ def test_a_mixed_precision_run_samples_to_every_format(precision, output, tmp_pa
     samples = np.load(tmp_path / output)
     samples = samples["samples"] if output.endswith(".npz") else samples
     assert samples.dtype == np.float32 and samples.shape == (16, 2) and np.isfinite(samples).all()
+
+
+def test_a_precision_that_slows_a_cpu_run_is_warned_about(monkeypatch):
+    """bf16 helps a CPU only with bf16 instructions (AMX / AVX512-BF16; 1.7x on the shapes recipe, docs/results.md),
+    and fp16 never does: a warning line says so and names the setting; a GPU, fp32 and a bf16-capable CPU get none."""
+    from rewardtune import precision
+
+    cpu = torch.device("cpu")
+    assert precision.slow_precision_warning(cpu, "no") is None
+    assert precision.slow_precision_warning(torch.device("cuda"), "bf16") is None
+    assert precision.slow_precision_warning(torch.device("cuda"), "fp16") is None
+    assert "fp16" in precision.slow_precision_warning(cpu, "fp16")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.slow_precision_warning(cpu, "bf16") is None
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    line = precision.slow_precision_warning(cpu, "bf16")
+    assert "--set train.mixed_precision=no" in line and "\n" not in line
+
+
+def test_the_slow_precision_warning_reaches_the_command_line(monkeypatch, tmp_path, capsys):
+    from test_cli import cli
+
+    from rewardtune import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    recipe = ROOT / "recipes" / "tiny_8gaussians.toml"
+    code, _, err = cli(capsys, "run", str(recipe), "--out", str(tmp_path / "run"), "--set", "train.steps=1",
+                       "--set", "train.mixed_precision=bf16")
+    assert code == 0, err
+    assert "warning: train.mixed_precision = \"bf16\" on a CPU without bf16 instructions" in err
