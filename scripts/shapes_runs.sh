@@ -12,7 +12,7 @@ seeds=${*:-0 1 2}
 source "$(dirname "$0")/run_all.sh"
 echo "recipes/ddpm_shapes.toml --seed 0 --out $root/shapes/pretrain_s0" | run_all
 for s in $seeds; do
-  echo "recipes/shapes_dxdp_ebm.toml --seed $s --set backbone.init_from=$root/shapes/pretrain_s0 --out $root/shapes/ebm_kl0.016_bal_s$s"
+  echo "recipes/shapes_dxdp_ebm.toml --seed $s --set backbone.init_from=$root/shapes/pretrain_s0 --out $root/shapes/ebm_bf16_s$s"
   for method in dxdp ppo grpo; do
     echo "recipes/shapes_$method.toml --seed $s --set backbone.init_from=$root/shapes/pretrain_s0 --out $root/shapes/${method}_s$s"
   done

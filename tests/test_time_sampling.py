@@ -47,7 +47,9 @@ def test_importance_sampling_follows_its_density_and_has_constant_weights():
         assert abs(float((t <= cut).double().mean()) - expected) < 0.005, cut
     _, uniform_w = TimeSampler(sde, weighting="likelihood", t_min=T_MIN).sample(
         200000, torch.Generator().manual_seed(1), torch.float64)
-    assert uniform_w.std() > 1.0 and float(w.std()) == 0.0  # the weights' variance is what importance sampling removes
+    # the weights' variance is what importance sampling removes (every weight equal, asserted above; their std in
+    # floating point is round-off of the mean, 1e-14 with torch 2.14)
+    assert uniform_w.std() > 1.0 and float(w.std()) < 1e-9 * float(w.mean())
 
 
 def test_sigma2_weighting_is_the_plain_loss():
