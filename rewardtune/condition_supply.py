@@ -55,7 +55,7 @@ class ConditionSupply:
         without a text encoder)."""
         if self.encoder is None:
             return 0
-        train = self.source.split("train") if hasattr(self.source, "split") else None
+        train = self.source.split("train")  # every condition source has its splits
         if train is not None and train.prompts is not None:
             self.encoder.encode(list(train.prompts))
         return self.encoder.cache_size

@@ -111,24 +111,26 @@ def held(task: Task, points) -> tuple[bool, float]:
 
 def summarise(task: Task, method: str, curves: list[list]) -> str:
     finals = [c[-1][2] for c in curves]
-    reached = [first_reaching(c, task.threshold_of(c), task.lower_is_better) for c in curves]
-    reached = [r for r in reached if r is not None]
     mean = statistics.mean(finals)
     std = statistics.stdev(finals) if len(finals) > 1 else 0.0
     per_it = statistics.mean(c[-1][1] / max(c[-1][0], 1) for c in curves)  # seconds per trajectory
-    if reached:
-        n = statistics.mean(r[0] for r in reached)
-        s = statistics.mean(r[1] for r in reached)
-        hit = f"{len(reached)}/{len(curves)} seeds; {n:,.0f} trajectories, {s:,.0f} s"
-    else:
-        hit = f"0/{len(curves)} seeds"
-    hit = f"{task.metric} {'≤' if task.lower_is_better else '≥'} {task.threshold_text()}: {hit}"
+    target = f"{task.metric} {'≤' if task.lower_is_better else '≥'} {task.threshold_text()}"
+    return f"| {task.title} | {method} | {mean:.3f} ± {std:.3f} | {target}: {outcome(task, curves)} | {per_it * 1e3:.2f} ms |"
+
+
+def outcome(task: Task, curves: list[list]) -> str:
+    """"k/n seeds" that met the target, with when they first reached it ("reach") or their worst evaluation ("hold")."""
     if task.mode == "hold":
         results = [held(task, c) for c in curves]
         worst = max(r[1] for r in results) if task.lower_is_better else min(r[1] for r in results)
-        hit = (f"{task.metric} {'≤' if task.lower_is_better else '≥'} {task.threshold_text()} at every evaluation: "
-               f"{sum(r[0] for r in results)}/{len(curves)} seeds (worst {worst:.2f} x start)")
-    return f"| {task.title} | {method} | {mean:.3f} ± {std:.3f} | {hit} | {per_it * 1e3:.2f} ms |"
+        return f"at every evaluation, {sum(r[0] for r in results)}/{len(curves)} seeds (worst {worst:.2f} x start)"
+    reached = [first_reaching(c, task.threshold_of(c), task.lower_is_better) for c in curves]
+    reached = [r for r in reached if r is not None]
+    if not reached:
+        return f"0/{len(curves)} seeds"
+    n = statistics.mean(r[0] for r in reached)
+    s = statistics.mean(r[1] for r in reached)
+    return f"{len(reached)}/{len(curves)} seeds; {n:,.0f} trajectories, {s:,.0f} s"
 
 
 def plot(tasks_curves, path: Path) -> None:
