@@ -150,7 +150,7 @@ def plot(tasks_curves, path: Path) -> None:
                 xs = np.array([[p[index] for p in c] for c in curves], dtype=float)
                 ys = np.array([[p[2] for p in c] for c in curves], dtype=float)
                 x = xs.mean(0)
-                ax.plot(x, ys.mean(0), marker="o", ms=3, label=f"{method} ({len(curves)} seeds)")
+                ax.plot(x, ys.mean(0), marker="o", ms=3, label=f"{method} ({len(curves)} seed{'s' * (len(curves) != 1)})")
                 ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
             if task.relative_to_start == "absolute":
                 ax.axhline(task.threshold, color="grey", lw=0.8, ls="--")
