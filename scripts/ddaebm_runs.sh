@@ -2,9 +2,9 @@
 # The DDAEBM measurements of docs/results.md (issue W2 5/8), JOBS at a time (one thread each; finished runs are
 # skipped and stopped ones resumed, scripts/run_all.sh; logs in RUNS_ROOT/logs):
 #   8 Gaussians at T = 4 (the recipe) on MAIN_SEEDS; Jeffrey vs KL only on Swiss roll and 25 Gaussians, T = 1 and 2
-#   on 8 Gaussians and the z = 0 ablation (8 Gaussians with the toy code's lambda = 1, as docs/results.md reports
-#   them) on ABLATION_SEEDS; digits at T = 4 (and DxMI's digits row on the same training split) and the OOD table on
-#   DIGITS_SEEDS; pinwheel (seed 0, with MAIN_SEEDS); the claims again under the 8 Gaussians recipe's lambda(t')
+#   on 8 Gaussians and the z = 0 ablation (with the toy code's lambda = 1, as docs/results.md reports them) on
+#   ABLATION_SEEDS; digits at T = 4 (and DxMI's digits row on the same training split) and the OOD table on
+#   DIGITS_SEEDS; pinwheel (the recipe, seed 0, with MAIN_SEEDS); the claims again under the recipes' lambda(t')
 #   (w, w_mid) = (0.6, 0.2) on LAMBDA_SEEDS (Jeffrey on Swiss roll and 25 Gaussians, T = 1 and 2 on 8 Gaussians: KL
 #   only and z = 0 have no L2, so lambda does not enter them); digits for 4,000 iterations on LONG_DIGITS_SEEDS.
 # Usage: JOBS=2 [MAIN_SEEDS="0 1 2"] [ABLATION_SEEDS="0 1 2"] [DIGITS_SEEDS="0 1 2"] [LAMBDA_SEEDS="0 1 2"]
@@ -28,7 +28,7 @@ LAMBDA="--set algorithm.forward_kl_w=0.6 --set algorithm.forward_kl_w_mid=0.2"  
   # the ablations at half the iterations (15,000), beside T = 4 with the Jeffrey divergence at the same budget
   for s in ${ABLATION_SEEDS-0 1 2}; do
     for d in swissroll 25gaussians; do
-      echo "recipes/ddaebm_$d.toml $HALF --seed $s --out $OUT/${d}_jeffrey_15k_s$s"
+      echo "recipes/ddaebm_$d.toml $HALF $TOY_LAMBDA --seed $s --out $OUT/${d}_jeffrey_15k_s$s"
       echo "recipes/ddaebm_$d.toml $HALF --seed $s --set algorithm.divergence=kl --out $OUT/${d}_kl_15k_s$s"
     done
     echo "recipes/ddaebm_8gaussians.toml $HALF $TOY_LAMBDA --seed $s --out $OUT/8g_T4_15k_s$s"
