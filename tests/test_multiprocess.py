@@ -330,14 +330,17 @@ def test_two_processes_train_the_anomaly_recipe_identically(tmp_path: Path):
     assert (out / "checkpoints" / "best").is_dir()
 
 
-def test_two_processes_train_ddaebm_identically(tmp_path: Path):
+@pytest.mark.parametrize("variant", [[], ["algorithm.encoder=false"], ["backbone.num_steps=1", "backbone.latent_dim=0"]],
+                         ids=["jeffrey", "no-encoder", "T1-z0"])
+def test_two_processes_train_ddaebm_identically(tmp_path: Path, variant: list[str]):
     """DDAEBM's teacher-forced step under 2 processes (each rank draws its own forward pairs from its own data stream):
-    the generator, the encoder, the per-level energy and the EMA copy end identical on both ranks, so both of its
-    gradient steps (the energy's; the generator's with the encoder's) are averaged across ranks."""
+    the generator, the encoder (when there is one), the per-level energy and the EMA copy end identical on both ranks,
+    so both of its gradient steps (the energy's; the generator's with the encoder's) are averaged across ranks, in the
+    ablations' configurations too."""
     out = tmp_path / "mp"
     result = launch("tests/multiprocess_check.py", "recipes/ddaebm_8gaussians.toml", str(out), "train.steps=6",
                     "train.eval_every=3", "train.checkpoint_every=3", "train.batch_size=32", "eval.num_samples=200",
-                    "eval.repeats=1")
+                    "eval.repeats=1", *variant)
     assert result.returncode == 0 or finished_then_aborted(result, out), result.stderr[-3000:]
     verdicts = [json.loads((out / f"verdict_rank{r}.json").read_text()) for r in range(2)]
     assert all(v["identical_to_rank0"] and v["step"] == 6 and v["world_size"] == 2 for v in verdicts)
